@@ -1,0 +1,422 @@
+"""Training throughput of bptt next to plain PyTorch (torch.nn.RNN + autograd), same shapes, same run.
+
+For each configuration (V vocabulary, m hidden units, B parallel streams, T steps per block) both
+sides train for the same number of steps on the same random token stream, in this process:
+
+  bptt   ElmanLM (tanh, softmax, cross-entropy, biases, float32): bptt_loss_and_grads over the block
+         (explicit forward and backward, no autograd) into reused gradient buffers, global-norm
+         clipping at 0.25, in-place SGD with lr = 1.0; the hidden state is carried across blocks.
+  peer   word_language_model style: nn.Embedding -> nn.RNN(tanh) -> nn.Linear, summed
+         cross_entropy, loss.backward(), clip_grad_norm_(0.25), SGD with lr = 1.0, grads set to
+         None; the hidden state is carried and detached across blocks.
+
+A step is one block of T·B training tokens: forward, backward, clipping, update. Both sides first run
+the same number of untimed warm-up steps; then the timed steps are measured with time.perf_counter
+(after torch.cuda.synchronize() on CUDA). Reported: training tokens/s of each side and the ratio
+bptt/peer (> 1: bptt is faster), and the peak memory of each side: on CUDA the peak of
+torch.cuda.max_memory_allocated (reset between the sides, each side's model freed before the next);
+on CPU the process's peak resident set size (ru_maxrss), a high-water mark of the whole process, so
+the second side's (peer's) value includes the first side's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from bptt.engine import bptt_loss_and_grads, zeros_like_params
+from bptt.model import ElmanLM
+
+Tensor = torch.Tensor
+
+EXAMPLES = """examples:
+  bptt bench
+  bptt bench --config V=10000,m=200,B=32,T=35 --config V=10000,m=500,B=64,T=35 --steps 50 --threads 1
+  bptt bench --device cuda --config V=33278,m=650,B=20,T=35 --json
+"""
+
+DEFAULT_CONFIG = "V=10000,m=200,B=32,T=35"
+CONFIG_KEYS = ("V", "m", "B", "T")
+LR = 1.0
+CLIP = 0.25
+INIT_RANGE = 0.1  # ElmanLM's default; the peer's weights are drawn the same way
+
+
+# -- configurations -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    V: int  # vocabulary
+    m: int  # hidden units
+    B: int  # parallel streams
+    T: int  # block length = BPTT steps
+
+    def __str__(self) -> str:
+        return ",".join(f"{key}={getattr(self, key)}" for key in CONFIG_KEYS)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.T * self.B
+
+
+def parse_config(text: str) -> BenchConfig:
+    """'V=10000,m=200,B=32,T=35' -> BenchConfig; keys left out take the default's value.
+
+    Raises ValueError('--config TEXT: ...') for a malformed string.
+    """
+    values = dict(_parse_pairs(DEFAULT_CONFIG))
+    seen: set[str] = set()
+    for key, value in _parse_pairs(text):
+        if key not in CONFIG_KEYS:
+            raise ValueError(f"--config {text!r}: unknown key {key!r}; keys are {', '.join(CONFIG_KEYS)}")
+        if key in seen:
+            raise ValueError(f"--config {text!r}: key {key!r} given twice")
+        seen.add(key)
+        values[key] = value
+    parsed: dict[str, int] = {}
+    for key in CONFIG_KEYS:
+        value = values[key]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--config {text!r}: {key} must be a positive integer, got {value!r}")
+        parsed[key] = int(value)
+    return BenchConfig(**parsed)
+
+
+def _parse_pairs(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config {text!r}: expected KEY=VALUE items separated by commas, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+# -- the two training loops -------------------------------------------------------------------------
+
+
+class Trainer(Protocol):
+    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """One training step on a (T,B) block; returns the block's summed loss (0-d, not synced)."""
+        ...
+
+
+def clip_grad_norm(grads: list[Tensor], max_norm: float) -> Tensor:
+    """Scale grads in place so that their global L2 norm is at most max_norm; returns the norm.
+
+    The same rule as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped
+    at 1), computed on the device without a host sync.
+    """
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return norm
+
+
+class BpttTrainer:
+    """ElmanLM trained with the explicit engine: BPTT over each block, clipping, SGD, state carried."""
+
+    def __init__(self, config: BenchConfig, seed: int, device: torch.device):
+        self.model = ElmanLM(
+            config.V, config.m, "tanh", "softmax", "cross_entropy",
+            bias=True, dtype=torch.float32, seed=seed, device=device,
+        )
+        self.grads = zeros_like_params(self.model.params)  # reused by every step
+        self.h0 = self.model.initial_state(config.B)
+
+    @torch.no_grad()
+    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        model, grads = self.model, self.grads
+        loss, grads, S = bptt_loss_and_grads(
+            model.cell, model.output, model.params, inputs, targets, self.h0, None, None, grads
+        )
+        clip_grad_norm(list(grads.values()), CLIP)
+        for name, p in model.params.items():
+            p.sub_(grads[name], alpha=LR)  # p -= lr * g, without a temporary
+        self.h0 = S[-1].clone()
+        return loss
+
+
+class PeerRNNLM(torch.nn.Module):
+    """PyTorch's word_language_model RNN_TANH, one layer, no dropout: Embedding -> RNN -> Linear."""
+
+    def __init__(self, V: int, m: int):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(V, m)
+        self.rnn = torch.nn.RNN(m, m, nonlinearity="tanh")  # seq-first: (T,B,m)
+        self.decoder = torch.nn.Linear(m, V)
+
+    def forward(self, inputs: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """inputs (T,B), hidden (1,B,m) -> logits (T,B,V), hidden (1,B,m)."""
+        output, hidden = self.rnn(self.encoder(inputs), hidden)
+        return self.decoder(output), hidden
+
+
+class PeerTrainer:
+    """The plain-PyTorch peer: autograd, clip_grad_norm_, SGD on p.data, state carried and detached."""
+
+    def __init__(self, config: BenchConfig, seed: int, device: torch.device):
+        self.V = config.V
+        self.model = PeerRNNLM(config.V, config.m)
+        _init_like_elman(self.model, seed)  # on the CPU, like ElmanLM, then moved
+        self.model.to(device).train()
+        self.params = list(self.model.parameters())
+        self.hidden = torch.zeros(1, config.B, config.m, device=device)
+
+    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        logits, hidden = self.model(inputs, self.hidden.detach())
+        self.hidden = hidden
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, self.V), targets.view(-1), reduction="sum")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        for p in self.params:
+            p.data.add_(p.grad, alpha=-LR)
+        self.model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+@torch.no_grad()
+def _init_like_elman(module: torch.nn.Module, seed: int) -> None:
+    """Weights uniform in [-INIT_RANGE, INIT_RANGE] from a seeded CPU generator, biases zero."""
+    generator = torch.Generator().manual_seed(int(seed))
+    for p in module.parameters():
+        if p.dim() == 1:
+            p.zero_()
+        else:
+            p.uniform_(-INIT_RANGE, INIT_RANGE, generator=generator)
+
+
+SIDES: dict[str, Callable[[BenchConfig, int, torch.device], Trainer]] = {
+    "bptt": BpttTrainer,
+    "peer": PeerTrainer,
+}
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+
+
+def token_stream(config: BenchConfig, n_blocks: int, seed: int, device: torch.device) -> Tensor:
+    """A random stream of n_blocks·T + 1 steps for B streams, (n_blocks·T + 1, B) int64."""
+    generator = torch.Generator().manual_seed(int(seed))
+    data = torch.randint(config.V, (n_blocks * config.T + 1, config.B), generator=generator)
+    return data.to(device)
+
+
+def block(data: Tensor, i: int, T: int) -> tuple[Tensor, Tensor]:
+    """Block i of the stream: inputs data[iT : (i+1)T], targets shifted by one step."""
+    return data[i * T : (i + 1) * T], data[i * T + 1 : (i + 1) * T + 1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(
+    trainer: Trainer, data: Tensor, T: int, first: int, count: int, device: torch.device
+) -> tuple[float, Tensor | None]:
+    """Train on blocks first .. first+count-1 -> (wall-clock seconds with device work, last loss)."""
+    loss = None
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(first, first + count):
+        loss = trainer.step(*block(data, i, T))
+    _sync(device)
+    return time.perf_counter() - start, loss
+
+
+@dataclass
+class SideResult:
+    seconds: float
+    tokens_per_s: float
+    peak_mb: float
+    last_loss_per_token: float
+
+
+def run_side(
+    side: str, config: BenchConfig, data: Tensor, steps: int, warmup: int, seed: int, device: torch.device
+) -> SideResult:
+    """Build one side's model, warm it up, time `steps` steps, free it."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = SIDES[side](config, seed, device)
+    time_steps(trainer, data, config.T, 0, warmup, device)
+    seconds, loss = time_steps(trainer, data, config.T, warmup, steps, device)
+    peak_mb = peak_memory_mb(device)
+    del trainer
+    gc.collect()
+    last_loss = float(loss) / config.tokens_per_step
+    return SideResult(seconds, config.tokens_per_step * steps / seconds, peak_mb, last_loss)
+
+
+def memory_field(device: torch.device) -> str:
+    """The record's peak-memory key stem: bptt_<stem>_mb, peer_<stem>_mb."""
+    return "cuda_max_allocated" if device.type == "cuda" else "peak_rss"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak RSS (a high-water mark)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def bench_config(config: BenchConfig, steps: int, warmup: int, seed: int, device: torch.device) -> dict:
+    """Both sides on one configuration -> one result record (the JSON line)."""
+    data = token_stream(config, warmup + steps, seed, device)
+    bptt = run_side("bptt", config, data, steps, warmup, seed, device)
+    peer = run_side("peer", config, data, steps, warmup, seed, device)
+    memory = memory_field(device)
+    return {
+        "config": str(config),
+        **{key: getattr(config, key) for key in CONFIG_KEYS},
+        "tokens_per_step": config.tokens_per_step,
+        "bptt_tokens_per_s": bptt.tokens_per_s,
+        "peer_tokens_per_s": peer.tokens_per_s,
+        "ratio": bptt.tokens_per_s / peer.tokens_per_s,
+        "bptt_seconds": bptt.seconds,
+        "peer_seconds": peer.seconds,
+        f"bptt_{memory}_mb": bptt.peak_mb,
+        f"peer_{memory}_mb": peer.peak_mb,
+        "bptt_last_loss_per_token": bptt.last_loss_per_token,
+        "peer_last_loss_per_token": peer.last_loss_per_token,
+    }
+
+
+# -- the machine --------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo, else platform.processor(), else the architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: dict, device: torch.device, threads: int, steps: int, warmup: int) -> str:
+    where = f"{info['processor']}, {info['cpu_count']} cores"
+    if "gpu" in info:
+        where += f", {info['gpu']}"
+    return (
+        f"machine: {where}, {info['platform']}; torch {torch.__version__}, {threads} threads, "
+        f"device {device}; {steps} timed steps after {warmup} warm-up steps"
+    )
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+
+def table_header(config_width: int, device: torch.device) -> str:
+    memory = "peak MB" if device.type == "cuda" else "peak RSS MB"
+    return (
+        f"{'config':<{config_width}}  {'bptt tok/s':>12}  {'peer tok/s':>12}  {'bptt/peer':>9}  "
+        f"{'bptt ' + memory:>16}  {'peer ' + memory:>16}"
+    )
+
+
+def table_row(record: dict, config_width: int, device: torch.device) -> str:
+    memory = memory_field(device)
+    bptt_mb, peer_mb = record[f"bptt_{memory}_mb"], record[f"peer_{memory}_mb"]
+    return (
+        f"{record['config']:<{config_width}}  {record['bptt_tokens_per_s']:>12,.0f}  "
+        f"{record['peer_tokens_per_s']:>12,.0f}  {record['ratio']:>8.2f}x  {bptt_mb:>16,.1f}  {peer_mb:>16,.1f}"
+    )
+
+
+# -- the subcommand -----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", action="append", metavar="V=..,m=..,B=..,T=..",
+        help=f"a configuration: V vocabulary, m hidden units, B streams, T block length (= BPTT steps); "
+        f"repeatable; keys left out keep the default's value (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per side (default: 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per side (default: 3)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help=f"torch.set_num_threads(N) (default: torch's default, here {torch.get_num_threads()})",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of both models' weights and of the token stream")
+    parser.add_argument(
+        "--json", action="store_true",
+        help="one JSON object per configuration and line instead of the table; peak memory fields: "
+        "bptt_/peer_peak_rss_mb on CPU (the process high-water mark: the peer's value includes "
+        "bptt's, which runs first), bptt_/peer_cuda_max_allocated_mb on CUDA (torch.cuda.max_memory_allocated per side)",
+    )
+
+
+def _check_options(args: argparse.Namespace) -> torch.device:
+    if args.steps < 1:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be a non-negative integer, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available in this torch build or on this machine")
+    return torch.device(args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = _check_options(args)
+    configs = [parse_config(text) for text in (args.config or [DEFAULT_CONFIG])]
+    saved_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        _bench_all(configs, args, device)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return 0
+
+
+def _bench_all(configs: list[BenchConfig], args: argparse.Namespace, device: torch.device) -> None:
+    machine = machine_info(device)
+    threads = torch.get_num_threads()
+    width = max(len("config"), *(len(str(c)) for c in configs))
+    if not args.json:
+        print(machine_line(machine, device, threads, args.steps, args.warmup))
+        print(table_header(width, device), flush=True)
+    for config in configs:
+        record = bench_config(config, args.steps, args.warmup, args.seed, device)
+        if args.json:
+            record.update(
+                device=str(device), threads=threads, steps=args.steps, warmup=args.warmup, seed=args.seed,
+                torch_version=torch.__version__, machine=machine,
+            )
+            print(json.dumps(record), flush=True)
+        else:
+            print(table_row(record, width, device), flush=True)

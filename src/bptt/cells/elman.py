@@ -1,0 +1,137 @@
+"""The seed's Elman cell: a^t = W s^{t-1} + U x^t + b, s^t = F(a^t), and its exact backward.
+
+Shapes: T = time, B = streams, m = hidden, V = vocabulary.
+  U (m,V)  W (m,m)  b (m,)  inputs (T,B) int64  h0 (B,m)  S (T,B,m) holds s^1..s^T.
+U x^t with a one-hot x^t is column x^t of U: a gather, never a product with a one-hot matrix. U is
+stored so that its columns are contiguous (params["U"] is the transpose of a (V,m) tensor), which makes
+the gather and the scatter of its gradient row operations on that (V,m) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bptt.activations import HiddenActivation, hidden_activation
+
+Tensor = torch.Tensor
+
+
+def elman_forward(
+    U: Tensor, W: Tensor, b: Tensor | None, F: HiddenActivation, inputs: Tensor, h0: Tensor
+) -> Tensor:
+    """inputs (T,B), h0 (B,m) -> S (T,B,m), S[t] = s^{t+1} (0-based time index).
+
+    a^t = W s^{t-1} + U x^t + b    (the paper's s^t = W s^{t-1} + U x^t, with F and b added)
+    s^t = F(a^t)
+    The input term is gathered for all T·B positions at once; the loop does one (B,m)×(m,m) product
+    per step, written in place into the output buffer.
+    """
+    T, B = inputs.shape
+    m = W.shape[0]
+    S = U.t().index_select(0, inputs.reshape(-1)).view(T, B, m)  # U x^t for every t: a gather
+    if b is not None:
+        S.add_(b)
+    Wt = W.t()
+    s = h0
+    for t in range(T):
+        a = S[t].addmm_(s, Wt)  # a^t = U x^t + b + s^{t-1} Wᵀ
+        s = F.forward_(a)  # s^t = F(a^t), in place
+    return S
+
+
+def elman_backward(
+    U: Tensor,
+    W: Tensor,
+    F: HiddenActivation,
+    inputs: Tensor,
+    h0: Tensor,
+    S: Tensor,
+    dS: Tensor,
+    grads: dict[str, Tensor],
+    truncation: int | None = None,
+) -> None:
+    """dS (T,B,m) = direct errors ∂L^t/∂s^t -> accumulates dU (m,V), dW (m,m), db (m,) into grads.
+
+    forward was a^t = W s^{t-1} + U x^t + b, s^t = F(a^t). With δ^t = ∂L/∂a^t (T,B,m):
+      ∂L/∂s^t  = dS^t + Wᵀ δ^{t+1}            (s^t feeds o^t directly and a^{t+1} through W)
+      δ^t      = ∂L/∂s^t ⊙ F'(a^t)            (the F' the printed paper omits)
+      ∂L/∂W    = Σ_t δ^t s^{t-1}ᵀ             -> one (m,T·B)×(T·B,m) product after the sweep
+      ∂L/∂U_:w = Σ_{t: x^t = w} δ^t           -> one scatter-add of rows (index_add)
+      ∂L/∂b    = Σ_t δ^t
+    truncation=k keeps, for the error of each L^t, only the paths through at most k recurrent
+    connections (∂s^t/∂s^{t-j} with j > k dropped); None, or k >= T-1, is full BPTT in one sweep.
+    """
+    delta = backward_deltas(W, F, S, dS, truncation)
+    T, B, m = S.shape
+    flat_delta = delta.view(T * B, m)
+    # S_prev[t] = s^{t-1}: h0 then the states of all but the last step
+    S_prev = torch.cat((h0.unsqueeze(0), S[:-1]), dim=0).view(T * B, m)
+    grads["W"].addmm_(flat_delta.t(), S_prev)  # ∂L/∂W = Σ_t δ^t s^{t-1}ᵀ
+    grads["U"].t().index_add_(0, inputs.reshape(-1), flat_delta)  # ∂L/∂U[:, x^t] += δ^t
+    if "b" in grads:
+        grads["b"].add_(flat_delta.sum(dim=0))  # ∂L/∂b = Σ_t δ^t
+
+
+def recurrent_backward(delta_next: Tensor, W: Tensor) -> Tensor:
+    """δ^{t+1} (...,m) -> its contribution to ∂L/∂s^t (...,m).
+
+    forward was a^{t+1} = W s^t + ...; so ∂L/∂s^t gets Wᵀ δ^{t+1}, i.e. δ^{t+1} W for row vectors.
+    """
+    return delta_next @ W
+
+
+def backward_deltas(
+    W: Tensor, F: HiddenActivation, S: Tensor, dS: Tensor, truncation: int | None = None
+) -> Tensor:
+    """S, dS (T,B,m) -> δ (T,B,m), δ^t = ∂L/∂a^t under the given truncation."""
+    T = S.shape[0]
+    F_prime = F.derivative(S)  # F'(a^t) from s^t, (T,B,m)
+    if truncation is None or truncation >= T - 1:
+        # Full BPTT: one reverse sweep, one (B,m)×(m,m) product per step.
+        delta = torch.empty_like(S)
+        carry = torch.zeros_like(S[0])  # Wᵀ δ^{t+1}; zero after the last step
+        for t in range(T - 1, -1, -1):
+            torch.mul(dS[t].add(carry), F_prime[t], out=delta[t])  # δ^t = (dS^t + Wᵀ δ^{t+1}) ⊙ F'
+            if t > 0:
+                carry = recurrent_backward(delta[t], W)
+        return delta
+    if truncation < 0:
+        raise ValueError(f"truncation must be >= 0 or None, got {truncation}")
+    # Truncated BPTT, vectorised over time. D_j[τ] = the error of L^{τ+j} after j recurrent hops,
+    # arrived at a^τ:  D_0 = dS ⊙ F',  D_j[τ] = (Wᵀ D_{j-1}[τ+1]) ⊙ F'[τ].  δ^τ = Σ_{j<=k} D_j[τ].
+    # Each hop is one (T·B,m)×(m,m) product over all positions: O(T·k) work, k products.
+    D = dS * F_prime
+    delta = D.clone()
+    for j in range(1, truncation + 1):
+        D = recurrent_backward(D[1:], W).mul_(F_prime[: T - j])
+        delta[: T - j].add_(D)
+    return delta
+
+
+class ElmanCell:
+    """Elman recurrence with hidden nonlinearity F; parameters U (m,V), W (m,m), b (m,)."""
+
+    def __init__(self, hidden_activation_name: str = "tanh"):
+        self.F = hidden_activation(hidden_activation_name)
+
+    @staticmethod
+    def param_shapes(vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {"U": (hidden_size, vocab_size), "W": (hidden_size, hidden_size)}
+        if bias:
+            shapes["b"] = (hidden_size,)
+        return shapes
+
+    def forward(self, params: dict[str, Tensor], inputs: Tensor, h0: Tensor) -> Tensor:
+        return elman_forward(params["U"], params["W"], params.get("b"), self.F, inputs, h0)
+
+    def backward(
+        self,
+        params: dict[str, Tensor],
+        inputs: Tensor,
+        h0: Tensor,
+        S: Tensor,
+        dS: Tensor,
+        grads: dict[str, Tensor],
+        truncation: int | None = None,
+    ) -> None:
+        elman_backward(params["U"], params["W"], self.F, inputs, h0, S, dS, grads, truncation)

@@ -1,0 +1,59 @@
+"""The BPTT engine: forward through the cell, the output layer over all positions, back again.
+
+It only calls the forward/backward pairs of a cell and an output layer, in order; it knows neither
+the cell's equations nor the output layer's. Shapes: T time, B streams, m hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def zeros_like_params(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Gradient buffers with the same shapes (and memory layouts) as the parameters."""
+    return {name: torch.zeros_like(p) for name, p in params.items()}
+
+
+def output_errors(
+    output, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None,
+    grads: dict[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """S (T,B,m), targets (T,B), weights (T,B)|None -> (loss, dS (T,B,m) = ∂L^t/∂s^t direct).
+
+    The output layer runs once over all T·B positions; its own gradients accumulate into grads.
+    """
+    T, B, m = S.shape
+    flat_S = S.reshape(T * B, m)
+    flat_targets = targets.reshape(-1)
+    flat_weights = None if weights is None else weights.reshape(-1)
+    loss, cache = output.forward(params, flat_S, flat_targets, flat_weights)
+    dS = output.backward(params, flat_S, cache, flat_targets, flat_weights, grads)
+    return loss, dS.view(T, B, m)
+
+
+def bptt_loss_and_grads(
+    cell,
+    output,
+    params: dict[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    h0: Tensor,
+    truncation: int | None = None,
+    weights: Tensor | None = None,
+    grads: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """One forward and one backward sweep -> (loss summed over positions, grads, S (T,B,m)).
+
+    grads, if given, are zeroed and filled in place (buffers reused across calls).
+    """
+    if grads is None:
+        grads = zeros_like_params(params)
+    else:
+        for g in grads.values():
+            g.zero_()
+    S = cell.forward(params, inputs, h0)
+    loss, dS = output_errors(output, params, S, targets, weights, grads)
+    cell.backward(params, inputs, h0, S, dS, grads, truncation)
+    return loss, grads, S

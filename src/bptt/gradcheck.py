@@ -1,0 +1,188 @@
+"""Check the explicit BPTT gradients of every (F, f, loss) combination.
+
+For each combination and each parameter it prints the largest relative error of the BPTT gradient
+against three independent references: central finite differences of the loss, an autograd model of
+the seed's equations (bptt.oracle), and the forward-mode RTRL recursion. With --truncation k it also
+checks truncated BPTT against the autograd model truncated the same way. Exit status 1 if any entry
+is over its threshold.
+
+Relative error of a gradient G against a reference R: max|G − R| / max(max|G|, max|R|).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+
+from bptt.activations import HIDDEN_ACTIVATIONS
+from bptt.model import ElmanLM, resolve_dtype
+from bptt.oracle import autograd_loss_and_grads
+
+EXAMPLES = """examples:
+  bptt gradcheck                              # every combination, float64, small random model
+  bptt gradcheck --hidden 8 --vocab 12 --steps 10 --batch 4 --seed 3
+  bptt gradcheck --dtype float32 --bias off   # float32 engine (looser thresholds)
+"""
+
+# (output nonlinearity f, loss) pairs that are valid; cross-entropy needs a softmax output.
+OUTPUT_LOSSES = (("softmax", "cross_entropy"), ("softmax", "quadratic"), ("sigmoid", "quadratic"), ("identity", "quadratic"))
+
+# Thresholds on the relative error, per dtype and reference.
+THRESHOLDS = {
+    torch.float64: {"fd": 1e-6, "autograd": 1e-10, "rtrl": 1e-10, "trunc": 1e-10},
+    torch.float32: {"fd": 1e-3, "autograd": 1e-5, "rtrl": 1e-5, "trunc": 1e-5},
+}
+
+
+def combinations() -> list[tuple[str, str, str]]:
+    """Every valid (hidden activation F, output activation f, loss)."""
+    return [(F, f, loss) for F in HIDDEN_ACTIVATIONS for f, loss in OUTPUT_LOSSES]
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|got − ref| / max(max|got|, max|ref|); 0 when both are all zeros."""
+    got, ref = got.double(), ref.double()
+    scale = max(float(got.abs().max()), float(ref.abs().max()))
+    return 0.0 if scale == 0.0 else float((got - ref).abs().max()) / scale
+
+
+def finite_difference_grads(
+    model: ElmanLM, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor, eps: float = 1e-6
+) -> dict[str, torch.Tensor]:
+    """Central differences (L(θ + ε) − L(θ − ε)) / 2ε of the model's loss, one element at a time."""
+    grads = {}
+    for name, p in model.params.items():
+        g = torch.zeros(p.shape, dtype=torch.float64)
+        flat = p.view(-1) if p.is_contiguous() else None
+        for idx in range(p.numel()):
+            where = (idx,) if flat is not None else tuple(torch.unravel_index(torch.tensor(idx), p.shape))
+            target = flat if flat is not None else p
+            original = target[where].item()
+            target[where] = original + eps
+            up = float(model.loss(inputs, targets, h0))
+            target[where] = original - eps
+            down = float(model.loss(inputs, targets, h0))
+            target[where] = original
+            g.view(-1)[idx] = (up - down) / (2 * eps)
+        grads[name] = g
+    return grads
+
+
+def random_model(
+    F: str, f: str, loss: str, vocab: int, hidden: int, bias: bool, dtype: torch.dtype, seed: int
+) -> ElmanLM:
+    """A model with weights large enough for every term of the gradient to matter, biases non-zero."""
+    model = ElmanLM(vocab, hidden, F, f, loss, bias=bias, dtype=dtype, seed=seed, init_range=0.6)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for p in model.params.values():
+        if p.dim() == 1:
+            p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) - 0.5).to(dtype))
+    return model
+
+
+@dataclass
+class CheckRow:
+    combination: str
+    parameter: str
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def check_combination(
+    F: str, f: str, loss: str, *, vocab: int, hidden: int, steps: int, batch: int, bias: bool,
+    dtype: torch.dtype, seed: int, truncation: int | None,
+) -> list[CheckRow]:
+    """All checks of one combination -> one row per parameter with its errors per reference."""
+    model = random_model(F, f, loss, vocab, hidden, bias, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 2)
+    inputs = torch.randint(0, vocab, (steps, batch), generator=generator)
+    targets = torch.randint(0, vocab, (steps, batch), generator=generator)
+    h0 = ((torch.rand(batch, hidden, generator=generator, dtype=torch.float64) - 0.5)).to(dtype)  # a carried state
+
+    _, grads, _ = model.loss_and_grads(inputs, targets, h0)
+    references = {}
+    # Finite differences always in float64 (a float32 difference quotient is all rounding noise).
+    model64 = random_model(F, f, loss, vocab, hidden, bias, torch.float64, seed)
+    for name, p in model.params.items():
+        model64.params[name].copy_(p.double())
+    references["fd"] = finite_difference_grads(model64, inputs, targets, h0.double())
+    references["autograd"] = autograd_loss_and_grads(model.params, F, f, loss, inputs, targets, h0)[1]
+    references["rtrl"] = model.loss_and_grads(inputs, targets, h0, method="rtrl")[1]
+    truncated = None
+    if truncation is not None:
+        truncated = model.loss_and_grads(inputs, targets, h0, truncation=truncation)[1]
+        references["trunc"] = autograd_loss_and_grads(
+            model.params, F, f, loss, inputs, targets, h0, truncation=truncation
+        )[1]
+    label = f"F={F} f={f} loss={loss} bias={'on' if bias else 'off'}"
+    rows = []
+    for name in model.params:
+        row = CheckRow(label, name)
+        for ref_name, ref in references.items():
+            got = truncated[name] if ref_name == "trunc" else grads[name]
+            row.errors[ref_name] = relative_error(got, ref[name])
+        rows.append(row)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocab", type=int, default=7, help="vocabulary size V (default 7)")
+    parser.add_argument("--hidden", type=int, default=5, help="hidden size m (default 5)")
+    parser.add_argument("--steps", type=int, default=6, help="time steps T (default 6)")
+    parser.add_argument("--batch", type=int, default=3, help="parallel streams B (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="engine dtype (default float64)")
+    parser.add_argument("--bias", choices=("on", "off", "both"), default="both", help="check with biases, without, or both")
+    parser.add_argument(
+        "--truncation", type=int, default=2,
+        help="also check truncated BPTT with this k against truncated autograd (default 2; -1 skips)",
+    )
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for option in ("vocab", "hidden", "steps", "batch"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be a positive integer, got {getattr(args, option)}")
+    if args.truncation < -1:
+        raise ValueError(f"--truncation must be >= 0 (or -1 to skip), got {args.truncation}")
+    if args.hidden > 12 or args.vocab > 64:
+        raise ValueError("--hidden <= 12 and --vocab <= 64: RTRL and finite differences are for small models")
+
+
+def run(args: argparse.Namespace) -> int:
+    _validate(args)
+    dtype = resolve_dtype(args.dtype)
+    thresholds = THRESHOLDS[dtype]
+    truncation = None if args.truncation < 0 else args.truncation
+    biases = {"on": (True,), "off": (False,), "both": (True, False)}[args.bias]
+    columns = ["fd", "autograd", "rtrl"] + (["trunc"] if truncation is not None else [])
+    titles = {"fd": "finite diff", "autograd": "autograd", "rtrl": "RTRL", "trunc": f"trunc k={truncation}"}
+    print(
+        f"bptt gradcheck: V={args.vocab} m={args.hidden} T={args.steps} B={args.batch} dtype={args.dtype} "
+        f"seed={args.seed}; max relative error of the BPTT gradient"
+    )
+    print("thresholds: " + ", ".join(f"{titles[c]} <= {thresholds[c]:.0e}" for c in columns))
+    header = f"{'combination':<52} {'param':<5} " + " ".join(f"{titles[c]:>12}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    failures = checks = 0
+    for bias in biases:
+        for F, f, loss in combinations():
+            for row in check_combination(
+                F, f, loss, vocab=args.vocab, hidden=args.hidden, steps=args.steps, batch=args.batch,
+                bias=bias, dtype=dtype, seed=args.seed, truncation=truncation,
+            ):
+                cells = []
+                for c in columns:
+                    error = row.errors[c]
+                    bad = not error <= thresholds[c]  # NaN counts as a failure
+                    failures += bad
+                    checks += 1
+                    cells.append(f"{error:>11.2e}{'!' if bad else ' '}")
+                print(f"{row.combination:<52} {row.parameter:<5} " + " ".join(cells))
+    if failures:
+        print(f"FAILED: {failures} of {checks} checks over threshold (marked !)")
+        return 1
+    print(f"all {checks} checks passed")
+    return 0

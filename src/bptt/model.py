@@ -1,0 +1,202 @@
+"""ElmanLM: the seed's language model, its parameters and its explicit gradients.
+
+    a^t = W s^{t-1} + U x^t (+ b)    s^t = F(a^t)
+    g^t = V s^t (+ c)                o^t = f(g^t)
+    L   = ½ Σ_t Σ_k (d_k^t − o_k^t)²   or   −Σ_t log o_{y^t}^t
+
+Autograd is disabled in everything here: gradients come from the written-out backward functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bptt.cells.elman import ElmanCell
+from bptt.engine import bptt_loss_and_grads, zeros_like_params
+from bptt.outputs.full import FullOutput
+from bptt.rtrl import elman_rtrl
+
+Tensor = torch.Tensor
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+METHODS = ("bptt", "rtrl")
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class ElmanLM:
+    """Elman recurrent language model with explicit BPTT and RTRL gradients.
+
+    params: "U" (m,V), "W" (m,m), "V" (V,m), and with bias=True "b" (m,), "c" (V,).
+    Weights start uniform in [-init_range, init_range] from a generator seeded with `seed` (drawn on
+    the CPU, so a seed gives the same model on every device); biases start at zero.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        hidden_activation: str = "tanh",
+        output_activation: str = "softmax",
+        loss: str = "cross_entropy",
+        bias: bool = True,
+        dtype: torch.dtype | str = torch.float32,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        init_range: float = 0.1,
+    ):
+        self.vocab_size = _positive_int("vocab_size", vocab_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.dtype = resolve_dtype(dtype)
+        self.device = torch.device(device)
+        self.bias = bool(bias)
+        self.hidden_activation = hidden_activation
+        self.output_activation = output_activation
+        self.loss_name = loss
+        self.cell = ElmanCell(hidden_activation)
+        self.output = FullOutput(output_activation, loss)
+        self.params = self._init_params(seed, init_range)
+
+    def _init_params(self, seed: int, init_range: float) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(int(seed))
+        shapes = {
+            **self.cell.param_shapes(self.vocab_size, self.hidden_size, self.bias),
+            **self.output.param_shapes(self.vocab_size, self.hidden_size, self.bias),
+        }
+        params: dict[str, Tensor] = {}
+        for name, shape in shapes.items():
+            if len(shape) == 1:
+                value = torch.zeros(shape, dtype=torch.float64)
+            else:
+                value = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * init_range
+            params[name] = value.to(dtype=self.dtype, device=self.device)
+        # U (m,V) is held as the transpose of a contiguous (V,m) tensor: column U[:, w] is contiguous,
+        # so U x^t is a row gather and its gradient a row scatter-add.
+        params["U"] = params["U"].t().contiguous().t()
+        return params
+
+    # -- inputs --------------------------------------------------------------------------------------
+
+    def _tokens(self, name: str, value: Any) -> Tensor:
+        tokens = torch.as_tensor(value, device=self.device)
+        if tokens.dim() != 2 or tokens.dtype in (torch.bool,) or tokens.is_floating_point():
+            raise ValueError(f"{name} must be an integer tensor of shape (T, B), got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
+        return tokens.long()
+
+    def initial_state(self, batch_size: int) -> Tensor:
+        """s^0 = 0, (B,m)."""
+        return torch.zeros(batch_size, self.hidden_size, dtype=self.dtype, device=self.device)
+
+    def _h0(self, h0: Tensor | None, batch_size: int) -> Tensor:
+        if h0 is None:
+            return self.initial_state(batch_size)
+        h0 = torch.as_tensor(h0, dtype=self.dtype, device=self.device)
+        if tuple(h0.shape) != (batch_size, self.hidden_size):
+            raise ValueError(f"h0 must have shape (B, m) = ({batch_size}, {self.hidden_size}), got {tuple(h0.shape)}")
+        return h0
+
+    def _weights(self, mask: Tensor | None, shape: torch.Size) -> Tensor | None:
+        if mask is None:
+            return None
+        weights = torch.as_tensor(mask, device=self.device).to(self.dtype)
+        if weights.shape != shape:
+            raise ValueError(f"mask must have the shape of targets {tuple(shape)}, got {tuple(weights.shape)}")
+        return weights
+
+    # -- the model -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, inputs: Tensor, h0: Tensor | None = None) -> Tensor:
+        """inputs (T,B) -> hidden states S (T,B,m), S[t] = s^{t+1}."""
+        inputs = self._tokens("inputs", inputs)
+        return self.cell.forward(self.params, inputs, self._h0(h0, inputs.shape[1]))
+
+    @torch.no_grad()
+    def loss(self, inputs: Tensor, targets: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """The loss alone (forward only), summed over positions: a 0-d tensor."""
+        inputs, targets = self._tokens("inputs", inputs), self._tokens("targets", targets)
+        self._same_shape(inputs, targets)
+        S = self.cell.forward(self.params, inputs, self._h0(h0, inputs.shape[1]))
+        T, B, m = S.shape
+        weights = self._weights(mask, targets.shape)
+        loss, _ = self.output.forward(
+            self.params, S.view(T * B, m), targets.reshape(-1), None if weights is None else weights.reshape(-1)
+        )
+        return loss
+
+    @torch.no_grad()
+    def log_probs(self, inputs: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """inputs (T,B) -> (log P(w | history) (T,B,V) in nats, s^T (B,m))."""
+        S = self.forward(inputs, h0)
+        T, B, m = S.shape
+        return self.output.log_probs(self.params, S.view(T * B, m)).view(T, B, -1), S[-1].clone()
+
+    @torch.no_grad()
+    def loss_and_grads(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        h0: Tensor | None = None,
+        method: str = "bptt",
+        truncation: int | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """inputs, targets (T,B) int; h0 (B,m)|None -> (loss 0-d, grads {name: like params}, s^T (B,m)).
+
+        loss is the sum over all T·B positions (quadratic: ½ Σ over positions and vocabulary;
+        cross-entropy: −Σ ln o_target). method="bptt" (reverse mode, optional truncation=k) or
+        "rtrl" (forward mode, exact, small models only). mask (T,B): positions with 0/False count
+        no loss and send no gradient. h0 is a constant: no gradient flows into it.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        if truncation is not None:
+            if method != "bptt":
+                raise ValueError("truncation applies to method='bptt' only; RTRL is always exact")
+            if isinstance(truncation, bool) or not isinstance(truncation, int) or truncation < 0:
+                raise ValueError(f"truncation must be a non-negative integer or None, got {truncation!r}")
+        inputs, targets = self._tokens("inputs", inputs), self._tokens("targets", targets)
+        self._same_shape(inputs, targets)
+        h0 = self._h0(h0, inputs.shape[1])
+        weights = self._weights(mask, targets.shape)
+        if method == "rtrl":
+            return elman_rtrl(self.params, self.cell, self.output, inputs, targets, h0, weights)
+        loss, grads, S = bptt_loss_and_grads(
+            self.cell, self.output, self.params, inputs, targets, h0, truncation, weights
+        )
+        return loss, grads, S[-1].clone()
+
+    def zero_grads(self) -> dict[str, Tensor]:
+        return zeros_like_params(self.params)
+
+    @staticmethod
+    def _same_shape(inputs: Tensor, targets: Tensor) -> None:
+        if inputs.shape != targets.shape:
+            raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same (T, B) shape")
+
+    def __repr__(self) -> str:
+        return (
+            f"ElmanLM(vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, "
+            f"hidden_activation={self.hidden_activation!r}, output_activation={self.output_activation!r}, "
+            f"loss={self.loss_name!r}, bias={self.bias}, dtype={self.dtype}, device={str(self.device)!r})"
+        )

@@ -1,0 +1,118 @@
+"""Full output layer: g^t = V s^t + c, o^t = f(g^t), loss against the next word (eq. 1–3).
+
+Shapes: N = T·B positions, m = hidden, V = vocabulary. The layer is one matrix product over all N
+positions (not one per step). With softmax + cross-entropy the loss gradient is fused (losses.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bptt.activations import output_activation
+from bptt.losses import (
+    LOSSES,
+    quadratic_backward,
+    quadratic_forward,
+    softmax_cross_entropy_backward_,
+    softmax_cross_entropy_forward_,
+)
+
+Tensor = torch.Tensor
+
+
+def linear_forward(V: Tensor, c: Tensor | None, S: Tensor, out: Tensor | None = None) -> Tensor:
+    """V (V,m), c (V,)|None, S (N,m) -> g (N,V) = S Vᵀ + c: g^t = V s^t + c for every position at once.
+
+    out: an (N,V) buffer to write g into (reusing it avoids faulting in fresh pages every block).
+    """
+    if c is None:
+        return torch.mm(S, V.t(), out=out) if out is not None else S @ V.t()
+    return torch.addmm(c, S, V.t(), out=out) if out is not None else torch.addmm(c, S, V.t())
+
+
+def linear_backward(V: Tensor, S: Tensor, dg: Tensor, grads: dict[str, Tensor], bias: bool) -> Tensor:
+    """dg (N,V) -> dS (N,m); accumulates dV (V,m) and dc (V,).
+
+    forward was g = S Vᵀ + c, i.e. g_i^t = Σ_j V_ij s_j^t + c_i; so
+      ∂L/∂V_ij = Σ_t ∂L/∂g_i^t s_j^t  -> dV += dgᵀ S      (eq. 2–3: (o−d)·f'(g) times s^t)
+      ∂L/∂c_i  = Σ_t ∂L/∂g_i^t        -> dc += Σ_n dg
+      ∂L/∂s_j^t = Σ_i ∂L/∂g_i^t V_ij  -> dS  = dg V       (carried into the recurrence, eq. 5)
+    """
+    grads["V"].addmm_(dg.t(), S)
+    if bias:
+        grads["c"].add_(dg.sum(dim=0))
+    return dg @ V
+
+
+@dataclass
+class FullOutputCache:
+    g: Tensor  # (N,V): o = f(g) (for cross-entropy computed in place over g)
+
+
+class FullOutput:
+    """The seed's output layer over the whole vocabulary, with nonlinearity f and a loss."""
+
+    def __init__(self, output_activation_name: str = "softmax", loss: str = "cross_entropy"):
+        self.f = output_activation(output_activation_name)
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+        if loss == "cross_entropy" and self.f.name != "softmax":
+            raise ValueError(
+                f"loss='cross_entropy' requires output_activation='softmax', got {self.f.name!r}; "
+                "use loss='quadratic' with sigmoid or identity outputs"
+            )
+        self.loss = loss
+        self._workspace: Tensor | None = None  # the (N,V) buffer for g, reused from call to call
+
+    def _g_buffer(self, N: int, like: Tensor) -> Tensor:
+        V = like.shape[0]
+        w = self._workspace
+        if w is None or w.shape != (N, V) or w.dtype != like.dtype or w.device != like.device:
+            w = self._workspace = torch.empty(N, V, dtype=like.dtype, device=like.device)
+        return w
+
+    @staticmethod
+    def param_shapes(vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {"V": (vocab_size, hidden_size)}
+        if bias:
+            shapes["c"] = (vocab_size,)
+        return shapes
+
+    def forward(
+        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None = None
+    ) -> tuple[Tensor, FullOutputCache]:
+        """S (N,m), targets (N,) int64 -> (L summed over the N positions, cache).
+
+        The cache lives in a workspace reused by the next forward: call backward before that.
+        """
+        g = linear_forward(params["V"], params.get("c"), S, out=self._g_buffer(S.shape[0], params["V"]))
+        if self.loss == "cross_entropy":
+            loss, o = softmax_cross_entropy_forward_(g, targets, weights)
+            return loss, FullOutputCache(o)
+        o = self.f.forward(g)
+        return quadratic_forward(o, targets, weights), FullOutputCache(o)
+
+    def backward(
+        self,
+        params: dict[str, Tensor],
+        S: Tensor,
+        cache: FullOutputCache,
+        targets: Tensor,
+        weights: Tensor | None,
+        grads: dict[str, Tensor],
+    ) -> Tensor:
+        """-> dS (N,m) = ∂L/∂s^t (direct part, through g^t only); accumulates dV, dc. Consumes cache."""
+        if self.loss == "cross_entropy":
+            dg = softmax_cross_entropy_backward_(cache.g, targets, weights)
+        else:
+            # forward was L = ½ Σ (d − o)², o = f(g): dL/dg = f'(g)ᵀ (o − d)   (eq. 3's ∂o_k/∂g_i)
+            dg = self.f.backward(cache.g, quadratic_backward(cache.g, targets, weights))
+        return linear_backward(params["V"], S, dg, grads, "c" in params)
+
+    def log_probs(self, params: dict[str, Tensor], S: Tensor) -> Tensor:
+        """S (N,m) -> log P(w | history) (N,V) in nats. Needs a normalized f (softmax)."""
+        if self.f.name != "softmax":
+            raise ValueError(f"output_activation={self.f.name!r} does not define probabilities")
+        return torch.log_softmax(linear_forward(params["V"], params.get("c"), S), dim=1)

@@ -1,0 +1,149 @@
+"""`bptt bench`: the output formats, option errors, and that both timed steps are real training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bptt.bench import (
+    BenchConfig,
+    BpttTrainer,
+    PeerTrainer,
+    block,
+    clip_grad_norm,
+    parse_config,
+    token_stream,
+)
+from bptt.cli import main
+
+TINY = ["bench", "--config", "V=50,m=8,B=4,T=5", "--steps", "2", "--warmup", "1"]
+REQUIRED_KEYS = {
+    "config", "bptt_tokens_per_s", "peer_tokens_per_s", "ratio", "device", "threads", "steps",
+    "torch_version", "machine", "bptt_peak_rss_mb", "peer_peak_rss_mb",
+}
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_json_lines(capsys, keep_threads):
+    threads = torch.get_num_threads()
+    argv = [*TINY, "--config", "V=30,m=6,B=2,T=3", "--threads", "1", "--seed", "3", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["config"] for r in records] == ["V=50,m=8,B=4,T=5", "V=30,m=6,B=2,T=3"]
+    for r in records:
+        assert REQUIRED_KEYS <= r.keys()
+        assert _positive_finite(r["bptt_tokens_per_s"]) and _positive_finite(r["peer_tokens_per_s"])
+        assert r["ratio"] == pytest.approx(r["bptt_tokens_per_s"] / r["peer_tokens_per_s"])
+        assert r["tokens_per_step"] == r["T"] * r["B"]
+        assert r["bptt_tokens_per_s"] == pytest.approx(r["tokens_per_step"] * 2 / r["bptt_seconds"])
+        assert (r["device"], r["threads"], r["steps"], r["torch_version"]) == ("cpu", 1, 2, torch.__version__)
+        assert r["machine"]["cpu_count"] >= 1 and r["machine"]["processor"]
+        assert _positive_finite(r["bptt_peak_rss_mb"]) and r["peer_peak_rss_mb"] >= r["bptt_peak_rss_mb"]
+    assert torch.get_num_threads() == threads  # --threads is undone after the run
+
+
+def test_table(capsys):
+    assert main([*TINY, "--config", "m=4,V=20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("machine: ") and torch.__version__ in lines[0] and "threads" in lines[0]
+    header, rows = lines[1], lines[2:]
+    assert header.split()[:3] == ["config", "bptt", "tok/s"] and "bptt/peer" in header
+    assert [row.split()[0] for row in rows] == ["V=50,m=8,B=4,T=5", "V=20,m=4,B=32,T=35"]
+    assert len({len(line) for line in (header, *rows)}) == 1  # aligned columns
+    for row in rows:
+        bptt, peer, ratio = row.split()[1:4]
+        bptt, peer = float(bptt.replace(",", "")), float(peer.replace(",", ""))
+        assert bptt > 0 and peer > 0 and ratio.endswith("x")
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--config", "V=abc"], "--config"),
+        (["--config", "V=10,X=3"], "--config"),
+        (["--config", "V=10,V=20"], "--config"),
+        (["--config", "B=0"], "--config"),
+        (["--config", "V10"], "--config"),
+        (["--steps", "0"], "--steps"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_options(capsys, argv, names):
+    assert main(["bench", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_parse_config():
+    assert parse_config("V=10000,m=200,B=32,T=35") == BenchConfig(10000, 200, 32, 35)
+    assert parse_config(" T = 5 , V=7") == BenchConfig(7, 200, 32, 5)  # the rest from the default
+    assert str(parse_config("B=2,T=3,m=4,V=5")) == "V=5,m=4,B=2,T=3"
+    with pytest.raises(ValueError, match=r"^--config 'V=abc': V must be a positive integer"):
+        parse_config("V=abc")
+
+
+def test_clip_grad_norm_matches_torch():
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=generator) for shape in [(3, 4), (4,), (5, 3)]]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    expected = torch.nn.utils.clip_grad_norm_(params, 0.25)
+    norm = clip_grad_norm(grads, 0.25)
+    assert norm == pytest.approx(float(expected))
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad)
+    small = [torch.full((2,), 0.01)]
+    clip_grad_norm(small, 0.25)  # under the bound: unchanged
+    torch.testing.assert_close(small[0], torch.full((2,), 0.01))
+
+
+def test_bptt_step_is_real_training():
+    """The timed bptt step updates the weights and lowers the loss on a repeated block."""
+    config = BenchConfig(V=20, m=16, B=4, T=6)
+    trainer = BpttTrainer(config, seed=1, device=torch.device("cpu"))
+    inputs, targets = block(token_stream(config, 1, seed=2, device=torch.device("cpu")), 0, config.T)
+    model = trainer.model
+    before = {name: p.clone() for name, p in model.params.items()}
+    loss0 = float(model.loss(inputs, targets))
+    # the first step starts from s^0 = 0, so its loss is the model's loss on the block
+    assert float(trainer.step(inputs, targets)) == pytest.approx(loss0, rel=1e-5)
+    for _ in range(14):
+        trainer.step(inputs, targets)
+    for name, p in model.params.items():
+        assert not torch.equal(p, before[name]), name
+    assert float(model.loss(inputs, targets)) < 0.9 * loss0
+    assert trainer.h0.shape == (config.B, config.m) and bool(trainer.h0.abs().sum() > 0)  # state carried
+
+
+def test_peer_step_is_real_training():
+    config = BenchConfig(V=20, m=16, B=4, T=6)
+    trainer = PeerTrainer(config, seed=1, device=torch.device("cpu"))
+    inputs, targets = block(token_stream(config, 1, seed=2, device=torch.device("cpu")), 0, config.T)
+    loss0 = float(trainer.step(inputs, targets))
+    for _ in range(14):
+        trainer.step(inputs, targets)
+    with torch.no_grad():
+        logits, _ = trainer.model(inputs, torch.zeros(1, config.B, config.m))
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, config.V), targets.view(-1), reduction="sum")
+    assert float(loss) < 0.9 * loss0
+    assert all(p.grad is None for p in trainer.params)  # grads set to None after each update

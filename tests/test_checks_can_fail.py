@@ -1,0 +1,87 @@
+"""The checks reject a backward with one term removed: they are able to fail.
+
+Each test swaps one function of the engine for a copy with a term dropped (monkeypatch, undone after
+the test) and shows that finite differences and autograd both reject the result, while the intact
+engine passes the very same comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bptt.activations as activations
+import bptt.cells.elman as elman
+import bptt.outputs.full as full
+from bptt.gradcheck import finite_difference_grads
+from bptt.oracle import autograd_loss_and_grads
+from conftest import make_case, max_rel_error
+
+
+def errors(F="tanh", f="softmax", loss="cross_entropy", T=4):
+    """(error vs finite differences, error vs autograd) of the engine's BPTT gradient."""
+    model, x, y, h0 = make_case(F, f, loss, T=T, B=2, seed=7)
+    _, grads, _ = model.loss_and_grads(x, y, h0)
+    fd = finite_difference_grads(model, x, y, h0)
+    _, ref = autograd_loss_and_grads(model.params, F, f, loss, x, y, h0)
+    return max_rel_error(grads, fd), max_rel_error(grads, ref)
+
+
+def assert_rejected(fd_error, autograd_error):
+    assert fd_error > 1e-3 and autograd_error > 1e-3, (fd_error, autograd_error)
+
+
+def test_intact_engine_passes():
+    fd_error, autograd_error = errors()
+    assert fd_error <= 1e-6 and autograd_error <= 1e-10
+
+
+def test_missing_F_prime_is_rejected(monkeypatch):
+    """The paper's printed recursion (no F') is wrong for tanh: the checks must say so."""
+    broken = activations.HiddenActivation("tanh", torch.tanh_, lambda s: torch.ones_like(s))
+    monkeypatch.setitem(activations.HIDDEN_ACTIVATIONS, "tanh", broken)
+    assert_rejected(*errors())
+
+
+def test_missing_recurrent_term_is_rejected(monkeypatch):
+    """Drop W^T δ^{t+1} from ∂L/∂s^t (the recursion through time): only the direct terms remain."""
+    monkeypatch.setattr(elman, "recurrent_backward", lambda delta_next, W: torch.zeros_like(delta_next))
+    assert_rejected(*errors())
+
+
+def test_missing_recurrent_term_is_invisible_with_one_step(monkeypatch):
+    """With T = 1 there is no recurrent term, so the same mutation passes: the checks are specific."""
+    monkeypatch.setattr(elman, "recurrent_backward", lambda delta_next, W: torch.zeros_like(delta_next))
+    fd_error, autograd_error = errors(T=1)
+    assert fd_error <= 1e-6 and autograd_error <= 1e-10
+
+
+def test_missing_softmax_jacobian_term_is_rejected(monkeypatch):
+    """softmax backward without the −o Σ o·do term (quadratic loss, which uses the full Jacobian)."""
+    broken = activations.OutputActivation("softmax", activations.softmax_forward, lambda o, do: o * do)
+    monkeypatch.setitem(activations.OUTPUT_ACTIVATIONS, "softmax", broken)
+    assert_rejected(*errors(f="softmax", loss="quadratic"))
+
+
+def test_missing_target_term_in_cross_entropy_is_rejected(monkeypatch):
+    """dL/dg = o − d with the −d (the target's −1) forgotten."""
+    monkeypatch.setattr(full, "softmax_cross_entropy_backward_", lambda o, targets, weights: o)
+    assert_rejected(*errors())
+
+
+def test_missing_output_bias_gradient_is_rejected(monkeypatch):
+    def no_bias_grad(V, S, dg, grads, bias):
+        grads["V"].addmm_(dg.t(), S)
+        return dg @ V
+
+    monkeypatch.setattr(full, "linear_backward", no_bias_grad)
+    assert_rejected(*errors())
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_truncation_off_by_one_is_rejected(monkeypatch, k):
+    """A truncated backward that keeps one hop too many disagrees with truncated autograd."""
+    model, x, y, h0 = make_case("tanh", "softmax", "cross_entropy", T=6, B=2, seed=8)
+    _, grads, _ = model.loss_and_grads(x, y, h0, truncation=k + 1)
+    _, ref = autograd_loss_and_grads(model.params, "tanh", "softmax", "cross_entropy", x, y, h0, truncation=k)
+    assert max_rel_error(grads, ref) > 1e-3

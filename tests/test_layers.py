@@ -1,0 +1,102 @@
+"""Each layer's forward/backward pair on its own, against autograd of the same forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bptt.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
+from bptt.cells.elman import ElmanCell
+from bptt.gradcheck import OUTPUT_LOSSES, relative_error
+from bptt.outputs.full import FullOutput
+
+gen = torch.Generator().manual_seed(0)
+
+
+def rand(*shape):
+    return torch.rand(*shape, generator=gen) * 2 - 1
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_ACTIVATIONS))
+def test_hidden_derivative_from_the_output(name):
+    F = HIDDEN_ACTIVATIONS[name]
+    a = rand(50) * 3
+    a_leaf = a.clone().requires_grad_(True)
+    with torch.enable_grad():
+        s_ref = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda v: v * 1}[name](a_leaf)
+        (ref,) = torch.autograd.grad(s_ref.sum(), a_leaf)
+    s = F.forward_(a.clone())
+    torch.testing.assert_close(s, s_ref.detach())
+    torch.testing.assert_close(F.derivative(s), ref)
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUT_ACTIVATIONS))
+def test_output_activation_vector_jacobian_product(name):
+    f = OUTPUT_ACTIVATIONS[name]
+    g, do = rand(4, 6) * 2, rand(4, 6)
+    g_leaf = g.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (ref,) = torch.autograd.grad((f.forward(g_leaf) * do).sum(), g_leaf)
+    torch.testing.assert_close(f.backward(f.forward(g), do), ref)
+
+
+@pytest.mark.parametrize("f, loss", OUTPUT_LOSSES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_full_output_layer_pair(f, loss, weighted):
+    N, m, V = 7, 4, 9
+    layer = FullOutput(f, loss)
+    params = {"V": rand(V, m), "c": rand(V)}
+    S, targets = rand(N, m), torch.randint(0, V, (N,), generator=gen)
+    weights = (torch.rand(N, generator=gen) > 0.3).double() if weighted else None
+    grads = {k: torch.zeros_like(p) for k, p in params.items()}
+    loss_value, cache = layer.forward(params, S, targets, weights)
+    dS = layer.backward(params, S, cache, targets, weights, grads)
+    leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
+    S_leaf = S.clone().requires_grad_(True)
+    with torch.enable_grad():
+        g = S_leaf @ leaves["V"].T + leaves["c"]
+        d = torch.nn.functional.one_hot(targets, V).double()
+        if loss == "cross_entropy":
+            per = -(d * torch.log_softmax(g, -1)).sum(-1)
+        else:
+            o = {"softmax": lambda x: torch.softmax(x, -1), "sigmoid": torch.sigmoid, "identity": lambda x: x}[f](g)
+            per = 0.5 * ((d - o) ** 2).sum(-1)
+        total = (per if weights is None else per * weights).sum()
+        ref = torch.autograd.grad(total, [leaves["V"], leaves["c"], S_leaf])
+    assert abs(float(loss_value - total.detach())) < 1e-12
+    for got, want in zip([grads["V"], grads["c"], dS], ref):
+        assert relative_error(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_ACTIVATIONS))
+@pytest.mark.parametrize("truncation", [None, 0, 1, 3])
+def test_elman_cell_pair(name, truncation):
+    T, B, m, V = 5, 3, 4, 6
+    cell = ElmanCell(name)
+    params = {"U": rand(m, V), "W": rand(m, m), "b": rand(m)}
+    inputs, h0 = torch.randint(0, V, (T, B), generator=gen), rand(B, m)
+    dS = rand(T, B, m)  # arbitrary upstream errors ∂L/∂s^t
+    S = cell.forward(params, inputs, h0)
+    grads = {k: torch.zeros_like(p) for k, p in params.items()}
+    cell.backward(params, inputs, h0, S, dS, grads, truncation)
+    F = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda v: v}[name]
+    leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
+    with torch.enable_grad():
+        def run(s, t0, t1):
+            states = []
+            for t in range(t0, t1):
+                s = F(s @ leaves["W"].T + leaves["U"][:, inputs[t]].T + leaves["b"])
+                states.append(s)
+            return states
+        if truncation is None:
+            total = sum((s * dS[t]).sum() for t, s in enumerate(run(h0, 0, T)))
+        else:
+            with torch.no_grad():
+                full = [h0] + run(h0, 0, T)
+            total = sum(
+                (run(full[max(0, t - truncation)].detach(), max(0, t - truncation), t + 1)[-1] * dS[t]).sum()
+                for t in range(T)
+            )
+        ref = torch.autograd.grad(total, list(leaves.values()))
+    for k, want in zip(leaves, ref):
+        assert relative_error(grads[k], want) <= 1e-12, k

@@ -1,0 +1,145 @@
+"""The public contract of ElmanLM: parameters, shapes, validation, loss definitions, no autograd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+
+from bptt import ElmanLM
+from conftest import make_case
+
+
+def test_params_names_and_shapes():
+    model = ElmanLM(11, 4)
+    assert {k: tuple(v.shape) for k, v in model.params.items()} == {
+        "U": (4, 11), "W": (4, 4), "V": (11, 4), "b": (4,), "c": (11,)
+    }
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.params.values())
+    no_bias = ElmanLM(11, 4, bias=False, dtype=torch.float64)
+    assert set(no_bias.params) == {"U", "W", "V"} and no_bias.params["W"].dtype == torch.float64
+
+
+def test_grads_have_the_shapes_of_params():
+    model = ElmanLM(9, 3)
+    loss, grads, h_last = model.loss_and_grads(torch.randint(0, 9, (4, 2)), torch.randint(0, 9, (4, 2)))
+    assert grads.keys() == model.params.keys()
+    assert all(grads[k].shape == model.params[k].shape for k in grads)
+    assert h_last.shape == (2, 3) and loss.dim() == 0
+
+
+def test_seed_makes_the_model_reproducible():
+    a, b, c = ElmanLM(20, 6, seed=3), ElmanLM(20, 6, seed=3), ElmanLM(20, 6, seed=4)
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert not torch.equal(a.params["W"], c.params["W"])
+
+
+def test_cross_entropy_is_the_sum_of_negative_log_probabilities():
+    model, x, y, h0 = make_case("tanh", "softmax", "cross_entropy", T=5, B=3)
+    loss, _, _ = model.loss_and_grads(x, y, h0)
+    log_probs, _ = model.log_probs(x, h0)
+    assert torch.allclose(loss, nnf.nll_loss(log_probs.reshape(-1, 7), y.reshape(-1), reduction="sum"))
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(5, 3))
+
+
+def test_quadratic_loss_is_half_the_squared_distance_to_the_one_hot_target():
+    model, x, y, h0 = make_case("sigmoid", "sigmoid", "quadratic", T=3, B=2)
+    S = model.forward(x, h0)
+    o = torch.sigmoid(S @ model.params["V"].T + model.params["c"])
+    expected = 0.5 * ((nnf.one_hot(y, 7) - o) ** 2).sum()
+    assert torch.allclose(model.loss(x, y, h0), expected)
+
+
+def test_h_last_is_the_final_state_and_carrying_it_continues_the_sequence():
+    model, x, y, h0 = make_case("tanh", "softmax", "cross_entropy", T=6, B=2)
+    _, _, h_last = model.loss_and_grads(x, y, h0)
+    S = model.forward(x, h0)
+    assert torch.equal(h_last, S[-1])
+    _, _, h_mid = model.loss_and_grads(x[:3], y[:3], h0)
+    S_rest = model.forward(x[3:], h_mid)
+    torch.testing.assert_close(S_rest, S[3:])
+
+
+def test_h0_none_is_zeros():
+    model, x, y, _ = make_case("tanh", "softmax", "cross_entropy", T=3, B=2)
+    a = model.loss_and_grads(x, y, None)[0]
+    b = model.loss_and_grads(x, y, torch.zeros(2, 5))[0]
+    assert float(a) == float(b)
+
+
+def test_engine_never_calls_autograd(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("autograd was called")
+
+    monkeypatch.setattr(torch.autograd, "backward", forbidden)
+    monkeypatch.setattr(torch.autograd, "grad", forbidden)
+    monkeypatch.setattr(torch.Tensor, "backward", forbidden)
+    model, x, y, h0 = make_case("tanh", "softmax", "cross_entropy")
+    for p in model.params.values():
+        p.requires_grad_(True)  # even if a user marks the parameters, nothing is recorded
+    for method in ("bptt", "rtrl"):
+        loss, grads, _ = model.loss_and_grads(x, y, h0, method=method)
+        assert not loss.requires_grad and not any(g.requires_grad for g in grads.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_activation="softplus"), "hidden_activation"),
+        (dict(output_activation="tanh"), "output_activation"),
+        (dict(loss="hinge"), "loss"),
+        (dict(output_activation="sigmoid", loss="cross_entropy"), "requires output_activation='softmax'"),
+        (dict(output_activation="identity", loss="cross_entropy"), "requires output_activation='softmax'"),
+        (dict(dtype="float8"), "dtype"),
+    ],
+)
+def test_invalid_configuration_is_a_clear_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ElmanLM(5, 3, **kwargs)
+
+
+@pytest.mark.parametrize("vocab, hidden", [(0, 3), (5, 0), (5, -1), (5.0, 3), (True, 3)])
+def test_sizes_must_be_positive_integers(vocab, hidden):
+    with pytest.raises(ValueError, match="positive integer"):
+        ElmanLM(vocab, hidden)
+
+
+@pytest.mark.parametrize(
+    "inputs, targets, kwargs, message",
+    [
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 9]]), {}, "outside"),
+        (torch.tensor([[-1, 2]]), torch.tensor([[1, 2]]), {}, "outside"),
+        (torch.tensor([1, 2]), torch.tensor([1, 2]), {}, r"shape \(T, B\)"),
+        (torch.tensor([[1.0, 2.0]]), torch.tensor([[1, 2]]), {}, "integer"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2], [3, 4]]), {}, "same"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), dict(method="adjoint"), "method"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), dict(truncation=-1), "truncation"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), dict(truncation=2, method="rtrl"), "bptt"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), dict(h0=torch.zeros(3, 4)), "h0"),
+        (torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), dict(mask=torch.ones(2, 2)), "mask"),
+    ],
+)
+def test_invalid_inputs_are_clear_value_errors(inputs, targets, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ElmanLM(9, 4).loss_and_grads(inputs, targets, **kwargs)
+
+
+def test_float32_gradients_agree_with_float64():
+    model64, x, y, h0 = make_case("tanh", "softmax", "cross_entropy", V=30, m=8, T=10, B=4)
+    model32 = ElmanLM(30, 8, dtype=torch.float32)
+    for k, p in model64.params.items():
+        model32.params[k].copy_(p)
+    _, g64, _ = model64.loss_and_grads(x, y, h0)
+    _, g32, _ = model32.loss_and_grads(x, y, h0.float())
+    for k in g64:
+        assert float((g32[k].double() - g64[k]).abs().max()) <= 1e-5 * max(1.0, float(g64[k].abs().max()))
+
+
+def test_long_sequence_loss_is_finite_and_near_uniform_at_init():
+    model = ElmanLM(1000, 32, seed=0)
+    x = torch.randint(0, 1000, (50, 4))
+    loss, grads, _ = model.loss_and_grads(x, x)
+    assert math.isfinite(float(loss))
+    assert abs(float(loss) / x.numel() - math.log(1000)) < 0.05  # small weights: close to uniform
