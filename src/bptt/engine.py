@@ -16,6 +16,21 @@ def zeros_like_params(params: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: torch.zeros_like(p) for name, p in params.items()}
 
 
+def _flat(S: Tensor, targets: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(T,B,m), (T,B), (T,B)|None -> the same over N = T·B positions."""
+    T, B, m = S.shape
+    return S.reshape(T * B, m), targets.reshape(-1), None if weights is None else weights.reshape(-1)
+
+
+def sequence_loss(
+    cell, output, params: dict[str, Tensor], inputs: Tensor, targets: Tensor, h0: Tensor,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Forward only: the loss summed over all T·B positions (0-d)."""
+    S = cell.forward(params, inputs, h0)
+    return output.forward(params, *_flat(S, targets, weights))[0]
+
+
 def output_errors(
     output, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None,
     grads: dict[str, Tensor],
@@ -24,13 +39,10 @@ def output_errors(
 
     The output layer runs once over all T·B positions; its own gradients accumulate into grads.
     """
-    T, B, m = S.shape
-    flat_S = S.reshape(T * B, m)
-    flat_targets = targets.reshape(-1)
-    flat_weights = None if weights is None else weights.reshape(-1)
+    flat_S, flat_targets, flat_weights = _flat(S, targets, weights)
     loss, cache = output.forward(params, flat_S, flat_targets, flat_weights)
     dS = output.backward(params, flat_S, cache, flat_targets, flat_weights, grads)
-    return loss, dS.view(T, B, m)
+    return loss, dS.view(S.shape)
 
 
 def bptt_loss_and_grads(

@@ -55,17 +55,15 @@ def finite_difference_grads(
     grads = {}
     for name, p in model.params.items():
         g = torch.zeros(p.shape, dtype=torch.float64)
-        flat = p.view(-1) if p.is_contiguous() else None
         for idx in range(p.numel()):
-            where = (idx,) if flat is not None else tuple(torch.unravel_index(torch.tensor(idx), p.shape))
-            target = flat if flat is not None else p
-            original = target[where].item()
-            target[where] = original + eps
+            where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), p.shape))
+            original = p[where].item()
+            p[where] = original + eps
             up = float(model.loss(inputs, targets, h0))
-            target[where] = original - eps
+            p[where] = original - eps
             down = float(model.loss(inputs, targets, h0))
-            target[where] = original
-            g.view(-1)[idx] = (up - down) / (2 * eps)
+            p[where] = original
+            g[where] = (up - down) / (2 * eps)
         grads[name] = g
     return grads
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bptt.cells.elman import ElmanCell
-from bptt.engine import bptt_loss_and_grads, zeros_like_params
+from bptt.engine import bptt_loss_and_grads, sequence_loss, zeros_like_params
 from bptt.outputs.full import FullOutput
 from bptt.rtrl import elman_rtrl
 
@@ -134,15 +134,8 @@ class ElmanLM:
     @torch.no_grad()
     def loss(self, inputs: Tensor, targets: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """The loss alone (forward only), summed over positions: a 0-d tensor."""
-        inputs, targets = self._tokens("inputs", inputs), self._tokens("targets", targets)
-        self._same_shape(inputs, targets)
-        S = self.cell.forward(self.params, inputs, self._h0(h0, inputs.shape[1]))
-        T, B, m = S.shape
-        weights = self._weights(mask, targets.shape)
-        loss, _ = self.output.forward(
-            self.params, S.view(T * B, m), targets.reshape(-1), None if weights is None else weights.reshape(-1)
-        )
-        return loss
+        inputs, targets, weights = self.prepare(inputs, targets, mask)
+        return sequence_loss(self.cell, self.output, self.params, inputs, targets, self._h0(h0, inputs.shape[1]), weights)
 
     @torch.no_grad()
     def log_probs(self, inputs: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -175,10 +168,8 @@ class ElmanLM:
                 raise ValueError("truncation applies to method='bptt' only; RTRL is always exact")
             if isinstance(truncation, bool) or not isinstance(truncation, int) or truncation < 0:
                 raise ValueError(f"truncation must be a non-negative integer or None, got {truncation!r}")
-        inputs, targets = self._tokens("inputs", inputs), self._tokens("targets", targets)
-        self._same_shape(inputs, targets)
+        inputs, targets, weights = self.prepare(inputs, targets, mask)
         h0 = self._h0(h0, inputs.shape[1])
-        weights = self._weights(mask, targets.shape)
         if method == "rtrl":
             return elman_rtrl(self.params, self.cell, self.output, inputs, targets, h0, weights)
         loss, grads, S = bptt_loss_and_grads(
@@ -189,10 +180,17 @@ class ElmanLM:
     def zero_grads(self) -> dict[str, Tensor]:
         return zeros_like_params(self.params)
 
-    @staticmethod
-    def _same_shape(inputs: Tensor, targets: Tensor) -> None:
+    def prepare(
+        self, inputs: Any, targets: Any, mask: Any = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Validate a block -> (inputs (T,B) int64, targets (T,B) int64, weights (T,B) or None) on the device.
+
+        Raises a ValueError naming the argument for a wrong shape, dtype or word id.
+        """
+        inputs, targets = self._tokens("inputs", inputs), self._tokens("targets", targets)
         if inputs.shape != targets.shape:
             raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same (T, B) shape")
+        return inputs, targets, self._weights(mask, targets.shape)
 
     def __repr__(self) -> str:
         return (

@@ -48,8 +48,7 @@ class TruncatedBPTT:
     def step(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """inputs, targets (T,B) with T <= k1 -> (loss of the block 0-d, grads). grads is reused."""
         model = self.model
-        inputs, targets = model._tokens("inputs", inputs), model._tokens("targets", targets)
-        model._same_shape(inputs, targets)
+        inputs, targets, weights = model.prepare(inputs, targets, mask)
         T, B = inputs.shape
         if T > self.k1:
             raise ValueError(f"a block has at most k1 = {self.k1} steps, got {T}")
@@ -58,7 +57,6 @@ class TruncatedBPTT:
         if self.state is None:
             self.state = model.initial_state(B)
             self._hist_start = self.state
-        weights = model._weights(mask, targets.shape)
         for g in self.grads.values():
             g.zero_()
         params, cell = model.params, model.cell
