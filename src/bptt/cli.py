@@ -12,6 +12,8 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("bptt.train", "train a language model on a text corpus"),
+    "eval": ("bptt.evaluate", "perplexity, entropy (bits/token), tokens and OOV rate of a text under a model"),
     "gradcheck": ("bptt.gradcheck", "check the explicit gradients against finite differences, autograd and RTRL"),
     "bench": ("bptt.bench", "training tokens/s of bptt next to torch.nn.RNN + autograd, same shapes, same run"),
 }

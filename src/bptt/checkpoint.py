@@ -1,0 +1,184 @@
+"""Checkpoints as safetensors + JSON: nothing is ever pickled or unpickled.
+
+A checkpoint directory holds `{prefix}.safetensors` (every tensor: parameters, optimizer buffers,
+the RNG state) and `config.json` (everything else, JSON-able). Both files are written atomically;
+the weights first, then the JSON, which records the sha256 of the weights file
+("weights_sha256"), so a crash between the two writes (a torn pair) is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+Tensor = torch.Tensor
+
+CONFIG_NAME = "config.json"
+SHA_KEY = "weights_sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the one-line message names the file."""
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write data to path atomically: temp file in the same directory, fsync, os.replace, fsync dir.
+
+    On any exception the temp file is removed and an existing file at path is left untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Serialise obj (indent 2, sorted keys) and write it with atomic_write_bytes.
+
+    Serialisation happens before anything touches the disk, so an unserialisable obj writes nothing.
+    """
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    atomic_write_bytes(path, data)
+
+
+# -- save / load ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict,
+                    prefix: str = "model") -> None:
+    """Write DIR/{prefix}.safetensors and DIR/config.json (config + weights_sha256); create DIR if needed.
+
+    Tensors are made contiguous and moved to the CPU (the caller's tensors are not changed).
+    Distinct keys must not share memory (safetensors refuses shared tensors).
+    """
+    directory = Path(directory)
+    if SHA_KEY in config:
+        raise ValueError(f"config must not contain the reserved key {SHA_KEY!r}")
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    data = _st_save(cpu)
+    full = {**config, SHA_KEY: hashlib.sha256(data).hexdigest()}
+    payload = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode("utf-8")  # fail before writing
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(directory / f"{prefix}.safetensors", data)
+    atomic_write_bytes(directory / CONFIG_NAME, payload)
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
+
+
+def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
+                    device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
+    """-> (tensors on device, config without weights_sha256). Raises CheckpointError naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    config_path = directory / CONFIG_NAME
+    weights_path = directory / f"{prefix}.safetensors"
+    text = _read(config_path)
+    try:
+        config = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{config_path}: malformed JSON: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{config_path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    expected = config.pop(SHA_KEY, None)
+    if not isinstance(expected, str):
+        raise CheckpointError(f"{config_path}: no {SHA_KEY!r} entry")
+    data = _read(weights_path)
+    try:
+        tensors = _st_load(data)
+    except Exception as e:  # safetensors raises SafetensorError (and others) on a bad file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{weights_path}: not a valid safetensors file: {msg}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise CheckpointError(
+            f"{weights_path}: sha256 {actual[:12]}… does not match {SHA_KEY} {expected[:12]}… "
+            f"in {config_path} (torn or mixed checkpoint)"
+        )
+    device = torch.device(device)
+    if device.type != "cpu":
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+    return tensors, config
+
+
+# -- packing helpers -----------------------------------------------------------------------------------
+
+
+def pack_state(prefix: str, state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A flat state_dict (e.g. an optimizer's) -> (tensors keyed "{prefix}.{key}", JSON scalars).
+
+    Put the tensors into save_checkpoint's tensors and the scalars into its config.
+    """
+    tensors = {f"{prefix}.{k}": v for k, v in state.items() if isinstance(v, Tensor)}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
+    return tensors, scalars
+
+
+def unpack_state(prefix: str, tensors: dict[str, Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of pack_state: the tensors under "{prefix}." plus the scalars, as one flat dict."""
+    lead = f"{prefix}."
+    out: dict[str, Any] = {k[len(lead):]: v for k, v in tensors.items() if k.startswith(lead)}
+    out.update(scalars)
+    return out
+
+
+def rng_state() -> dict[str, Tensor]:
+    """{"rng.torch": torch CPU generator state (uint8 tensor)}: store it with the tensors.
+
+    Python's `random` and numpy's generators are not captured: the training code draws from neither.
+    CUDA generators are not captured either (ElmanLM draws its initial weights on the CPU).
+    """
+    return {"rng.torch": torch.get_rng_state()}
+
+
+def set_rng_state(tensors: dict[str, Tensor]) -> None:
+    """Restore the torch CPU generator from the "rng.torch" entry of a loaded checkpoint."""
+    if "rng.torch" not in tensors:
+        raise CheckpointError("checkpoint holds no 'rng.torch' tensor")
+    torch.set_rng_state(tensors["rng.torch"].to("cpu", torch.uint8).contiguous())

@@ -1,0 +1,312 @@
+"""Explicit update rules and learning-rate schedules over dicts of tensors.
+
+Parameters and gradients are plain dicts {name: Tensor} with the same keys (as ElmanLM.params and the
+engine's grads). Every rule is written-out tensor arithmetic under torch.no_grad(); nothing here
+uses autograd or torch.optim. The rules match torch.optim's SGD, Adam, Adagrad and RMSprop.
+
+Weight decay is L2 (the gradient becomes g + wd·p) and applies to weight matrices only: 1-D
+parameters (the bias vectors "b", "c") are never decayed. torch.optim reproduces this with one
+param group of 2-D params with weight_decay=wd and one of 1-D params with weight_decay=0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
+
+
+@torch.no_grad()
+def clip_grad_norm_(grads: dict[str, Tensor], max_norm: float | None) -> Tensor:
+    """Global L2 norm over all grads; scale them in place by min(1, max_norm / (norm + 1e-6)).
+
+    max_norm None or <= 0: no clipping (the norm is still returned). Returns the norm before
+    clipping as a 0-d tensor on the grads' device; nothing is synchronised with the host.
+    """
+    tensors = list(grads.values())
+    if not tensors:
+        return torch.zeros(())
+    norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2).to(torch.float64) for g in tensors])
+    total = torch.linalg.vector_norm(norms, 2)
+    if max_norm is not None and max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in tensors:
+            g.mul_(scale.to(g.dtype))
+    return total.to(tensors[0].dtype)
+
+
+def _decayed(name: str, p: Tensor, g: Tensor, weight_decay: float) -> Tensor:
+    """g + wd·p for weight matrices; g itself for 1-D params (biases) or wd == 0. Never modifies g."""
+    if weight_decay == 0.0 or p.dim() < 2:
+        return g
+    return g.add(p, alpha=weight_decay)
+
+
+class Optimizer:
+    """Common interface: step(params, grads, lr) updates params in place.
+
+    State buffers are created lazily (zeros with each parameter's shape, dtype, device and memory
+    layout) and exported by state_dict() as a flat dict: tensors keyed "<buffer>.<param name>"
+    (e.g. "m.U", "v.U") and scalars (e.g. "t", the number of steps taken).
+    """
+
+    buffers: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.t = 0
+        self.state: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffers}
+
+    def _buffer(self, kind: str, name: str, p: Tensor) -> Tensor:
+        store = self.state[kind]
+        if name not in store:
+            store[name] = torch.zeros_like(p)
+        return store[name]
+
+    @torch.no_grad()
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], lr: float) -> None:
+        if params.keys() != grads.keys():
+            raise ValueError(
+                f"params and grads must have the same keys, got {sorted(params)} and {sorted(grads)}"
+            )
+        self.t += 1
+        for name, p in params.items():
+            self._update(name, p, grads[name], float(lr))
+
+    def _update(self, name: str, p: Tensor, g: Tensor, lr: float) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Tensor | int | float]:
+        out: dict[str, Tensor | int | float] = {"t": self.t}
+        for kind, store in self.state.items():
+            for name, buf in store.items():
+                out[f"{kind}.{name}"] = buf.clone()
+        return out
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if "t" not in d:
+            raise ValueError(f"{type(self).__name__} state has no 't'")
+        state: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffers}
+        for key, value in d.items():
+            if key == "t":
+                continue
+            kind, _, name = key.partition(".")
+            if kind not in state or not name or not isinstance(value, Tensor):
+                raise ValueError(f"unexpected key {key!r} in {type(self).__name__} state")
+            state[kind][name] = value.detach().clone()
+        self.t = int(d["t"])
+        self.state = state
+
+
+class SGD(Optimizer):
+    """p -= lr · (g + wd·p)."""
+
+    def __init__(self, weight_decay: float = 0.0):
+        super().__init__()
+        self.weight_decay = float(weight_decay)
+
+    def _update(self, name, p, g, lr):
+        p.sub_(_decayed(name, p, g, self.weight_decay), alpha=lr)
+
+
+class Adam(Optimizer):
+    """Adam with bias correction (Kingma & Ba), as torch.optim.Adam (amsgrad=False).
+
+    m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;
+    p -= lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)
+    """
+
+    buffers = ("m", "v")
+
+    def __init__(
+        self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+    ):
+        super().__init__()
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.weight_decay = float(weight_decay)
+
+    def _update(self, name, p, g, lr):
+        g = _decayed(name, p, g, self.weight_decay)
+        m = self._buffer("m", name, p)
+        v = self._buffer("v", name, p)
+        m.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        bias1 = 1 - self.beta1 ** self.t
+        bias2 = 1 - self.beta2 ** self.t
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+        p.addcdiv_(m, denom, value=-lr / bias1)
+
+
+class Adagrad(Optimizer):
+    """Adagrad as torch.optim.Adagrad (lr_decay=0, initial_accumulator_value=0).
+
+    sum += g²;  p -= lr · g / (sqrt(sum) + eps)
+    """
+
+    buffers = ("sum",)
+
+    def __init__(self, eps: float = 1e-10, weight_decay: float = 0.0):
+        super().__init__()
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+
+    def _update(self, name, p, g, lr):
+        g = _decayed(name, p, g, self.weight_decay)
+        acc = self._buffer("sum", name, p)
+        acc.addcmul_(g, g, value=1.0)
+        p.addcdiv_(g, acc.sqrt().add_(self.eps), value=-lr)
+
+
+class RMSProp(Optimizer):
+    """RMSProp as torch.optim.RMSprop (centered=False, momentum=0).
+
+    sq = α sq + (1−α) g²;  p -= lr · g / (sqrt(sq) + eps)
+    """
+
+    buffers = ("sq",)
+
+    def __init__(self, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__()
+        self.alpha, self.eps = float(alpha), float(eps)
+        self.weight_decay = float(weight_decay)
+
+    def _update(self, name, p, g, lr):
+        g = _decayed(name, p, g, self.weight_decay)
+        sq = self._buffer("sq", name, p)
+        sq.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
+        p.addcdiv_(g, sq.sqrt().add_(self.eps), value=-lr)
+
+
+_CLASSES = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad, "rmsprop": RMSProp}
+
+
+def make_optimizer(name: str, **kw: Any) -> Optimizer:
+    """'sgd' | 'adam' | 'adagrad' | 'rmsprop' (case-insensitive) -> an optimizer built with **kw."""
+    try:
+        cls = _CLASSES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown --optimizer {name!r}; choose one of {list(OPTIMIZERS)}") from None
+    return cls(**kw)
+
+
+# -- learning-rate schedules ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a schedule decides after an epoch's validation.
+
+    lr_scale: multiply the current learning rate by this for the next epoch.
+    stop: end training now.
+    accept: keep this epoch's weights; False means restore the last accepted weights.
+    """
+
+    lr_scale: float
+    stop: bool
+    accept: bool
+
+
+class MikolovSchedule:
+    """rnnlm's (Mikolov's) rule, driven by the validation entropy after each epoch.
+
+    Let ratio = prev / new, where prev is the entropy of the last accepted epoch.
+    - An epoch whose entropy is worse than prev (new > prev) is rejected (accept=False): the caller
+      restores the previous weights. prev then stays the accepted entropy (rnnlm overwrites it with
+      the rejected value; keeping the entropy of the weights actually kept is the consistent choice).
+    - Not yet halving: if ratio < min_improvement, halving starts (lr_scale=0.5 from this epoch on).
+    - Halving: lr_scale=0.5 every epoch; if ratio < min_improvement again, stop=True.
+    The first call only records the entropy (accept, lr_scale=1, no stop).
+    """
+
+    def __init__(self, min_improvement: float = 1.003):
+        self.min_improvement = float(min_improvement)
+        self.prev: float | None = None
+        self.halving = False
+
+    def update(self, valid_entropy: float) -> Decision:
+        new = float(valid_entropy)
+        if self.prev is None:
+            self.prev = new
+            return Decision(1.0, False, True)
+        accept = new <= self.prev
+        small = new * self.min_improvement > self.prev  # prev/new < min_improvement, without dividing by 0
+        if accept:
+            self.prev = new
+        if small:
+            if self.halving:
+                return Decision(1.0, True, accept)
+            self.halving = True
+        return Decision(0.5 if self.halving else 1.0, False, accept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"min_improvement": self.min_improvement, "prev": self.prev, "halving": self.halving}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.min_improvement = float(d["min_improvement"])
+        self.prev = None if d["prev"] is None else float(d["prev"])
+        self.halving = bool(d["halving"])
+
+
+class PlateauSchedule:
+    """Divide the learning rate on a plateau, stop early after max_decays decays.
+
+    An epoch improves when best / new > min_improvement (best: lowest accepted entropy so far);
+    it is accepted when new <= best (otherwise the caller restores the best weights). After more
+    than `patience` consecutive epochs without improvement the learning rate is multiplied by
+    `factor` (lr_scale=factor) and the count restarts. A plateau that would need decay number
+    max_decays + 1 stops training instead (max_decays=None: never stop).
+    """
+
+    def __init__(self, factor: float = 0.25, patience: int = 0, min_improvement: float = 1.0,
+                 max_decays: int | None = None):
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience!r}")
+        self.factor = float(factor)
+        self.patience = int(patience)
+        self.min_improvement = float(min_improvement)
+        self.max_decays = None if max_decays is None else int(max_decays)
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.decays = 0
+
+    def update(self, valid_entropy: float) -> Decision:
+        new = float(valid_entropy)
+        if self.best is None:
+            self.best = new
+            return Decision(1.0, False, True)
+        improved = new * self.min_improvement < self.best
+        accept = new <= self.best
+        if accept:
+            self.best = new
+        if improved:
+            self.bad_epochs = 0
+            return Decision(1.0, False, accept)
+        self.bad_epochs += 1
+        if self.bad_epochs <= self.patience:
+            return Decision(1.0, False, accept)
+        self.bad_epochs = 0
+        if self.max_decays is not None and self.decays >= self.max_decays:
+            return Decision(1.0, True, accept)
+        self.decays += 1
+        return Decision(self.factor, False, accept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "patience": self.patience, "min_improvement": self.min_improvement,
+                "max_decays": self.max_decays, "best": self.best, "bad_epochs": self.bad_epochs,
+                "decays": self.decays}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.factor = float(d["factor"])
+        self.patience = int(d["patience"])
+        self.min_improvement = float(d["min_improvement"])
+        self.max_decays = None if d["max_decays"] is None else int(d["max_decays"])
+        self.best = None if d["best"] is None else float(d["best"])
+        self.bad_epochs = int(d["bad_epochs"])
+        self.decays = int(d["decays"])

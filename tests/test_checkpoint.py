@@ -1,0 +1,217 @@
+"""Checkpoints: safetensors + JSON round trips, atomic writes, clear errors, and no pickle anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import bptt.checkpoint as ckpt
+from bptt.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    pack_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unpack_state,
+)
+from bptt.model import ElmanLM
+from bptt.optim import Adam
+
+
+def _model(seed=0):
+    return ElmanLM(11, 6, dtype=torch.float32, seed=seed)
+
+
+def _save(tmp_path, seed=0, name="ck"):
+    model = _model(seed)
+    directory = tmp_path / name
+    save_checkpoint(directory, model.params, {"vocab_size": 11, "hidden_size": 6, "lr": 0.1, "seed": seed})
+    return directory, model
+
+
+def _leftovers(directory):
+    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_round_trip_bit_exact(tmp_path):
+    directory, model = _save(tmp_path)
+    assert not model.params["U"].is_contiguous()
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    tensors, config = load_checkpoint(directory)
+    assert config == {"vocab_size": 11, "hidden_size": 6, "lr": 0.1, "seed": 0}
+    assert tensors.keys() == model.params.keys()
+    for k, p in model.params.items():
+        assert tensors[k].dtype == p.dtype and tensors[k].shape == p.shape
+        assert torch.equal(tensors[k], p)
+    on_disk = json.loads((directory / "config.json").read_text())
+    assert len(on_disk["weights_sha256"]) == 64
+
+
+def test_round_trip_with_optimizer_and_rng_state(tmp_path):
+    model = _model()
+    opt = Adam()
+    grads = {k: torch.ones_like(p) for k, p in model.params.items()}
+    opt.step(model.params, grads, 0.01)
+    opt_tensors, opt_scalars = pack_state("optim", opt.state_dict())
+    assert "optim.m.U" in opt_tensors and opt_scalars == {"t": 1}
+    torch.manual_seed(123)
+    rng = rng_state()
+    save_checkpoint(tmp_path, {**model.params, **opt_tensors, **rng}, {"optim": opt_scalars}, prefix="last")
+    expected = torch.rand(5)
+    tensors, config = load_checkpoint(tmp_path, prefix="last")
+    set_rng_state(tensors)
+    assert torch.equal(torch.rand(5), expected)
+    restored = Adam()
+    restored.load_state_dict(unpack_state("optim", tensors, config["optim"]))
+    assert restored.t == 1
+    assert torch.equal(restored.state["v"]["W"], opt.state["v"]["W"])
+
+
+def test_save_overwrites_and_reserved_key(tmp_path):
+    _save(tmp_path, seed=0, name="x")
+    directory, model = _save(tmp_path, seed=1, name="x")
+    tensors, config = load_checkpoint(directory)
+    assert config["seed"] == 1 and torch.equal(tensors["W"], model.params["W"])
+    with pytest.raises(ValueError, match="weights_sha256"):
+        save_checkpoint(tmp_path / "y", model.params, {"weights_sha256": "x"})
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+
+
+def test_atomic_write_replace_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    atomic_write_bytes(path, b"old")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_write_fsync_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "f.json"
+    atomic_write_json(path, {"a": 1})
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("fsync failed")))
+    with pytest.raises(OSError, match="fsync failed"):
+        atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_write_json_unserialisable_writes_nothing(tmp_path):
+    path = tmp_path / "f.json"
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
+    directory, model = _save(tmp_path)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+
+    def boom(tensors):
+        raise RuntimeError("serialisation failed")
+
+    monkeypatch.setattr(ckpt, "_st_save", boom)
+    with pytest.raises(RuntimeError, match="serialisation failed"):
+        save_checkpoint(directory, _model(seed=5).params, {"seed": 5})
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    tensors, config = load_checkpoint(directory)
+    assert config["seed"] == 0
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+def test_missing_directory(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(CheckpointError, match=f"directory {missing} does not exist"):
+        load_checkpoint(missing)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_missing_file(tmp_path, name):
+    directory, _ = _save(tmp_path)
+    (directory / name).unlink()
+    with pytest.raises(CheckpointError, match=f"{directory / name} is missing"):
+        load_checkpoint(directory)
+
+
+def test_missing_prefix_file(tmp_path):
+    directory, _ = _save(tmp_path)
+    with pytest.raises(CheckpointError, match="best.safetensors is missing"):
+        load_checkpoint(directory, prefix="best")
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    directory, _ = _save(tmp_path)
+    (directory / "config.json").write_text('{\n  "a": 1,\n  "b": \n}\n')
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(directory)
+    msg = str(info.value)
+    assert str(directory / "config.json") in msg and "line 4" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "text,match", [("[1, 2]", "expected a JSON object"), ('{"a": 1}', "no 'weights_sha256'")]
+)
+def test_config_not_object_or_without_sha(tmp_path, text, match):
+    directory, _ = _save(tmp_path)
+    (directory / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_checkpoint(directory)
+    assert str(directory / "config.json") in str(info.value)
+
+
+@pytest.mark.parametrize("data", [b"", b"not a safetensors file at all", b"\xff" * 64])
+def test_corrupt_safetensors(tmp_path, data):
+    directory, _ = _save(tmp_path)
+    (directory / "model.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match="not a valid safetensors file") as info:
+        load_checkpoint(directory)
+    assert str(directory / "model.safetensors") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_safetensors(tmp_path):
+    directory, _ = _save(tmp_path)
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(directory)
+
+
+def test_sha_mismatch_detects_mixed_pair(tmp_path):
+    a, _ = _save(tmp_path, seed=0, name="a")
+    b, _ = _save(tmp_path, seed=1, name="b")
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())  # valid, but not a's
+    with pytest.raises(CheckpointError, match="does not match weights_sha256") as info:
+        load_checkpoint(a)
+    assert str(a / "model.safetensors") in str(info.value) and str(a / "config.json") in str(info.value)
+
+
+def test_save_and_load_never_pickle(tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    for name in ("loads", "load", "dumps", "dump", "Unpickler", "Pickler"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(torch, "save", forbidden)
+    directory, model = _save(tmp_path)
+    tensors, _ = load_checkpoint(directory)
+    assert torch.equal(tensors["V"], model.params["V"])

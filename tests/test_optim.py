@@ -1,0 +1,234 @@
+"""Explicit update rules against torch.optim, gradient clipping, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bptt.model import ElmanLM
+from bptt.optim import (
+    SGD,
+    Adagrad,
+    Adam,
+    Decision,
+    MikolovSchedule,
+    PlateauSchedule,
+    RMSProp,
+    clip_grad_norm_,
+    make_optimizer,
+)
+
+STEPS = 5
+LR = 0.05
+
+
+def _params() -> dict[str, torch.Tensor]:
+    model = ElmanLM(7, 5, dtype=torch.float64, seed=3)
+    g = torch.Generator().manual_seed(4)
+    for p in model.params.values():  # non-zero biases, so decay exclusion is visible
+        p.add_(torch.rand(p.shape, generator=g, dtype=torch.float64) - 0.5)
+    assert not model.params["U"].is_contiguous()
+    return model.params
+
+
+def _grad_sequence(params, steps=STEPS, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
+        for _ in range(steps)
+    ]
+
+
+def _torch_optimizer(name, tensors: dict, kw: dict):
+    wd = kw.pop("weight_decay", 0.0)
+    groups = [
+        {"params": [t for t in tensors.values() if t.dim() >= 2], "weight_decay": wd},
+        {"params": [t for t in tensors.values() if t.dim() < 2], "weight_decay": 0.0},
+    ]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=LR)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=LR, betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"])
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=LR, eps=kw["eps"], initial_accumulator_value=0.0)
+    return torch.optim.RMSprop(groups, lr=LR, alpha=kw["alpha"], eps=kw["eps"])
+
+
+CASES = [
+    ("sgd", {"weight_decay": 0.1}),
+    ("sgd", {}),
+    ("adam", {"beta1": 0.8, "beta2": 0.95, "eps": 1e-6, "weight_decay": 0.05}),
+    ("adam", {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
+    ("adagrad", {"eps": 1e-10, "weight_decay": 0.05}),
+    ("adagrad", {"eps": 1e-4}),
+    ("rmsprop", {"alpha": 0.9, "eps": 1e-8, "weight_decay": 0.05}),
+    ("rmsprop", {"alpha": 0.99, "eps": 1e-3}),
+]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_matches_torch_optim(name, kw):
+    params = _params()
+    ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    ours = make_optimizer(name, **kw)
+    theirs = _torch_optimizer(name, ref, dict(kw))
+    for grads in _grad_sequence(params):
+        saved = {k: g.clone() for k, g in grads.items()}
+        ours.step(params, grads, LR)
+        for k, t in ref.items():
+            t.grad = saved[k].clone()
+        theirs.step()
+        for k, g in grads.items():  # grads are not modified by the update
+            assert torch.equal(g, saved[k])
+    for k in params:
+        torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-6)
+    assert not params["U"].is_contiguous()  # updated in place, layout kept
+
+
+def test_weight_decay_skips_biases():
+    params = _params()
+    before = {k: p.clone() for k, p in params.items()}
+    zero = {k: torch.zeros_like(p) for k, p in params.items()}
+    SGD(weight_decay=0.5).step(params, zero, lr=1.0)
+    assert torch.equal(params["b"], before["b"]) and torch.equal(params["c"], before["c"])
+    torch.testing.assert_close(params["W"], before["W"] * 0.5)
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_state_dict_round_trip_continues_identically(name, kw):
+    params = _params()
+    seq = _grad_sequence(params, steps=6)
+    a = make_optimizer(name, **kw)
+    for grads in seq[:3]:
+        a.step(params, grads, LR)
+    state = a.state_dict()
+    assert state["t"] == 3
+    assert all(isinstance(v, (int, float, torch.Tensor)) for v in state.values())
+    if name == "adam":
+        assert {"m.U", "v.U", "m.b"} <= state.keys()
+    p2 = {k: p.clone() for k, p in params.items()}
+    b = make_optimizer(name, **kw)
+    b.load_state_dict(state)
+    for grads in seq[3:]:
+        a.step(params, grads, LR)
+        b.step(p2, grads, LR)
+    for k in params:
+        assert torch.equal(params[k], p2[k])
+
+
+def test_state_dict_is_a_copy_and_bad_keys_rejected():
+    params = _params()
+    opt = Adam()
+    opt.step(params, _grad_sequence(params, 1)[0], LR)
+    state = opt.state_dict()
+    state["m.U"].zero_()
+    assert opt.state["m"]["U"].abs().sum() > 0
+    with pytest.raises(ValueError, match="unexpected key 'q.U'"):
+        Adam().load_state_dict({"t": 1, "q.U": torch.zeros(2)})
+
+
+def test_make_optimizer_unknown_name_mentions_flag():
+    with pytest.raises(ValueError, match="--optimizer 'lbfgs'"):
+        make_optimizer("lbfgs")
+    assert isinstance(make_optimizer("Adam"), Adam)
+    assert isinstance(make_optimizer("adagrad"), Adagrad)
+    assert isinstance(make_optimizer("rmsprop", alpha=0.9), RMSProp)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e6])
+def test_clip_matches_torch(max_norm):
+    params = _params()
+    grads = _grad_sequence(params, 1)[0]
+    ref = [torch.zeros_like(g, requires_grad=True) for g in grads.values()]
+    for r, g in zip(ref, grads.values()):
+        r.grad = g.clone()
+    norm = clip_grad_norm_(grads, max_norm)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert norm.dim() == 0 and ref_norm > 0
+    torch.testing.assert_close(norm, ref_norm, rtol=0, atol=1e-10)
+    for g, r in zip(grads.values(), ref):
+        torch.testing.assert_close(g, r.grad, rtol=0, atol=1e-12)
+    after = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()]))
+    torch.testing.assert_close(after, torch.clamp(norm, max=max_norm), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.0, -1.0])
+def test_clip_disabled(max_norm):
+    params = _params()
+    grads = _grad_sequence(params, 1)[0]
+    ref = {k: g.clone() for k, g in grads.items()}
+    norm = clip_grad_norm_(grads, max_norm)
+    expected = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in ref.values()]))
+    torch.testing.assert_close(norm, expected)
+    assert all(torch.equal(grads[k], ref[k]) for k in grads)
+
+
+# -- schedules -----------------------------------------------------------------------------------------
+
+
+def test_mikolov_halving_then_stop():
+    s = MikolovSchedule(min_improvement=1.01)
+    assert s.update(10.0) == Decision(1.0, False, True)
+    assert s.update(9.0) == Decision(1.0, False, True)  # ratio 1.11: keep lr
+    assert s.update(8.95) == Decision(0.5, False, True)  # ratio 1.0056 < 1.01: halving starts
+    assert s.update(8.0) == Decision(0.5, False, True)  # halving continues even on good progress
+    assert s.update(7.99) == Decision(1.0, True, True)  # small again: stop
+
+
+def test_mikolov_rejects_worse_epoch():
+    s = MikolovSchedule()
+    s.update(5.0)
+    d = s.update(5.5)  # worse: rejected, halving starts
+    assert d == Decision(0.5, False, False)
+    assert s.prev == 5.0  # compare against the weights that were kept
+    assert s.update(4.0) == Decision(0.5, False, True)
+    assert s.update(4.1) == Decision(1.0, True, False)
+
+
+def test_mikolov_state_round_trip():
+    s = MikolovSchedule(1.002)
+    for h in (6.0, 5.0, 4.999):
+        s.update(h)
+    state = json.loads(json.dumps(s.state_dict()))
+    t = MikolovSchedule()
+    t.load_state_dict(state)
+    for h in (4.5, 4.499):
+        assert s.update(h) == t.update(h)
+    assert t.state_dict() == s.state_dict()
+
+
+def test_plateau_decays_and_early_stop():
+    s = PlateauSchedule(factor=0.25, patience=1, max_decays=2)
+    assert s.update(5.0) == Decision(1.0, False, True)
+    assert s.update(4.0) == Decision(1.0, False, True)
+    assert s.update(4.0) == Decision(1.0, False, True)  # no improvement, within patience
+    assert s.update(4.2) == Decision(0.25, False, False)  # second bad epoch: decay 1, rejected
+    assert s.update(3.0) == Decision(1.0, False, True)
+    assert s.update(3.1) == Decision(1.0, False, False)
+    assert s.update(3.1) == Decision(0.25, False, False)  # decay 2
+    assert s.update(3.0) == Decision(1.0, False, True)  # equal: accepted, not an improvement
+    assert s.update(3.5) == Decision(1.0, True, False)  # would be decay 3 > max_decays: stop
+    assert s.decays == 2
+
+
+def test_plateau_min_improvement_and_no_limit():
+    s = PlateauSchedule(factor=0.5, min_improvement=1.1)
+    s.update(10.0)
+    assert s.update(9.5) == Decision(0.5, False, True)  # better but by less than 10%
+    assert s.update(8.0) == Decision(1.0, False, True)
+    for _ in range(20):
+        assert s.update(9.0).stop is False
+
+
+def test_plateau_state_round_trip_and_validation():
+    s = PlateauSchedule(factor=0.5, patience=2, max_decays=1)
+    for h in (3.0, 3.1, 3.2):
+        s.update(h)
+    t = PlateauSchedule()
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    for h in (3.3, 2.9, 3.0, 3.0, 3.0):
+        assert s.update(h) == t.update(h)
+    with pytest.raises(ValueError, match="factor"):
+        PlateauSchedule(factor=1.5)
