@@ -44,6 +44,18 @@ class TruncatedBPTT:
         self._hist_S: Tensor | None = None  # (h,B,m) their states
         self._hist_start: Tensor | None = None  # (B,m) the state before the history
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The carried state and history as tensors (empty at the start of a stream), for checkpoints."""
+        parts = {"state": self.state, "hist_inputs": self._hist_inputs, "hist_S": self._hist_S,
+                 "hist_start": self._hist_start}
+        return {k: v.clone() for k, v in parts.items() if v is not None}
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None:
+        self.reset()
+        self.state = d.get("state")
+        self._hist_inputs, self._hist_S = d.get("hist_inputs"), d.get("hist_S")
+        self._hist_start = d.get("hist_start")
+
     @torch.no_grad()
     def step(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """inputs, targets (T,B) with T <= k1 -> (loss of the block 0-d, grads). grads is reused."""

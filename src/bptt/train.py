@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bptt.data import SentenceBatches, StreamBatches, Vocab, encode
+from bptt.checkpoint import CheckpointError, load_checkpoint, pack_state, rng_state, save_checkpoint, set_rng_state, unpack_state
+from bptt.data import EOS, SentenceBatches, StreamBatches, Vocab, encode
 from bptt.evaluate import Evaluation, stream_nats
 from bptt.model import ElmanLM
 from bptt.optim import MikolovSchedule, clip_grad_norm_, make_optimizer
@@ -94,137 +96,283 @@ class TrainResult:
     epochs: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    finished: bool = True  # False when stopped by max_steps (resume with --resume)
 
 
 def evaluate_corpus(model: ElmanLM, corpus, vocab: Vocab) -> Evaluation:
-    return Evaluation(corpus.tokens, stream_nats(model, corpus.ids, vocab.id("<eos>")), corpus.oov, corpus.path)
+    return Evaluation(corpus.tokens, stream_nats(model, corpus.ids, vocab.id(EOS)), corpus.oov, corpus.path)
 
 
-def _blocks(config: TrainConfig, corpus, epoch: int):
-    """Yield (inputs, targets, mask|None, reset) for one epoch."""
-    if config.independent:
-        for x, y, mask in SentenceBatches(corpus, config.batch, shuffle=True, seed=config.seed + epoch):
-            yield x, y, mask
-    else:
-        for x, y in StreamBatches(corpus.ids, config.batch, config.k1):
-            yield x, y, None
+STATE_DIR = "checkpoint"  # DIR/checkpoint/: the training state, for --resume
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train as configured; the best model on valid ends up in config.model. Returns the metrics."""
-    config.validate()
-    torch.manual_seed(config.seed)
-    out = Path(config.model)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = Vocab.build(config.train, config.unit, config.min_count, config.max_vocab)
-    vocab.save(out / VOCAB_FILE)
-    train_corpus = encode(config.train, vocab, config.unit)
-    valid_corpus = encode(config.valid, vocab, config.unit)
-    device = torch.device(config.device)
-    model = ElmanLM(len(vocab), config.hidden, config.activation, seed=config.seed, device=device)
-    optimizer = make_optimizer(config.optimizer, weight_decay=config.l2)
-    schedule = MikolovSchedule(config.min_improvement)
-    lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
-    engine = TruncatedBPTT(model, config.k1, config.k2)
-    best = {k: p.clone() for k, p in model.params.items()}
-    best_eval = evaluate_corpus(model, valid_corpus, vocab)
-    history: list[dict] = []
-    started = time.perf_counter()
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    epoch = 0
-    for epoch in range(1, config.epochs + 1):
-        engine.reset()
-        t0 = time.perf_counter()
-        total_nats, total_tokens = 0.0, 0
-        bar = tqdm(total=train_corpus.tokens, desc=f"epoch {epoch}", unit="tok", disable=not config.progress, leave=False)
-        for x, y, mask in _blocks(config, train_corpus, epoch):
-            if config.independent:
-                loss, grads, _ = model.loss_and_grads(x, y, mask=mask)
-                engine_tokens = int(mask.sum())
-            else:
-                loss, grads = engine.step(x, y)
-                engine_tokens = y.numel()
-            for g in grads.values():
-                g.div_(engine_tokens)  # the mean over the block's tokens
-            clip_grad_norm_(grads, config.clip)
-            optimizer.step(model.params, grads, lr)
-            total_nats += float(loss)
-            total_tokens += engine_tokens
-            bar.update(engine_tokens)
-            bar.set_postfix(loss=f"{total_nats / total_tokens:.3f}", lr=f"{lr:.3g}")
-        bar.close()
-        valid = evaluate_corpus(model, valid_corpus, vocab)
-        decision = schedule.update(valid.entropy_bits)
-        if decision.accept and valid.nats <= best_eval.nats:
-            best_eval = valid
-            copy_params(model.params, best)
-            save_model(out, model, {"training": asdict(config), "epoch": epoch, "valid": valid.to_json()})
+class Trainer:
+    """One training run: model, optimizer, schedule, engine and data position; saves and resumes.
+
+    DIR/model.safetensors + DIR/config.json + DIR/vocab.json: the best model on valid (what eval,
+    score and generate read). DIR/checkpoint/: the whole training state (current weights, best
+    weights, optimizer buffers, the carried BPTT state, RNG state as tensors; config, epoch, step
+    within the epoch, learning rate, schedule, metrics as JSON), written atomically every
+    --checkpoint-every steps, at the end of every epoch, and when stopped.
+    """
+
+    def __init__(self, config: TrainConfig, vocab: Vocab | None = None):
+        config.validate()
+        self.config = config
+        self.out = Path(config.model)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if vocab is None:
+            vocab = Vocab.build(config.train, config.unit, config.min_count, config.max_vocab)
+            vocab.save(self.out / VOCAB_FILE)
+        self.vocab = vocab
+        self.train_corpus = encode(config.train, vocab, config.unit)
+        self.valid_corpus = encode(config.valid, vocab, config.unit)
+        torch.manual_seed(config.seed)
+        self.model = ElmanLM(len(vocab), config.hidden, config.activation, seed=config.seed, device=config.device)
+        self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2)
+        self.schedule = MikolovSchedule(config.min_improvement)
+        self.engine = TruncatedBPTT(self.model, config.k1, config.k2)
+        self.lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
+        self.best = {k: p.clone() for k, p in self.model.params.items()}
+        self.best_eval: Evaluation | None = None
+        self.history: list[dict] = []
+        self.epoch = 1  # the epoch in progress (1-based)
+        self.step_in_epoch = 0  # blocks of this epoch already trained on
+        self.global_step = 0
+        self.epoch_nats = 0.0
+        self.epoch_tokens = 0
+        self.epoch_seconds = 0.0
+        self.done = False
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    def _batches(self):
+        """The current epoch's blocks, from self.step_in_epoch on: (inputs, targets, mask|None)."""
+        c = self.config
+        if c.independent:
+            batches = SentenceBatches(self.train_corpus, c.batch, shuffle=True, seed=c.seed + self.epoch)
+            for i in range(self.step_in_epoch, len(batches)):
+                yield (*batches.batch(i),)
+        else:
+            for x, y in StreamBatches(self.train_corpus.ids, c.batch, c.k1).iter_from(self.step_in_epoch):
+                yield x, y, None
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def train_step(self, x, y, mask) -> None:
+        model = self.model
+        if self.config.independent:  # every sentence starts from s^0 = 0; padding is masked out
+            loss, grads, _ = model.loss_and_grads(x, y, mask=mask)
+            tokens = int(mask.sum())
+        else:
+            loss, grads = self.engine.step(x, y)
+            tokens = y.numel()
+        for g in grads.values():
+            g.div_(tokens)  # the mean over the block's counted tokens
+        clip_grad_norm_(grads, self.config.clip)
+        self.optimizer.step(model.params, grads, self.lr)
+        self.epoch_nats += float(loss)
+        self.epoch_tokens += tokens
+        self.step_in_epoch += 1
+        self.global_step += 1
+
+    def run(self, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
+        """Train until the schedule stops, the epochs run out, or global_step reaches max_steps."""
+        c = self.config
+        started = time.perf_counter()
+        if self.best_eval is None:
+            self.best_eval = evaluate_corpus(self.model, self.valid_corpus, self.vocab)
+        try:
+            while not self.done and self.epoch <= c.epochs:
+                if self.step_in_epoch == 0:
+                    self.engine.reset()
+                t0 = time.perf_counter()
+                bar = tqdm(total=self.train_corpus.tokens, initial=self.epoch_tokens, desc=f"epoch {self.epoch}",
+                           unit="tok", disable=not c.progress, leave=False, mininterval=0.5)
+                for x, y, mask in self._batches():
+                    if max_steps is not None and self.global_step >= max_steps:
+                        self.epoch_seconds += time.perf_counter() - t0
+                        self.save_state()
+                        return self._result(started, finished=False)
+                    before = self.epoch_tokens
+                    self.train_step(x, y, mask)
+                    bar.update(self.epoch_tokens - before)
+                    bar.set_postfix(loss=f"{self.epoch_nats / self.epoch_tokens:.3f}", lr=f"{self.lr:.3g}", refresh=False)
+                    if checkpoint_every and self.global_step % checkpoint_every == 0:
+                        self.save_state()
+                bar.close()
+                self.epoch_seconds += time.perf_counter() - t0
+                self._end_epoch()
+                self.save_state()
+        except KeyboardInterrupt:
+            self.save_state()  # the position reached is kept: --resume continues from it
+            raise
+        self.done = True
+        self.save_state()
+        return self._result(started, finished=True)
+
+    def _end_epoch(self) -> None:
+        c = self.config
+        valid = evaluate_corpus(self.model, self.valid_corpus, self.vocab)
+        decision = self.schedule.update(valid.entropy_bits)
+        if decision.accept and valid.nats <= self.best_eval.nats or not (self.out / "model.safetensors").exists():
+            self.best_eval = valid
+            copy_params(self.model.params, self.best)
+            save_model(self.out, self.model, {"training": asdict(c), "epoch": self.epoch, "valid": valid.to_json()})
         elif not decision.accept:
-            copy_params(best, model.params)  # rnnlm: an epoch that made valid worse is undone
+            copy_params(self.best, self.model.params)  # rnnlm: an epoch that made valid worse is undone
         record = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_entropy_bits": total_nats / max(total_tokens, 1) / math.log(2),
+            "epoch": self.epoch,
+            "lr": self.lr,
+            "train_entropy_bits": self.epoch_nats / max(self.epoch_tokens, 1) / math.log(2),
             "valid_entropy_bits": valid.entropy_bits,
             "valid_perplexity": valid.perplexity,
             "accepted": decision.accept,
-            "seconds": time.perf_counter() - t0,
-            "tokens_per_s": total_tokens / (time.perf_counter() - t0),
+            "seconds": self.epoch_seconds,
+            "tokens_per_s": self.epoch_tokens / max(self.epoch_seconds, 1e-9),
         }
-        history.append(record)
-        with metrics_path.open("a") as f:
+        self.history.append(record)
+        with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if config.progress:
+        if c.progress:
             print(
-                f"epoch {epoch}: lr {lr:.3g}  train ppl {2 ** record['train_entropy_bits']:.1f}  "
+                f"epoch {self.epoch}: lr {self.lr:.3g}  train ppl {2 ** record['train_entropy_bits']:.1f}  "
                 f"valid ppl {valid.perplexity:.2f}  {record['tokens_per_s']:,.0f} tok/s"
-                + ("" if decision.accept else "  (rejected, weights restored)")
+                + ("" if decision.accept else "  (rejected, weights restored)"),
+                flush=True,
             )
-        lr *= decision.lr_scale
-        if decision.stop:
-            break
-    if not (out / "model.safetensors").exists():
-        save_model(out, model, {"training": asdict(config), "epoch": epoch, "valid": best_eval.to_json()})
-    return TrainResult(best_eval, epoch, time.perf_counter() - started, history)
+        self.lr *= decision.lr_scale
+        self.done = decision.stop
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_nats, self.epoch_tokens, self.epoch_seconds = 0.0, 0, 0.0
+
+    def _result(self, started: float, finished: bool) -> TrainResult:
+        return TrainResult(self.best_eval, len(self.history), time.perf_counter() - started, self.history, finished)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        tensors = {f"param.{k}": p for k, p in self.model.params.items()}
+        tensors.update({f"best.{k}": p for k, p in self.best.items()})
+        tensors.update({f"engine.{k}": t for k, t in self.engine.state_dict().items()})
+        opt_tensors, opt_scalars = pack_state("opt", self.optimizer.state_dict())
+        tensors.update(opt_tensors)
+        tensors.update(rng_state())
+        state = {
+            "training": asdict(self.config),
+            "vocab_file": f"../{VOCAB_FILE}",
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "epoch_nats": self.epoch_nats,
+            "epoch_tokens": self.epoch_tokens,
+            "epoch_seconds": self.epoch_seconds,
+            "lr": self.lr,
+            "done": self.done,
+            "optimizer": opt_scalars,
+            "schedule": self.schedule.state_dict(),
+            "best_eval": asdict(self.best_eval) if self.best_eval else None,
+            "history": self.history,
+        }
+        save_checkpoint(self.out / STATE_DIR, tensors, state)
+
+    @classmethod
+    def resume(cls, directory: str | Path, progress: bool = True) -> Trainer:
+        """Rebuild a trainer from DIR/checkpoint exactly as it was saved."""
+        directory = Path(directory)
+        tensors, state = load_checkpoint(directory / STATE_DIR)
+        try:
+            config = TrainConfig(**state["training"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{directory / STATE_DIR / 'config.json'}: bad training section: {e}") from None
+        config.model, config.progress = str(directory), progress
+        trainer = cls(config, vocab=Vocab.load(directory / VOCAB_FILE))
+        device = trainer.model.device
+        for k, p in trainer.model.params.items():
+            p.copy_(tensors[f"param.{k}"])
+            trainer.best[k].copy_(tensors[f"best.{k}"])
+        trainer.engine.load_state_dict(
+            {k.removeprefix("engine."): t.to(device) for k, t in tensors.items() if k.startswith("engine.")}
+        )
+        opt = unpack_state("opt", {k: t.to(device) for k, t in tensors.items()}, state["optimizer"])
+        trainer.optimizer.load_state_dict(opt)
+        trainer.schedule.load_state_dict(state["schedule"])
+        set_rng_state(tensors)
+        for key in ("epoch", "step_in_epoch", "global_step", "epoch_nats", "epoch_tokens", "epoch_seconds", "lr",
+                    "done", "history"):
+            setattr(trainer, key, state[key])
+        trainer.best_eval = Evaluation(**state["best_eval"]) if state["best_eval"] else None
+        return trainer
+
+
+def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
+    """Train as configured; the best model on valid ends up in config.model. Returns the metrics."""
+    trainer = Trainer(config)
+    (trainer.out / "metrics.jsonl").write_text("")
+    return trainer.run(max_steps, checkpoint_every)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", required=True, help="training text, one sentence per line (.txt or .gz)")
-    parser.add_argument("--valid", required=True, help="validation text for the schedule and model selection")
-    parser.add_argument("--model", required=True, help="output directory")
-    parser.add_argument("--unit", choices=("word", "char"), default="word")
-    parser.add_argument("--min-count", type=int, default=1)
-    parser.add_argument("--max-vocab", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=200)
+    parser.add_argument("--train", help="training text, one sentence per line (.txt or .gz)")
+    parser.add_argument("--valid", help="validation text for the schedule and model selection")
+    parser.add_argument("--model", help="output directory")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
+    parser.add_argument("--unit", choices=("word", "char"), default="word", help="tokens: words or characters")
+    parser.add_argument("--min-count", type=int, default=1, help="rarer words map to <unk>")
+    parser.add_argument("--max-vocab", type=int, default=None, help="keep at most N entries (incl. <eos>, <unk>)")
+    parser.add_argument("--hidden", type=int, default=200, help="hidden units m (default 200)")
     parser.add_argument("--activation", choices=("tanh", "sigmoid", "relu", "identity"), default="tanh")
-    parser.add_argument("--batch", type=int, default=32, help="parallel streams B")
-    parser.add_argument("--bptt", type=int, default=35, help="BPTT steps")
-    parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps (rnnlm)")
+    parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
+    parser.add_argument("--bptt", type=int, default=35, help="BPTT steps (default 35)")
+    parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps, rnnlm style")
     parser.add_argument("--independent", action="store_true", help="reset the state at every sentence")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer: sgd 5)")
+    parser.add_argument("--epochs", type=int, default=20, help="at most N epochs (default 20)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 5, adam 0.002, "
+                        "adagrad 0.1, rmsprop 0.001)")
     parser.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="sgd")
-    parser.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping (0: off)")
-    parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay")
-    parser.add_argument("--min-improvement", type=float, default=1.003)
+    parser.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping, 0 = off (default 0.25)")
+    parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
+    parser.add_argument("--min-improvement", type=float, default=1.003,
+                        help="Mikolov's schedule: halve the rate when valid improves by less (default 1.003)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="save the training state every N steps (it is always saved at each epoch's end)")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
+                        help="stop after N steps in all (resumable with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = TrainConfig(
-        train=args.train, valid=args.valid, model=args.model, unit=args.unit, min_count=args.min_count,
-        max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, batch=args.batch,
-        bptt=args.bptt, bptt_block=args.bptt_block, independent=args.independent, epochs=args.epochs,
-        lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2,
-        min_improvement=args.min_improvement, seed=args.seed, device=args.device, progress=not args.quiet,
-    )
-    result = train(config)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    if args.resume:
+        trainer = Trainer.resume(args.resume, progress=not args.quiet)
+    else:
+        missing = [f"--{name}" for name in ("train", "valid", "model") if not getattr(args, name)]
+        if missing:
+            raise ValueError(f"bptt train needs {', '.join(missing)} (or --resume DIR)")
+        config = TrainConfig(
+            train=args.train, valid=args.valid, model=args.model, unit=args.unit, min_count=args.min_count,
+            max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, batch=args.batch,
+            bptt=args.bptt, bptt_block=args.bptt_block, independent=args.independent, epochs=args.epochs,
+            lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2,
+            min_improvement=args.min_improvement, seed=args.seed, device=args.device, progress=not args.quiet,
+        )
+        trainer = Trainer(config)
+        (trainer.out / "metrics.jsonl").write_text("")
+    try:
+        result = trainer.run(args.max_steps, args.checkpoint_every)
+    except KeyboardInterrupt:
+        print(f"interrupted; the training state is saved: bptt train --resume {trainer.out}", file=sys.stderr)
+        return 130
+    best = result.best_valid
+    status = "finished" if result.finished else f"stopped at step {trainer.global_step} (--resume {trainer.out})"
     print(
-        f"best valid perplexity {result.best_valid.perplexity:.2f} "
-        f"({result.best_valid.entropy_bits:.4f} bits/token) after {result.epochs} epochs, "
-        f"{result.seconds:.1f} s; model in {config.model}"
+        f"{status}: best valid perplexity {best.perplexity:.2f} ({best.entropy_bits:.4f} bits/token), "
+        f"{result.seconds:.1f} s; model in {trainer.out}"
     )
     return 0

@@ -1,0 +1,138 @@
+"""Training, checkpoints and exact resume, on tiny corpora; the train and eval commands."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from bptt.checkpoint import load_checkpoint
+from bptt.cli import main
+from bptt.saved_model import load_model
+from bptt.train import STATE_DIR, Trainer, TrainConfig, train
+
+
+def write_corpus(path, lines: int, seed: int) -> str:
+    """A toy language: 'the <adj>? <noun> <verb>s' with agreement between noun and verb."""
+    rng = random.Random(seed)
+    nouns = {"cat": "meows", "dog": "barks", "bird": "sings", "cow": "moos"}
+    text = []
+    for _ in range(lines):
+        noun = rng.choice(sorted(nouns))
+        adj = rng.choice(["", "big ", "small ", "old "])
+        text.append(f"the {adj}{noun} {nouns[noun]}" + (" loudly" if rng.random() < 0.3 else ""))
+    path.write_text("\n".join(text) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "train.txt", 150, 0), write_corpus(tmp_path / "valid.txt", 30, 1)
+
+
+def config(corpus, model_dir, **kw) -> TrainConfig:
+    base = dict(train=corpus[0], valid=corpus[1], model=str(model_dir), hidden=12, batch=4, bptt=5,
+                epochs=3, lr=1.0, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_learns_the_toy_language(corpus, tmp_path):
+    result = train(config(corpus, tmp_path / "m", epochs=4))
+    assert result.best_valid.perplexity < 6.0  # 14 word types; the language is far from uniform
+    for name in ("model.safetensors", "config.json", "vocab.json", "metrics.jsonl"):
+        assert (tmp_path / "m" / name).is_file()
+    metrics = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(1, len(metrics) + 1))
+    model, vocab, saved = load_model(tmp_path / "m")
+    assert saved["valid"]["perplexity"] == pytest.approx(result.best_valid.perplexity)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01)],
+    ids=["continuous", "bptt-block", "independent", "adam"],
+)
+def test_resume_is_exact(corpus, tmp_path, kw):
+    """Train 2N steps == train N, stop, resume, train N: identical weights, optimizer and position."""
+    straight = Trainer(config(corpus, tmp_path / "a", **kw))
+    n_epoch = sum(1 for _ in straight._batches())
+    N = n_epoch + 3  # the stop falls in the second epoch, after an epoch boundary
+    straight.run(max_steps=2 * N)
+    first = Trainer(config(corpus, tmp_path / "b", **kw))
+    assert not first.run(max_steps=N).finished
+    resumed = Trainer.resume(tmp_path / "b", progress=False)
+    assert resumed.global_step == N
+    resumed.run(max_steps=2 * N)
+    a, _ = load_checkpoint(tmp_path / "a" / STATE_DIR)
+    b, _ = load_checkpoint(tmp_path / "b" / STATE_DIR)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    timeless = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in history]
+    assert straight.lr == resumed.lr and timeless(straight.history) == timeless(resumed.history)
+
+
+def test_same_seed_same_model_different_seed_different(corpus, tmp_path):
+    train(config(corpus, tmp_path / "a", epochs=1))
+    train(config(corpus, tmp_path / "b", epochs=1))
+    train(config(corpus, tmp_path / "c", epochs=1, seed=1))
+    a, b, c = (load_checkpoint(tmp_path / d)[0] for d in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["W"], c["W"])
+
+
+def test_checkpoint_every_writes_the_state(corpus, tmp_path):
+    trainer = Trainer(config(corpus, tmp_path / "m"))
+    trainer.run(max_steps=5, checkpoint_every=2)
+    _, state = load_checkpoint(tmp_path / "m" / STATE_DIR)
+    assert state["global_step"] == 5 and state["step_in_epoch"] == 5
+
+
+def test_train_and_eval_commands(corpus, tmp_path, capsys):
+    model_dir = str(tmp_path / "m")
+    argv = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", model_dir, "--hidden", "8",
+            "--batch", "4", "--bptt", "5", "--epochs", "2", "--quiet"]
+    assert main(argv) == 0
+    assert "best valid perplexity" in capsys.readouterr().out
+    assert main(["eval", "--model", model_dir, "--test", corpus[1], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"perplexity", "entropy_bits", "tokens", "oov"} <= result.keys()
+    assert result["perplexity"] == pytest.approx(2 ** result["entropy_bits"])
+    assert result["tokens"] == sum(len(line.split()) + 1 for line in open(corpus[1]))
+
+
+def test_resume_command_continues(corpus, tmp_path, capsys):
+    model_dir = str(tmp_path / "m")
+    argv = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", model_dir, "--hidden", "8",
+            "--batch", "4", "--bptt", "5", "--epochs", "2", "--quiet", "--max-steps", "4"]
+    assert main(argv) == 0
+    assert "stopped at step 4" in capsys.readouterr().out
+    assert main(["train", "--resume", model_dir, "--quiet"]) == 0
+    assert "finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--valid", "v.txt", "--model", "m"], "--train"),
+        (["train", "--train", "missing.txt", "--valid", "missing.txt", "--model", "{tmp}/m"], "missing.txt"),
+        (["train", "--resume", "{tmp}/nothing"], "nothing"),
+        (["eval", "--model", "{tmp}/nothing", "--test", "x.txt"], "nothing"),
+        (["train", "--train", "t", "--valid", "v", "--model", "m", "--hidden", "0"], "--hidden"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_undecodable_training_file_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a b c\nd e f\ng \xff h\n")
+    assert main(["train", "--train", str(bad), "--valid", str(bad), "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3" in err and len(err.strip().splitlines()) == 1
