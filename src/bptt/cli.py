@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("bptt.evaluate", "perplexity, entropy (bits/token), tokens and OOV rate of a text under a model"),
     "gradcheck": ("bptt.gradcheck", "check the explicit gradients against finite differences, autograd and RTRL"),
     "bench": ("bptt.bench", "training tokens/s of bptt next to torch.nn.RNN + autograd, same shapes, same run"),
+    "demo": ("bptt.demo", "learn a grammar with a known entropy rate; full BPTT vs truncation 0 on its long-range part"),
+    "score": ("bptt.score", "log10 probability of every sentence of a text (rnnlm -nbest style)"),
+    "generate": ("bptt.generate", "sample text from a model: temperature, top-k, prompt"),
+    "plot": ("bptt.plot", "learning curves (perplexity, learning rate per epoch) of a training run as PNG"),
 }
 
 
