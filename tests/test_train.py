@@ -51,8 +51,8 @@ def test_training_learns_the_toy_language(corpus, tmp_path):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01)],
-    ids=["continuous", "bptt-block", "independent", "adam"],
+    [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01, schedule="plateau")],
+    ids=["continuous", "bptt-block", "independent", "adam-plateau"],
 )
 def test_resume_is_exact(corpus, tmp_path, kw):
     """Train 2N steps == train N, stop, resume, train N: identical weights, optimizer and position."""
@@ -136,3 +136,11 @@ def test_undecodable_training_file_names_file_and_line(tmp_path, capsys):
     assert main(["train", "--train", str(bad), "--valid", str(bad), "--model", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plateau_schedule_stops_early(corpus, tmp_path):
+    result = train(config(corpus, tmp_path / "m", epochs=30, lr=3.0, schedule="plateau", max_decays=1,
+                          min_improvement=1.05))
+    assert result.epochs < 30  # stopped by the schedule, not by the epoch limit
+    lrs = [r["lr"] for r in result.history]
+    assert lrs[0] == 3.0 and min(lrs) == pytest.approx(0.75)

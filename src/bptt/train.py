@@ -9,7 +9,8 @@ are batched with padding masked out of the loss and the gradient.
 Gradients are averaged over the block's counted tokens, clipped to --clip (global norm), and applied
 by an explicit update rule (--optimizer). The learning rate follows Mikolov's schedule: after every
 epoch the valid entropy is measured; once its relative improvement drops under --min-improvement
-the rate is halved every epoch, and training stops when it drops under it again. The best model on
+the rate is halved every epoch, and training stops when it drops under it again (or, with
+--schedule plateau, the rate is divided on a plateau and training stops early). The best model on
 valid is kept in DIR (model.safetensors, config.json, vocab.json); metrics.jsonl logs every epoch.
 """
 
@@ -30,7 +31,7 @@ from bptt.checkpoint import CheckpointError, load_checkpoint, pack_state, rng_st
 from bptt.data import EOS, SentenceBatches, StreamBatches, Vocab, encode
 from bptt.evaluate import Evaluation, stream_nats
 from bptt.model import ElmanLM
-from bptt.optim import MikolovSchedule, clip_grad_norm_, make_optimizer
+from bptt.optim import MikolovSchedule, PlateauSchedule, clip_grad_norm_, make_optimizer
 from bptt.saved_model import VOCAB_FILE, copy_params, save_model
 from bptt.tbptt import TruncatedBPTT
 
@@ -40,6 +41,7 @@ EXAMPLES = """examples:
   bptt train --train a.txt --valid b.txt --model m --independent --optimizer adam
 """
 
+SCHEDULES = ("mikolov", "plateau")
 DEFAULT_LR = {"sgd": 5.0, "adam": 2e-3, "adagrad": 0.1, "rmsprop": 1e-3}
 
 
@@ -63,6 +65,10 @@ class TrainConfig:
     clip: float = 0.25
     l2: float = 0.0
     min_improvement: float = 1.003
+    schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs
+    lr_decay: float = 0.25
+    patience: int = 0
+    max_decays: int = 3  # plateau: stop early instead of a further decay
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -78,6 +84,12 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.optimizer not in DEFAULT_LR:
             raise ValueError(f"--optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.lr_decay < 1:
+            raise ValueError(f"--lr-decay must be in (0, 1), got {self.lr_decay}")
+        if self.patience < 0 or self.max_decays < 0:
+            raise ValueError("--patience and --max-decays must be >= 0")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: CUDA is not available on this machine")
 
@@ -130,7 +142,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = ElmanLM(len(vocab), config.hidden, config.activation, seed=config.seed, device=config.device)
         self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2)
-        self.schedule = MikolovSchedule(config.min_improvement)
+        self.schedule = (
+            MikolovSchedule(config.min_improvement)
+            if config.schedule == "mikolov"
+            else PlateauSchedule(config.lr_decay, config.patience, config.min_improvement, config.max_decays)
+        )
         self.engine = TruncatedBPTT(self.model, config.k1, config.k2)
         self.lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
         self.best = {k: p.clone() for k, p in self.model.params.items()}
@@ -335,7 +351,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
     parser.add_argument("--min-improvement", type=float, default=1.003,
                         help="Mikolov's schedule: halve the rate when valid improves by less (default 1.003)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="mikolov",
+                        help="mikolov: halve every epoch once valid stalls, stop when it stalls again; "
+                        "plateau: multiply by --lr-decay after --patience stalled epochs, stop after --max-decays")
+    parser.add_argument("--lr-decay", type=float, default=0.25, help="plateau schedule factor (default 0.25)")
+    parser.add_argument("--patience", type=int, default=0, help="plateau schedule patience in epochs (default 0)")
+    parser.add_argument("--max-decays", type=int, default=3, help="plateau schedule: early stop after N decays")
+    parser.add_argument("--seed", type=int, default=0, help="seed: a CPU run is reproducible bit for bit")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                         help="save the training state every N steps (it is always saved at each epoch's end)")
@@ -360,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
             max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, independent=args.independent, epochs=args.epochs,
             lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2,
-            min_improvement=args.min_improvement, seed=args.seed, device=args.device, progress=not args.quiet,
+            min_improvement=args.min_improvement, schedule=args.schedule, lr_decay=args.lr_decay,
+            patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, progress=not args.quiet,
         )
         trainer = Trainer(config)
         (trainer.out / "metrics.jsonl").write_text("")
