@@ -198,6 +198,14 @@ class Trainer:
         started = time.perf_counter()
         if self.best_eval is None:
             self.best_eval = evaluate_corpus(self.model, self.valid_corpus, self.vocab)
+            if c.progress:
+                v = self.valid_corpus
+                print(
+                    f"vocabulary {len(self.vocab)} entries; train {self.train_corpus.tokens:,} tokens, "
+                    f"{self.train_corpus.oov:,} mapped to <unk>; valid {v.tokens:,} tokens, {v.oov:,} OOV "
+                    f"({100 * v.oov_rate:.2f} %); k1={c.k1} k2={c.k2}",
+                    flush=True,
+                )
         try:
             while not self.done and self.epoch <= c.epochs:
                 if self.step_in_epoch == 0:
