@@ -130,6 +130,31 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"], ids=["empty", "blank-lines"])
+def test_empty_training_file_is_one_line_and_exit_2(tmp_path, capsys, content):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(content)
+    assert main(["train", "--train", str(empty), "--valid", str(empty), "--model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gzip_corpus_and_eval_oov(corpus, tmp_path, capsys):
+    import gzip
+
+    gz = tmp_path / "train.txt.gz"
+    gz.write_bytes(gzip.compress(open(corpus[0], "rb").read()))
+    test = tmp_path / "test.txt"
+    test.write_text("the purple cat meows\nthe dog barks\n")  # 'purple' is not in the vocabulary
+    model_dir = str(tmp_path / "m")
+    assert main(["train", "--train", str(gz), "--valid", corpus[1], "--model", model_dir, "--hidden", "8",
+                 "--batch", "4", "--epochs", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", model_dir, "--test", str(test), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["oov"] == 1 and result["tokens"] == 9
+
+
 def test_undecodable_training_file_names_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"a b c\nd e f\ng \xff h\n")
