@@ -230,6 +230,7 @@ class Corpus:
     tokens:          N = len(ids), `<eos>` tokens included.
     oov:             tokens mapped to `<unk>` that were not a literal `<unk>` in the text.
     path:            the file it was read from.
+    sentence_oov:    (S,) int32, those tokens per sentence.
     """
 
     ids: np.ndarray
@@ -237,6 +238,7 @@ class Corpus:
     tokens: int
     oov: int
     path: str
+    sentence_oov: np.ndarray | None = None
 
     @property
     def oov_rate(self) -> float:
@@ -254,19 +256,20 @@ def encode(path: str | os.PathLike, vocab: Vocab, unit: str = "word") -> Corpus:
     index = vocab.index
     ids = array("i")
     starts = array("q")
-    oov = 0
+    sentence_oov = array("i")
     for tokens in read_lines(path, unit):
         starts.append(len(ids))
         line = [index.get(w, -1) for w in tokens]
         missing = line.count(-1)
         if missing:
-            oov += missing
             line = [UNK_ID if i < 0 else i for i in line]
+        sentence_oov.append(missing)
         ids.extend(line)
         ids.append(EOS_ID)
     ids_np = np.frombuffer(ids, dtype=np.int32).copy() if ids.itemsize == 4 else np.asarray(ids, np.int32)
     starts_np = np.asarray(starts, dtype=np.int64)
-    return Corpus(ids_np, starts_np, int(len(ids_np)), int(oov), os.fspath(path))
+    oov_np = np.asarray(sentence_oov, dtype=np.int32)
+    return Corpus(ids_np, starts_np, int(len(ids_np)), int(oov_np.sum()), os.fspath(path), oov_np)
 
 
 class StreamBatches:

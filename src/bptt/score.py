@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-from array import array
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from bptt.data import EOS_ID, UNK_ID, Corpus, SentenceBatches, Vocab, read_lines
+from bptt.data import Corpus, SentenceBatches, Vocab, encode
 from bptt.model import ElmanLM
 
 LN10 = math.log(10)
@@ -59,27 +58,6 @@ class ScoredText:
         return math.exp(-float(self.ln_probs.sum()) / self.total_tokens)
 
 
-def encode_lines(path: str | os.PathLike, vocab: Vocab, unit: str = "word") -> tuple[Corpus, np.ndarray]:
-    """Like data.encode, plus the OOV count of every sentence: -> (corpus, (S,) int64 OOV per line)."""
-    index = vocab.index
-    ids = array("i")
-    starts = array("q")
-    oov_per_line = array("q")
-    for tokens in read_lines(path, unit):
-        starts.append(len(ids))
-        line = [index.get(w, -1) for w in tokens]
-        missing = line.count(-1)
-        if missing:
-            line = [UNK_ID if i < 0 else i for i in line]
-        oov_per_line.append(missing)
-        ids.extend(line)
-        ids.append(EOS_ID)
-    ids_np = np.asarray(ids, dtype=np.int32)
-    oov = np.asarray(oov_per_line, dtype=np.int64)
-    corpus = Corpus(ids_np, np.asarray(starts, dtype=np.int64), len(ids_np), int(oov.sum()), os.fspath(path))
-    return corpus, oov
-
-
 @torch.no_grad()
 def sentence_ln_probs(model: ElmanLM, corpus: Corpus, batch_size: int = 64) -> np.ndarray:
     """(S,) float64: ln P(w_1 .. w_n <eos>) of every sentence, each from a fresh state with history <eos>.
@@ -107,7 +85,8 @@ def sentence_ln_probs(model: ElmanLM, corpus: Corpus, batch_size: int = 64) -> n
 
 
 def score_file(model: ElmanLM, vocab: Vocab, path: str | os.PathLike, unit: str = "word") -> ScoredText:
-    corpus, oov = encode_lines(path, vocab, unit)
+    corpus = encode(path, vocab, unit)
+    oov = corpus.sentence_oov.astype(np.int64)
     return ScoredText(sentence_ln_probs(model, corpus), corpus.sentence_lengths, oov, corpus.path)
 
 
