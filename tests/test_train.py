@@ -34,7 +34,7 @@ def corpus(tmp_path):
 
 def config(corpus, model_dir, **kw) -> TrainConfig:
     base = dict(train=corpus[0], valid=corpus[1], model=str(model_dir), hidden=12, batch=4, bptt=5,
-                epochs=3, lr=1.0, progress=False)
+                optimizer="sgd", epochs=3, lr=1.0, progress=False)
     return TrainConfig(**{**base, **kw})
 
 

@@ -7,7 +7,8 @@ Sentence mode (--independent, rnnlm's -independent): the state is reset at every
 are batched with padding masked out of the loss and the gradient.
 
 Gradients are averaged over the block's counted tokens, clipped to --clip (global norm), and applied
-by an explicit update rule (--optimizer). The learning rate follows Mikolov's schedule: after every
+by an explicit update rule (--optimizer; Adam by default: on Penn Treebank it reaches in one epoch
+what SGD at lr 5 needs many for, see docs/results.md). The learning rate follows Mikolov's schedule: after every
 epoch the valid entropy is measured; once its relative improvement drops under --min-improvement
 the rate is halved every epoch, and training stops when it drops under it again (or, with
 --schedule plateau, the rate is divided on a plateau and training stops early). The best model on
@@ -38,7 +39,7 @@ from bptt.tbptt import TruncatedBPTT
 EXAMPLES = """examples:
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m
   bptt train --train a.txt --valid b.txt --model m --hidden 300 --bptt 4 --bptt-block 10 --lr 5
-  bptt train --train a.txt --valid b.txt --model m --independent --optimizer adam
+  bptt train --train a.txt --valid b.txt --model m --independent --optimizer sgd --lr 5
 """
 
 SCHEDULES = ("mikolov", "plateau")
@@ -61,7 +62,7 @@ class TrainConfig:
     independent: bool = False
     epochs: int = 20
     lr: float | None = None
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     clip: float = 0.25
     l2: float = 0.0
     min_improvement: float = 1.003
@@ -352,9 +353,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps, rnnlm style")
     parser.add_argument("--independent", action="store_true", help="reset the state at every sentence")
     parser.add_argument("--epochs", type=int, default=20, help="at most N epochs (default 20)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 5, adam 0.002, "
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: adam 0.002, sgd 5, "
                         "adagrad 0.1, rmsprop 0.001)")
-    parser.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="sgd")
+    parser.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="adam",
+                        help="update rule (default adam; sgd is rnnlm's and PyTorch's classic)")
     parser.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping, 0 = off (default 0.25)")
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
     parser.add_argument("--min-improvement", type=float, default=1.003,
