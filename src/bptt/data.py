@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bptt.checkpoint import atomic_write_json
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -188,21 +189,7 @@ class Vocab:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON atomically: temp file in the same directory, fsync, os.replace."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(prefix=".vocab-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, ensure_ascii=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
