@@ -36,6 +36,7 @@ import torch
 
 from bptt.engine import bptt_loss_and_grads, zeros_like_params
 from bptt.model import ElmanLM
+from bptt.optim import SGD, clip_grad_norm_
 
 Tensor = torch.Tensor
 
@@ -112,19 +113,6 @@ class Trainer(Protocol):
         ...
 
 
-def clip_grad_norm(grads: list[Tensor], max_norm: float) -> Tensor:
-    """Scale grads in place so that their global L2 norm is at most max_norm; returns the norm.
-
-    The same rule as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped
-    at 1), computed on the device without a host sync.
-    """
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
-    return norm
-
-
 class BpttTrainer:
     """ElmanLM trained with the explicit engine: BPTT over each block, clipping, SGD, state carried."""
 
@@ -134,6 +122,7 @@ class BpttTrainer:
             bias=True, dtype=torch.float32, seed=seed, device=device,
         )
         self.grads = zeros_like_params(self.model.params)  # reused by every step
+        self.optimizer = SGD()
         self.h0 = self.model.initial_state(config.B)
 
     @torch.no_grad()
@@ -142,9 +131,8 @@ class BpttTrainer:
         loss, grads, S = bptt_loss_and_grads(
             model.cell, model.output, model.params, inputs, targets, self.h0, None, None, grads
         )
-        clip_grad_norm(list(grads.values()), CLIP)
-        for name, p in model.params.items():
-            p.sub_(grads[name], alpha=LR)  # p -= lr * g, without a temporary
+        clip_grad_norm_(grads, CLIP)
+        self.optimizer.step(model.params, grads, LR)  # p -= lr * g
         self.h0 = S[-1].clone()
         return loss
 
