@@ -15,6 +15,7 @@ import torch
 
 from bptt.cells.elman import ElmanCell
 from bptt.engine import bptt_loss_and_grads, sequence_loss, zeros_like_params
+from bptt.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
 from bptt.outputs.full import FullOutput
 from bptt.rtrl import elman_rtrl
 
@@ -22,6 +23,7 @@ Tensor = torch.Tensor
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("bptt", "rtrl")
+OUTPUTS = ("softmax", "class")
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -43,6 +45,8 @@ class ElmanLM:
     """Elman recurrent language model with explicit BPTT and RTRL gradients.
 
     params: "U" (m,V), "W" (m,m), "V" (V,m), and with bias=True "b" (m,), "c" (V,).
+    output="class" (with `classes` C and the training `word_counts` for frequency binning) factorizes
+    the softmax: P(w|h) = P(class(w)|h) P(w|class(w),h), adding "Vc" (C,m) and "cc" (C,).
     Weights start uniform in [-init_range, init_range] from a generator seeded with `seed` (drawn on
     the CPU, so a seed gives the same model on every device); biases start at zero.
     """
@@ -59,6 +63,9 @@ class ElmanLM:
         seed: int = 0,
         device: str | torch.device = "cpu",
         init_range: float = 0.1,
+        output: str = "softmax",
+        classes: int | None = None,
+        word_counts: Any = None,
     ):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
@@ -69,7 +76,18 @@ class ElmanLM:
         self.output_activation = output_activation
         self.loss_name = loss
         self.cell = ElmanCell(hidden_activation)
-        self.output = FullOutput(output_activation, loss)
+        self.output_name = output
+        if output == "softmax":
+            self.output = FullOutput(output_activation, loss)
+            self.classes = None
+        elif output == "class":
+            counts = word_counts if word_counts is not None else [1] * self.vocab_size
+            if len(counts) != self.vocab_size:
+                raise ValueError(f"word_counts has {len(counts)} entries, the vocabulary {self.vocab_size}")
+            self.classes = classes or 100  # as asked; self.output.n_classes: how many are not empty
+            self.output = ClassSoftmaxOutput(frequency_classes(counts, self.classes), loss, output_activation)
+        else:
+            raise ValueError(f"unknown output {output!r}; choose one of {list(OUTPUTS)}")
         self.params = self._init_params(seed, init_range)
 
     def _init_params(self, seed: int, init_range: float) -> dict[str, Tensor]:
@@ -196,5 +214,6 @@ class ElmanLM:
         return (
             f"ElmanLM(vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, "
             f"hidden_activation={self.hidden_activation!r}, output_activation={self.output_activation!r}, "
-            f"loss={self.loss_name!r}, bias={self.bias}, dtype={self.dtype}, device={str(self.device)!r})"
+            f"loss={self.loss_name!r}, bias={self.bias}, dtype={self.dtype}, device={str(self.device)!r}, "
+            f"output={self.output_name!r}, classes={self.classes})"
         )

@@ -26,6 +26,8 @@ def model_config(model: ElmanLM) -> dict:
         "loss": model.loss_name,
         "bias": model.bias,
         "dtype": str(model.dtype).removeprefix("torch."),
+        "output": model.output_name,
+        "classes": model.classes,
     }
 
 
@@ -39,15 +41,15 @@ def load_model(directory: str | Path, device: str = "cpu") -> tuple[ElmanLM, Voc
     """-> (model with the saved weights, its vocabulary, the whole config). CheckpointError if unusable."""
     directory = Path(directory)
     tensors, config = load_checkpoint(directory, device=device)
+    vocab = Vocab.load(directory / config.get("vocab_file", VOCAB_FILE))
     try:
-        model = ElmanLM(**config["model"], device=device)
+        model = ElmanLM(**config["model"], device=device, word_counts=vocab.counts)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: bad model section: {e}") from None
     for name, p in model.params.items():
         if name not in tensors or tensors[name].shape != p.shape:
             raise CheckpointError(f"{directory / 'model.safetensors'}: tensor {name!r} missing or of the wrong shape")
         p.copy_(tensors[name])
-    vocab = Vocab.load(directory / config.get("vocab_file", VOCAB_FILE))
     if len(vocab) != model.vocab_size:
         raise CheckpointError(f"{directory / VOCAB_FILE}: {len(vocab)} words, the model has {model.vocab_size}")
     return model, vocab, config

@@ -56,6 +56,8 @@ class TrainConfig:
     max_vocab: int | None = None
     hidden: int = 200
     activation: str = "tanh"
+    output: str = "softmax"  # or "class": Mikolov's class-based softmax with `classes` classes
+    classes: int = 100
     batch: int = 32
     bptt: int = 35
     bptt_block: int | None = None
@@ -75,7 +77,7 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for option in ("hidden", "batch", "bptt", "epochs", "min_count"):
+        for option in ("hidden", "batch", "bptt", "epochs", "min_count", "classes"):
             value = getattr(self, option)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -141,7 +143,10 @@ class Trainer:
         self.train_corpus = encode(config.train, vocab, config.unit)
         self.valid_corpus = encode(config.valid, vocab, config.unit)
         torch.manual_seed(config.seed)
-        self.model = ElmanLM(len(vocab), config.hidden, config.activation, seed=config.seed, device=config.device)
+        self.model = ElmanLM(
+            len(vocab), config.hidden, config.activation, seed=config.seed, device=config.device,
+            output=config.output, classes=config.classes, word_counts=vocab.counts,
+        )
         self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2)
         self.schedule = (
             MikolovSchedule(config.min_improvement)
@@ -348,6 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-vocab", type=int, default=None, help="keep at most N entries (incl. <eos>, <unk>)")
     parser.add_argument("--hidden", type=int, default=200, help="hidden units m (default 200)")
     parser.add_argument("--activation", choices=("tanh", "sigmoid", "relu", "identity"), default="tanh")
+    parser.add_argument("--output", choices=("softmax", "class"), default="softmax",
+                        help="output layer: full softmax, or class-based softmax (frequency binning)")
+    parser.add_argument("--classes", type=int, default=100, help="classes for --output class (default 100)")
     parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
     parser.add_argument("--bptt", type=int, default=35, help="BPTT steps (default 35)")
     parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps, rnnlm style")
@@ -389,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"bptt train needs {', '.join(missing)} (or --resume DIR)")
         config = TrainConfig(
             train=args.train, valid=args.valid, model=args.model, unit=args.unit, min_count=args.min_count,
-            max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, batch=args.batch,
+            max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, output=args.output,
+            classes=args.classes, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, independent=args.independent, epochs=args.epochs,
             lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2,
             min_improvement=args.min_improvement, schedule=args.schedule, lr_decay=args.lr_decay,

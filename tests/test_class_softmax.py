@@ -1,0 +1,130 @@
+"""The class-based softmax output layer: exact gradients, exact normalization, classes, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bptt import ElmanLM
+from bptt.gradcheck import finite_difference_grads, relative_error
+from bptt.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
+from conftest import max_rel_error
+
+COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like
+
+
+def class_model(bias=True, classes=4, seed=0, V=11, m=5):
+    model = ElmanLM(V, m, output="class", classes=classes, word_counts=COUNTS[:V], bias=bias,
+                    dtype=torch.float64, seed=seed, init_range=0.6)
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in model.params.values():
+        if p.dim() == 1:
+            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) - 0.5)
+    return model
+
+
+def data(T=5, B=3, V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, V, (T, B), generator=g), torch.randint(0, V, (T, B), generator=g),
+            torch.rand(B, 5, generator=g, dtype=torch.float64) - 0.5)
+
+
+def test_frequency_binning():
+    classes = frequency_classes(COUNTS, 4)
+    assert classes.tolist() == sorted(classes.tolist())  # counts are sorted: classes are contiguous
+    assert classes[0] == 0 and classes[-1] == classes.max()
+    sizes = np.bincount(classes)
+    assert (sizes > 0).all() and sizes[0] <= sizes[-1]  # frequent words: small classes
+    assert frequency_classes([100, 1, 1, 1], 4).max() + 1 < 4  # a word above 1/C leaves bins empty: dropped
+    with pytest.raises(ValueError, match="--classes"):
+        frequency_classes(COUNTS, 0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_against_finite_differences_and_rtrl(bias):
+    model = class_model(bias)
+    x, y, h0 = data()
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[4, 1] = False
+    _, grads, _ = model.loss_and_grads(x, y, h0, mask=mask)
+    assert set(grads) == ({"U", "W", "V", "Vc", "b", "c", "cc"} if bias else {"U", "W", "V", "Vc"})
+    _, grads_rtrl, _ = model.loss_and_grads(x, y, h0, mask=mask, method="rtrl")  # masked: against RTRL
+    assert max_rel_error(grads, grads_rtrl) <= 1e-10
+    _, grads, _ = model.loss_and_grads(x, y, h0)  # unmasked: against finite differences
+    assert max_rel_error(grads, finite_difference_grads(model, x, y, h0)) <= 1e-6
+
+
+def test_layer_gradient_against_autograd_of_the_factorized_probability():
+    model = class_model()
+    layer: ClassSoftmaxOutput = model.output
+    S = torch.rand(7, 5, dtype=torch.float64) - 0.5
+    y = torch.tensor([0, 3, 10, 10, 5, 1, 7])
+    grads = {k: torch.zeros_like(model.params[k]) for k in ("V", "c", "Vc", "cc")}
+    loss, cache = layer.forward(model.params, S, y)
+    dS = layer.backward(model.params, S, cache, y, None, grads)
+    leaves = {k: model.params[k].clone().requires_grad_(True) for k in grads}
+    S_leaf = S.clone().requires_grad_(True)
+    with torch.enable_grad():
+        log_cls = torch.log_softmax(S_leaf @ leaves["Vc"].T + leaves["cc"], -1)
+        total = 0
+        for n in range(7):
+            c = int(layer.word_class[y[n]])
+            members = layer.members[c]
+            inner = torch.log_softmax(S_leaf[n] @ leaves["V"][members].T + leaves["c"][members], -1)
+            total = total - log_cls[n, c] - inner[int((members == y[n]).nonzero())]
+        ref = torch.autograd.grad(total, [*leaves.values(), S_leaf])
+    assert abs(float(loss) - float(total.detach())) < 1e-12
+    for got, want in zip([*grads.values(), dS], ref):
+        assert relative_error(got, want) <= 1e-12
+
+
+def test_probabilities_sum_to_one_and_match_the_loss():
+    model = class_model()
+    x, y, h0 = data(T=6, B=4)
+    log_probs, _ = model.log_probs(x, h0)  # (T,B,V) for random histories
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(6, 4, dtype=torch.float64))
+    picked = -log_probs.gather(2, y.unsqueeze(2)).sum()
+    torch.testing.assert_close(model.loss(x, y, h0), picked)
+
+
+def test_removing_the_class_term_is_rejected(monkeypatch):
+    model = class_model()
+    x, y, h0 = data()
+    original = ClassSoftmaxOutput.backward
+
+    def without_class_gradient(self, params, S, cache, targets, weights, grads):
+        dS = original(self, params, S, cache, targets, weights, grads)
+        grads["Vc"].zero_()  # drop ∂L/∂Vc
+        return dS
+
+    monkeypatch.setattr(ClassSoftmaxOutput, "backward", without_class_gradient)
+    _, grads, _ = model.loss_and_grads(x, y, h0)
+    assert max_rel_error(grads, finite_difference_grads(model, x, y, h0)) > 1e-3
+
+
+def test_class_output_requires_cross_entropy():
+    with pytest.raises(ValueError, match="cross_entropy"):
+        ElmanLM(11, 4, output="class", loss="quadratic", word_counts=COUNTS)
+    with pytest.raises(ValueError, match="unknown output"):
+        ElmanLM(11, 4, output="hsm")
+
+
+def test_train_eval_score_with_class_output(tmp_path, capsys):
+    from bptt.cli import main
+
+    words = "the a cat dog sat ran on mat fast slow".split()
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=rng.integers(3, 8))) for _ in range(120)]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    model_dir = str(tmp_path / "m")
+    assert main(["train", "--train", str(tmp_path / "t.txt"), "--valid", str(tmp_path / "t.txt"), "--model",
+                 model_dir, "--output", "class", "--classes", "4", "--hidden", "8", "--batch", "4",
+                 "--epochs", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", model_dir, "--test", str(tmp_path / "t.txt"), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["perplexity"] < 12  # 10 words + <eos> + <unk>
+    assert main(["score", "--model", model_dir, "--text", str(tmp_path / "t.txt")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 120
