@@ -15,15 +15,13 @@ import torch
 
 from bptt.cells.elman import ElmanCell
 from bptt.engine import bptt_loss_and_grads, sequence_loss, zeros_like_params
-from bptt.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
-from bptt.outputs.full import FullOutput
+from bptt.outputs import make_output
 from bptt.rtrl import elman_rtrl
 
 Tensor = torch.Tensor
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("bptt", "rtrl")
-OUTPUTS = ("softmax", "class")
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -77,17 +75,11 @@ class ElmanLM:
         self.loss_name = loss
         self.cell = ElmanCell(hidden_activation)
         self.output_name = output
-        if output == "softmax":
-            self.output = FullOutput(output_activation, loss)
-            self.classes = None
-        elif output == "class":
-            counts = word_counts if word_counts is not None else [1] * self.vocab_size
-            if len(counts) != self.vocab_size:
-                raise ValueError(f"word_counts has {len(counts)} entries, the vocabulary {self.vocab_size}")
-            self.classes = classes or 100  # as asked; self.output.n_classes: how many are not empty
-            self.output = ClassSoftmaxOutput(frequency_classes(counts, self.classes), loss, output_activation)
-        else:
-            raise ValueError(f"unknown output {output!r}; choose one of {list(OUTPUTS)}")
+        self.classes = (classes or 100) if output == "class" else classes  # as asked; layers may use fewer
+        self.output = make_output(
+            output, self.vocab_size, loss=loss, output_activation=output_activation,
+            classes=self.classes or 100, word_counts=word_counts,
+        )
         self.params = self._init_params(seed, init_range)
 
     def _init_params(self, seed: int, init_range: float) -> dict[str, Tensor]:

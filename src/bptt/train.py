@@ -32,6 +32,7 @@ from bptt.checkpoint import CheckpointError, load_checkpoint, pack_state, rng_st
 from bptt.data import EOS, SentenceBatches, StreamBatches, Vocab, encode
 from bptt.evaluate import Evaluation, stream_nats
 from bptt.model import ElmanLM
+from bptt.outputs import OUTPUT_LAYERS
 from bptt.optim import MikolovSchedule, PlateauSchedule, clip_grad_norm_, make_optimizer
 from bptt.saved_model import VOCAB_FILE, copy_params, save_model
 from bptt.tbptt import TruncatedBPTT
@@ -353,8 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-vocab", type=int, default=None, help="keep at most N entries (incl. <eos>, <unk>)")
     parser.add_argument("--hidden", type=int, default=200, help="hidden units m (default 200)")
     parser.add_argument("--activation", choices=("tanh", "sigmoid", "relu", "identity"), default="tanh")
-    parser.add_argument("--output", choices=("softmax", "class"), default="softmax",
-                        help="output layer: full softmax, or class-based softmax (frequency binning)")
+    parser.add_argument("--output", choices=sorted(OUTPUT_LAYERS), default="softmax",
+                        help="output layer: softmax (full), class (class-based softmax, frequency binning), ...")
     parser.add_argument("--classes", type=int, default=100, help="classes for --output class (default 100)")
     parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
     parser.add_argument("--bptt", type=int, default=35, help="BPTT steps (default 35)")
