@@ -107,7 +107,7 @@ def test_class_output_requires_cross_entropy():
     with pytest.raises(ValueError, match="cross_entropy"):
         ElmanLM(11, 4, output="class", loss="quadratic", word_counts=COUNTS)
     with pytest.raises(ValueError, match="unknown output"):
-        ElmanLM(11, 4, output="hsm")
+        ElmanLM(11, 4, output="no-such-layer")
 
 
 def test_train_eval_score_with_class_output(tmp_path, capsys):

@@ -51,8 +51,9 @@ def test_training_learns_the_toy_language(corpus, tmp_path):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01, schedule="plateau")],
-    ids=["continuous", "bptt-block", "independent", "adam-plateau"],
+    [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01, schedule="plateau"),
+     dict(output="nce"), dict(output="class", classes=3)],
+    ids=["continuous", "bptt-block", "independent", "adam-plateau", "nce", "class"],
 )
 def test_resume_is_exact(corpus, tmp_path, kw):
     """Train 2N steps == train N, stop, resume, train N: identical weights, optimizer and position."""

@@ -78,7 +78,7 @@ class ElmanLM:
         self.classes = (classes or 100) if output == "class" else classes  # as asked; layers may use fewer
         self.output = make_output(
             output, self.vocab_size, loss=loss, output_activation=output_activation,
-            classes=self.classes or 100, word_counts=word_counts,
+            classes=self.classes or 100, word_counts=word_counts, seed=seed,
         )
         self.params = self._init_params(seed, init_range)
 

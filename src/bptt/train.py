@@ -115,6 +115,11 @@ class TrainResult:
     finished: bool = True  # False when stopped by max_steps (resume with --resume)
 
 
+def _perplexity(bits: float) -> float:
+    """2^bits, inf where that overflows (a diverging run, or an NCE objective far from a probability)."""
+    return 2.0**bits if bits < 1000 else math.inf
+
+
 def evaluate_corpus(model: ElmanLM, corpus, vocab: Vocab) -> Evaluation:
     return Evaluation(corpus.tokens, stream_nats(model, corpus.ids, vocab.id(EOS)), corpus.oov, corpus.path)
 
@@ -267,7 +272,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         if c.progress:
             print(
-                f"epoch {self.epoch}: lr {self.lr:.3g}  train ppl {2 ** record['train_entropy_bits']:.1f}  "
+                f"epoch {self.epoch}: lr {self.lr:.3g}  train ppl {_perplexity(record['train_entropy_bits']):.1f}  "
                 f"valid ppl {valid.perplexity:.2f}  {record['tokens_per_s']:,.0f} tok/s"
                 + ("" if decision.accept else "  (rejected, weights restored)"),
                 flush=True,
@@ -287,6 +292,8 @@ class Trainer:
         tensors = {f"param.{k}": p for k, p in self.model.params.items()}
         tensors.update({f"best.{k}": p for k, p in self.best.items()})
         tensors.update({f"engine.{k}": t for k, t in self.engine.state_dict().items()})
+        if hasattr(self.model.output, "state_dict"):  # e.g. the noise generator of NCE / sampled softmax
+            tensors.update({f"output.{k}": t for k, t in self.model.output.state_dict().items()})
         opt_tensors, opt_scalars = pack_state("opt", self.optimizer.state_dict())
         tensors.update(opt_tensors)
         tensors.update(rng_state())
@@ -328,6 +335,10 @@ class Trainer:
         )
         opt = unpack_state("opt", {k: t.to(device) for k, t in tensors.items()}, state["optimizer"])
         trainer.optimizer.load_state_dict(opt)
+        if hasattr(trainer.model.output, "load_state_dict"):
+            trainer.model.output.load_state_dict(
+                {k.removeprefix("output."): t for k, t in tensors.items() if k.startswith("output.")}
+            )
         trainer.schedule.load_state_dict(state["schedule"])
         set_rng_state(tensors)
         for key in ("epoch", "step_in_epoch", "global_step", "epoch_nats", "epoch_tokens", "epoch_seconds", "lr",

@@ -8,7 +8,9 @@ An output layer is a class with
         vocabulary, for evaluation and scoring (whatever the training objective)
 
 OUTPUT_LAYERS maps the name used by ElmanLM(output=...) and `bptt train --output` to a builder
-    builder(vocab_size, *, loss, output_activation, classes, word_counts) -> layer
+    builder(vocab_size, *, loss, output_activation, classes, word_counts, seed) -> layer
+A layer that draws random numbers (NCE, sampled softmax) seeds its own generator with `seed` and has
+state_dict()/load_state_dict() for it, which the trainer's checkpoints keep.
 New layers are a new file plus one entry here; the model, the engine and the trainer stay as they are.
 """
 
@@ -18,24 +20,42 @@ from typing import Any, Callable
 
 from bptt.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
 from bptt.outputs.full import FullOutput
+from bptt.outputs.hsm import HierarchicalSoftmaxOutput
+from bptt.outputs.sampled import NCEOutput, SampledSoftmaxOutput
 
 
-def _full(vocab_size: int, *, loss: str, output_activation: str, classes: int, word_counts: Any) -> FullOutput:
+def _full(vocab_size, *, loss, output_activation, classes, word_counts, seed):
     return FullOutput(output_activation, loss)
 
 
-def _class(vocab_size: int, *, loss: str, output_activation: str, classes: int, word_counts: Any) -> ClassSoftmaxOutput:
+def _class(vocab_size, *, loss, output_activation, classes, word_counts, seed):
     return ClassSoftmaxOutput(frequency_classes(word_counts, classes), loss, output_activation)
+
+
+def _hsm(vocab_size, *, loss, output_activation, classes, word_counts, seed):
+    return HierarchicalSoftmaxOutput(word_counts, loss, output_activation)
+
+
+def _nce(vocab_size, *, loss, output_activation, classes, word_counts, seed):
+    return NCEOutput(word_counts, loss, output_activation, seed=seed)
+
+
+def _sampled(vocab_size, *, loss, output_activation, classes, word_counts, seed):
+    return SampledSoftmaxOutput(word_counts, loss, output_activation, seed=seed)
 
 
 OUTPUT_LAYERS: dict[str, Callable[..., Any]] = {
     "softmax": _full,
     "class": _class,
+    "nce": _nce,
+    "sampled": _sampled,
+    "hsm": _hsm,
 }
 
 
 def make_output(
-    name: str, vocab_size: int, *, loss: str, output_activation: str, classes: int = 100, word_counts: Any = None
+    name: str, vocab_size: int, *, loss: str, output_activation: str, classes: int = 100, word_counts: Any = None,
+    seed: int = 0,
 ):
     """Build the output layer `name`; word_counts (V,) default to all ones (no frequency information)."""
     if name not in OUTPUT_LAYERS:
@@ -44,8 +64,11 @@ def make_output(
     if len(counts) != vocab_size:
         raise ValueError(f"word_counts has {len(counts)} entries, the vocabulary {vocab_size}")
     return OUTPUT_LAYERS[name](
-        vocab_size, loss=loss, output_activation=output_activation, classes=classes, word_counts=counts
+        vocab_size, loss=loss, output_activation=output_activation, classes=classes, word_counts=counts, seed=seed
     )
 
 
-__all__ = ["OUTPUT_LAYERS", "ClassSoftmaxOutput", "FullOutput", "make_output"]
+__all__ = [
+    "OUTPUT_LAYERS", "ClassSoftmaxOutput", "FullOutput", "HierarchicalSoftmaxOutput", "NCEOutput",
+    "SampledSoftmaxOutput", "make_output",
+]

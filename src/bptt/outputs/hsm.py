@@ -1,0 +1,187 @@
+"""Hierarchical softmax over a Huffman tree of word counts (Morin & Bengio 2005; word2vec, faster-rnnlm).
+
+Each word is a leaf of a binary Huffman tree with V−1 inner nodes; the word's probability is the
+product of the binary decisions on its path from the root:
+    P(w | h) = Π_d σ(sign_d (v_{n_d} · s + c_{n_d})),   sign_d = 1 − 2 b_d (+1 for bit 0, −1 for bit 1)
+where n_1..n_L are the inner nodes on the path of w and b_1..b_L its code bits (σ(z) + σ(−z) = 1 at
+every node, so the leaves' probabilities sum to exactly 1). Frequent words sit near the root: training
+costs m·L(y) per position (L ≈ log2 V on average) instead of m·V.
+
+Shapes: N positions, m hidden, V vocabulary, D = the deepest path. Paths are padded to D with a mask,
+so forward and backward are a gather of (N,D) node ids, one batched product, and a scatter-add back.
+Parameters: "V" (V−1,m) the inner-node vectors (named like the full layer's output weights) and with
+bias "c" (V−1,).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def huffman_tree(counts) -> tuple[list[list[int]], list[list[int]]]:
+    """counts (V,) -> (paths, codes): per word, the inner-node ids (0..V−2) from the root down to it and
+    the branch bit (0/1) taken at each of them.
+
+    Built as in word2vec: repeatedly merge the two lightest nodes (the first popped takes bit 0, the
+    second bit 1) into a new inner node; ties go to the node inserted first (words in id order, then
+    inner nodes in creation order), so the tree is a deterministic function of the counts. The last
+    inner node created (id V−2) is the root; a word's path has 1..V−1 nodes.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or (counts < 0).any() or not np.isfinite(counts).all():
+        raise ValueError("word counts must be a non-empty list of non-negative numbers")
+    V = counts.size
+    if V < 2:
+        raise ValueError("output='hsm' needs a vocabulary of at least 2 words (a tree of one leaf has no decisions)")
+    # Node ids: words 0..V−1, inner node k is V+k. Ids grow in insertion order, so (count, id) breaks ties.
+    heap = [(float(c), w) for w, c in enumerate(counts)]
+    heapq.heapify(heap)
+    parent = [0] * (2 * V - 1)
+    bit = [0] * (2 * V - 1)
+    for k in range(V - 1):
+        c0, a = heapq.heappop(heap)
+        c1, b = heapq.heappop(heap)
+        parent[a], bit[a] = V + k, 0
+        parent[b], bit[b] = V + k, 1
+        heapq.heappush(heap, (c0 + c1, V + k))
+    # Top-down: a parent is created after its children, so reverse creation order visits it first.
+    node_path: dict[int, list[int]] = {2 * V - 2: []}
+    node_code: dict[int, list[int]] = {2 * V - 2: []}
+    paths: list[list[int]] = [[] for _ in range(V)]
+    codes: list[list[int]] = [[] for _ in range(V)]
+    for node in range(2 * V - 3, -1, -1):
+        p = parent[node]
+        path, code = node_path[p] + [p - V], node_code[p] + [bit[node]]
+        if node >= V:
+            node_path[node], node_code[node] = path, code
+        else:
+            paths[node], codes[node] = path, code
+    return paths, codes
+
+
+def pad_paths(paths: list[list[int]], codes: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> nodes (V,D) int64 (padding: node 0), codes (V,D) int64 (padding: 0), mask (V,D) bool."""
+    lengths = np.fromiter((len(p) for p in paths), dtype=np.int64, count=len(paths))
+    D = int(lengths.max())
+    mask = np.arange(D)[None, :] < lengths[:, None]  # (V,D), row-major order matches the flattened lists
+    nodes = np.zeros((len(paths), D), dtype=np.int64)
+    bits = np.zeros((len(paths), D), dtype=np.int64)
+    nodes[mask] = np.fromiter((n for p in paths for n in p), dtype=np.int64, count=int(lengths.sum()))
+    bits[mask] = np.fromiter((b for c in codes for b in c), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(nodes), torch.from_numpy(bits), torch.from_numpy(mask)
+
+
+@dataclass
+class HierarchicalSoftmaxCache:
+    nodes: Tensor  # (N,D) inner-node ids on each target's path (padding: 0)
+    dz_scale: Tensor  # (N,D) w_n · mask · sign: ∂u/∂z times the position's weight, 0 on padding
+    sig: Tensor  # (N,D) σ(u), u = sign · z
+
+
+class HierarchicalSoftmaxOutput:
+    """Binary decisions along the target's Huffman path; cross-entropy loss only."""
+
+    # Upper bound on the N·V·D elements log_probs gathers at once (chunks over N above it).
+    LOG_PROBS_CHUNK_ELEMENTS = 1 << 24
+
+    def __init__(self, word_counts, loss: str = "cross_entropy", output_activation_name: str = "softmax"):
+        if loss != "cross_entropy" or output_activation_name != "softmax":
+            raise ValueError("output='hsm' is a (hierarchical) softmax with loss='cross_entropy'")
+        self.paths, self.codes = huffman_tree(word_counts)
+        self.vocab_size = len(self.paths)
+        self.nodes, bits, self.mask = pad_paths(self.paths, self.codes)
+        self.signs = (1 - 2 * bits) * self.mask  # (V,D) +1 for bit 0, −1 for bit 1, 0 on padding
+        # log_probs reads log σ(±z) from a table [log σ(Z) | log σ(−Z) | 0] (N, 2(V−1)+1):
+        # column node for bit 0, (V−1) + node for bit 1, the last (zero) column for padding.
+        V = self.vocab_size
+        self.table_index = torch.where(self.mask, self.nodes + (V - 1) * bits, 2 * (V - 1))  # (V,D)
+        self.depth = self.nodes.shape[1]
+        self._device = torch.device("cpu")
+
+    def _to(self, device: torch.device) -> None:
+        if device != self._device:
+            self.nodes, self.signs, self.mask = self.nodes.to(device), self.signs.to(device), self.mask.to(device)
+            self.table_index = self.table_index.to(device)
+            self._device = device
+
+    def param_shapes(self, vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        if vocab_size != self.vocab_size:
+            raise ValueError(f"the Huffman tree covers {self.vocab_size} words, the vocabulary {vocab_size}")
+        shapes: dict[str, tuple[int, ...]] = {"V": (vocab_size - 1, hidden_size)}
+        if bias:
+            shapes["c"] = (vocab_size - 1,)
+        return shapes
+
+    @staticmethod
+    def _path_scores(params: dict[str, Tensor], S: Tensor, nodes: Tensor) -> Tensor:
+        """S (N,m), nodes (N,D) -> z (N,D), z_nd = v_{nodes[n,d]} · s_n + c_{nodes[n,d]}."""
+        z = torch.bmm(params["V"][nodes], S.unsqueeze(2)).squeeze(2)  # (N,D,m) @ (N,m,1)
+        if "c" in params:
+            z = z + params["c"][nodes]
+        return z
+
+    def forward(
+        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None = None
+    ) -> tuple[Tensor, HierarchicalSoftmaxCache]:
+        """S (N,m), targets (N,) -> (L = −Σ_n w_n Σ_d mask · log σ(sign · z), cache)."""
+        self._to(S.device)
+        nodes = self.nodes[targets]  # (N,D)
+        sign = self.signs[targets].to(S.dtype)  # (N,D) ±1, 0 on padding
+        scale = sign if weights is None else sign * weights.unsqueeze(1)
+        u = sign * self._path_scores(params, S, nodes)  # (N,D); padding: u = 0
+        # −log σ(u) = softplus(−u), stable for either sign of u; padding masked out by |sign| = 0.
+        per_node = F.softplus(-u) * self.mask[targets].to(S.dtype)
+        loss = per_node.sum() if weights is None else (per_node.sum(dim=1) * weights).sum()
+        return loss, HierarchicalSoftmaxCache(nodes, scale, torch.sigmoid(u))
+
+    def backward(
+        self,
+        params: dict[str, Tensor],
+        S: Tensor,
+        cache: HierarchicalSoftmaxCache,
+        targets: Tensor,
+        weights: Tensor | None,
+        grads: dict[str, Tensor],
+    ) -> Tensor:
+        """-> dS (N,m); accumulates dV and dc into the rows of the inner nodes on the targets' paths.
+
+        forward was L = −Σ_n w_n Σ_d mask_nd log σ(u_nd), u_nd = sign_nd · z_nd,
+        z_nd = v_{n_d} · s_n + c_{n_d}. Since d/du [−log σ(u)] = −σ(u)(1−σ(u))/σ(u) = σ(u) − 1:
+            ∂L/∂z_nd = w_n mask_nd sign_nd (σ(u_nd) − 1)   (sign² = 1; 0 on padding)
+        and z is linear in v, c, s: dv_{n_d} += ∂L/∂z_nd s_n, dc_{n_d} += ∂L/∂z_nd (a scatter-add:
+        a node is on many paths), ds_n = Σ_d ∂L/∂z_nd v_{n_d}.
+        """
+        dz = cache.dz_scale * (cache.sig - 1.0)  # (N,D)
+        nodes = cache.nodes
+        flat_nodes = nodes.reshape(-1)
+        m = S.shape[1]
+        grads["V"].index_add_(0, flat_nodes, (dz.unsqueeze(2) * S.unsqueeze(1)).reshape(-1, m))
+        if "c" in grads:
+            grads["c"].index_add_(0, flat_nodes, dz.reshape(-1))
+        return torch.bmm(dz.unsqueeze(1), params["V"][nodes]).squeeze(1)  # (N,1,D) @ (N,D,m)
+
+    def log_probs(self, params: dict[str, Tensor], S: Tensor) -> Tensor:
+        """S (N,m) -> log P(w | h) (N,V) in nats, exactly normalized over the vocabulary.
+
+        All inner-node scores Z = S Vᵀ + c (N,V−1) in one product; log σ(Z) and log σ(−Z) once each;
+        then each word's log-probability is the sum of the log σ(±z) gathered along its padded path
+        (the mask folded into the gather: padding reads a zero column), in chunks of positions.
+        """
+        self._to(S.device)
+        Vw = params["V"]
+        Z = torch.addmm(params["c"], S, Vw.t()) if "c" in params else S @ Vw.t()  # (N,V−1)
+        table = torch.cat([F.logsigmoid(Z), F.logsigmoid(-Z), Z.new_zeros(Z.shape[0], 1)], dim=1)  # (N,2V−1)
+        flat_index = self.table_index.reshape(-1)  # (V·D,)
+        N, V, D = S.shape[0], self.vocab_size, self.depth
+        out = torch.empty(N, V, dtype=S.dtype, device=S.device)
+        chunk = max(1, self.LOG_PROBS_CHUNK_ELEMENTS // (V * D))
+        for lo in range(0, N, chunk):
+            out[lo : lo + chunk] = table[lo : lo + chunk].index_select(1, flat_index).view(-1, V, D).sum(dim=2)
+        return out

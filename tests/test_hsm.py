@@ -1,0 +1,193 @@
+"""The hierarchical softmax output layer: Huffman tree, exact gradients, exact normalization, training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bptt import ElmanLM
+from bptt.gradcheck import finite_difference_grads, relative_error
+from bptt.outputs.hsm import HierarchicalSoftmaxOutput, huffman_tree
+from conftest import max_rel_error
+
+COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like
+
+
+def hsm_model(bias=True, seed=0, V=11, m=5):
+    model = ElmanLM(V, m, output="hsm", word_counts=COUNTS[:V], bias=bias, dtype=torch.float64, seed=seed,
+                    init_range=0.6)
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in model.params.values():
+        if p.dim() == 1:
+            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) - 0.5)
+    return model
+
+
+def data(T=5, B=3, V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, V, (T, B), generator=g), torch.randint(0, V, (T, B), generator=g),
+            torch.rand(B, 5, generator=g, dtype=torch.float64) - 0.5)
+
+
+@pytest.mark.parametrize("counts", [COUNTS, [1] * 7, [3, 0, 7, 7, 1, 0, 2, 2, 9], [4, 4]])
+def test_huffman_tree_properties(counts):
+    paths, codes = huffman_tree(counts)
+    V = len(counts)
+    assert len(paths) == len(codes) == V
+    assert all(len(p) == len(c) and 1 <= len(p) <= V - 1 for p, c in zip(paths, codes))
+    assert {n for p in paths for n in p} == set(range(V - 1))  # V−1 inner nodes, all used
+    assert all(p[0] == V - 2 for p in paths)  # every path starts at the root
+    words = [tuple(c) for c in codes]
+    assert len(set(words)) == V
+    assert not any(a != b and b[: len(a)] == a for a in words for b in words)  # prefix-free
+    assert sum(2.0 ** -len(c) for c in codes) == 1.0  # a full binary tree (Kraft equality)
+    for i in range(V):  # more frequent -> no longer
+        for j in range(V):
+            if counts[i] > counts[j]:
+                assert len(codes[i]) <= len(codes[j])
+    # a node's path prefix and code prefix agree: the same prefix of codes leads to the same node
+    seen: dict[tuple, int] = {}
+    for p, c in zip(paths, codes):
+        for d in range(len(p)):
+            assert seen.setdefault(tuple(c[:d]), p[d]) == p[d]
+    assert huffman_tree(list(counts)) == (paths, codes)  # deterministic
+
+
+def test_huffman_tree_by_hand_and_degenerate():
+    # merges: w1+w2 -> node 0 (w1 bit 0); w3 (2, inserted before node 0) + node 0 -> node 1; node 1 + w0 -> root 2
+    assert huffman_tree([5, 1, 1, 2]) == ([[2], [2, 1, 0], [2, 1, 0], [2, 1]], [[1], [0, 1, 0], [0, 1, 1], [0, 0]])
+    assert huffman_tree([1, 1]) == ([[0], [0]], [[0], [1]])
+    with pytest.raises(ValueError, match="at least 2"):
+        huffman_tree([5])
+    with pytest.raises(ValueError, match="at least 2"):
+        ElmanLM(1, 4, output="hsm")
+    with pytest.raises(ValueError, match="non-negative"):
+        huffman_tree([3, -1])
+
+
+def test_params_shapes():
+    model = hsm_model()
+    assert model.params["V"].shape == (10, 5) and model.params["c"].shape == (10,)
+    assert set(hsm_model(bias=False).params) == {"U", "W", "V"}
+    assert ElmanLM(6, 3, output="hsm").params["V"].shape == (5, 3)  # word_counts default: all ones
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_against_finite_differences_and_rtrl(bias):
+    model = hsm_model(bias)
+    x, y, h0 = data()
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[4, 1] = False
+    mask[0, 2] = False
+    _, grads, _ = model.loss_and_grads(x, y, h0, mask=mask)
+    assert set(grads) == ({"U", "W", "V", "b", "c"} if bias else {"U", "W", "V"})
+    _, grads_rtrl, _ = model.loss_and_grads(x, y, h0, mask=mask, method="rtrl")  # masked: against RTRL
+    assert max_rel_error(grads, grads_rtrl) <= 1e-10
+    _, grads, _ = model.loss_and_grads(x, y, h0)  # unmasked: against finite differences
+    assert max_rel_error(grads, finite_difference_grads(model, x, y, h0)) <= 1e-6
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_layer_gradient_against_autograd_of_the_path_product(weighted):
+    model = hsm_model()
+    layer: HierarchicalSoftmaxOutput = model.output
+    S = torch.rand(7, 5, dtype=torch.float64) - 0.5
+    y = torch.tensor([0, 3, 10, 10, 5, 1, 7])
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 3.0], dtype=torch.float64) if weighted else None
+    grads = {k: torch.zeros_like(model.params[k]) for k in ("V", "c")}
+    loss, cache = layer.forward(model.params, S, y, w)
+    dS = layer.backward(model.params, S, cache, y, w, grads)
+    leaves = {k: model.params[k].clone().requires_grad_(True) for k in grads}
+    S_leaf = S.clone().requires_grad_(True)
+    with torch.enable_grad():  # straightforward: one position, one node at a time, P = Π σ(±z)
+        total = 0
+        for n in range(7):
+            log_p = 0
+            for node, bit in zip(layer.paths[int(y[n])], layer.codes[int(y[n])]):
+                z = S_leaf[n] @ leaves["V"][node] + leaves["c"][node]
+                log_p = log_p + torch.log(torch.sigmoid(z) if bit == 0 else 1 - torch.sigmoid(z))
+            total = total - (1.0 if w is None else w[n]) * log_p
+        ref = torch.autograd.grad(total, [*leaves.values(), S_leaf])
+    assert abs(float(loss) - float(total.detach())) < 1e-12
+    for got, want in zip([*grads.values(), dS], ref):
+        assert relative_error(got, want) <= 1e-12
+
+
+def test_probabilities_sum_to_one_and_match_the_loss():
+    model = hsm_model()
+    x, y, h0 = data(T=6, B=4)
+    log_probs, _ = model.log_probs(x, h0)  # (T,B,V) for random histories
+    assert log_probs.shape == (6, 4, 11)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(6, 4, dtype=torch.float64))
+    picked = -log_probs.gather(2, y.unsqueeze(2)).sum()
+    torch.testing.assert_close(model.loss(x, y, h0), picked)
+    layer = model.output  # chunking over positions changes nothing
+    S = torch.rand(9, 5, dtype=torch.float64) - 0.5
+    full = layer.log_probs(model.params, S)
+    layer.LOG_PROBS_CHUNK_ELEMENTS = 11 * layer.depth * 2  # 2 positions per chunk
+    torch.testing.assert_close(layer.log_probs(model.params, S), full, rtol=0, atol=0)
+
+
+def test_probabilities_sum_to_one_without_bias_and_uniform_counts():
+    model = ElmanLM(13, 4, output="hsm", bias=False, dtype=torch.float64, seed=3, init_range=1.0)
+    x = torch.randint(0, 13, (4, 3), generator=torch.Generator().manual_seed(5))
+    log_probs, _ = model.log_probs(x)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(4, 3, dtype=torch.float64))
+
+
+def test_removing_the_bias_gradient_is_rejected(monkeypatch):
+    model = hsm_model()
+    x, y, h0 = data()
+    original = HierarchicalSoftmaxOutput.backward
+
+    def without_bias_gradient(self, params, S, cache, targets, weights, grads):
+        saved = grads["c"].clone()
+        dS = original(self, params, S, cache, targets, weights, grads)
+        grads["c"].copy_(saved)  # drop ∂L/∂c
+        return dS
+
+    monkeypatch.setattr(HierarchicalSoftmaxOutput, "backward", without_bias_gradient)
+    _, grads, _ = model.loss_and_grads(x, y, h0)
+    assert max_rel_error(grads, finite_difference_grads(model, x, y, h0)) > 1e-3
+
+
+def test_sigma_instead_of_sigma_minus_one_is_rejected(monkeypatch):
+    model = hsm_model()
+    x, y, h0 = data()
+    original = HierarchicalSoftmaxOutput.forward
+
+    def shifted_cache(self, params, S, targets, weights=None):
+        loss, cache = original(self, params, S, targets, weights)
+        cache.sig = cache.sig + 1.0  # backward then uses σ(u) where σ(u) − 1 belongs
+        return loss, cache
+
+    monkeypatch.setattr(HierarchicalSoftmaxOutput, "forward", shifted_cache)
+    _, grads, _ = model.loss_and_grads(x, y, h0)
+    assert max_rel_error(grads, finite_difference_grads(model, x, y, h0)) > 1e-3
+
+
+def test_hsm_output_requires_cross_entropy():
+    with pytest.raises(ValueError, match="cross_entropy"):
+        ElmanLM(11, 4, output="hsm", loss="quadratic", output_activation="sigmoid", word_counts=COUNTS)
+    with pytest.raises(ValueError, match="covers 11 words"):
+        HierarchicalSoftmaxOutput(COUNTS).param_shapes(12, 4, True)
+
+
+def test_train_eval_score_with_hsm_output(tmp_path, capsys):
+    from bptt.cli import main
+
+    words = "the a cat dog sat ran on mat fast slow".split()
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(words, size=rng.integers(3, 8))) for _ in range(120)]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    model_dir = str(tmp_path / "m")
+    assert main(["train", "--train", str(tmp_path / "t.txt"), "--valid", str(tmp_path / "t.txt"), "--model",
+                 model_dir, "--output", "hsm", "--hidden", "8", "--batch", "4", "--epochs", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", model_dir, "--test", str(tmp_path / "t.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] < 12  # 10 words + <eos> + <unk>
+    assert main(["score", "--model", model_dir, "--text", str(tmp_path / "t.txt")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 120
