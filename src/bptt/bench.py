@@ -37,17 +37,20 @@ import torch
 from bptt.engine import bptt_loss_and_grads, zeros_like_params
 from bptt.model import ElmanLM
 from bptt.optim import SGD, clip_grad_norm_
+from bptt.outputs import OUTPUT_LAYERS
 
 Tensor = torch.Tensor
 
 EXAMPLES = """examples:
   bptt bench
   bptt bench --config V=10000,m=200,B=32,T=35 --config V=10000,m=500,B=64,T=35 --steps 50 --threads 1
+  bptt bench --config out=class,C=100 --config out=hsm --config out=nce --config out=sampled
   bptt bench --device cuda --config V=33278,m=650,B=20,T=35 --json
 """
 
 DEFAULT_CONFIG = "V=10000,m=200,B=32,T=35"
-CONFIG_KEYS = ("V", "m", "B", "T")
+CONFIG_KEYS = ("V", "m", "B", "T")  # positive integers
+OPTIONAL_KEYS = {"out": "softmax", "C": "100"}  # bptt's output layer (the peer's is always a full softmax)
 LR = 1.0
 CLIP = 0.25
 INIT_RANGE = 0.1  # ElmanLM's default; the peer's weights are drawn the same way
@@ -62,9 +65,14 @@ class BenchConfig:
     m: int  # hidden units
     B: int  # parallel streams
     T: int  # block length = BPTT steps
+    out: str = "softmax"  # bptt's output layer: softmax, class, hsm, nce, sampled
+    C: int = 100  # classes, for out=class
 
     def __str__(self) -> str:
-        return ",".join(f"{key}={getattr(self, key)}" for key in CONFIG_KEYS)
+        text = ",".join(f"{key}={getattr(self, key)}" for key in CONFIG_KEYS)
+        if self.out != "softmax":
+            text += f",out={self.out}" + (f",C={self.C}" if self.out == "class" else "")
+        return text
 
     @property
     def tokens_per_step(self) -> int:
@@ -76,22 +84,25 @@ def parse_config(text: str) -> BenchConfig:
 
     Raises ValueError('--config TEXT: ...') for a malformed string.
     """
-    values = dict(_parse_pairs(DEFAULT_CONFIG))
+    values = {**dict(_parse_pairs(DEFAULT_CONFIG)), **OPTIONAL_KEYS}
     seen: set[str] = set()
+    keys = (*CONFIG_KEYS, *OPTIONAL_KEYS)
     for key, value in _parse_pairs(text):
-        if key not in CONFIG_KEYS:
-            raise ValueError(f"--config {text!r}: unknown key {key!r}; keys are {', '.join(CONFIG_KEYS)}")
+        if key not in keys:
+            raise ValueError(f"--config {text!r}: unknown key {key!r}; keys are {', '.join(keys)}")
         if key in seen:
             raise ValueError(f"--config {text!r}: key {key!r} given twice")
         seen.add(key)
         values[key] = value
-    parsed: dict[str, int] = {}
-    for key in CONFIG_KEYS:
+    parsed: dict[str, int | str] = {}
+    for key in (*CONFIG_KEYS, "C"):
         value = values[key]
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"--config {text!r}: {key} must be a positive integer, got {value!r}")
         parsed[key] = int(value)
-    return BenchConfig(**parsed)
+    if values["out"] not in OUTPUT_LAYERS:
+        raise ValueError(f"--config {text!r}: out must be one of {', '.join(OUTPUT_LAYERS)}, got {values['out']!r}")
+    return BenchConfig(**parsed, out=values["out"])
 
 
 def _parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -120,6 +131,7 @@ class BpttTrainer:
         self.model = ElmanLM(
             config.V, config.m, "tanh", "softmax", "cross_entropy",
             bias=True, dtype=torch.float32, seed=seed, device=device,
+            output=config.out, classes=config.C, word_counts=zipf_counts(config.V).tolist(),
         )
         self.grads = zeros_like_params(self.model.params)  # reused by every step
         self.optimizer = SGD()
@@ -195,11 +207,18 @@ SIDES: dict[str, Callable[[BenchConfig, int, torch.device], Trainer]] = {
 # -- measuring ----------------------------------------------------------------------------------------
 
 
+def zipf_counts(V: int) -> Tensor:
+    """Word counts ∝ 1/rank (Zipf's law, like a real corpus), word id = rank − 1: (V,) float64."""
+    return 1e6 / torch.arange(1, V + 1, dtype=torch.float64)
+
+
 def token_stream(config: BenchConfig, n_blocks: int, seed: int, device: torch.device) -> Tensor:
-    """A random stream of n_blocks·T + 1 steps for B streams, (n_blocks·T + 1, B) int64."""
+    """A random stream of n_blocks·T + 1 steps for B streams, (n_blocks·T + 1, B) int64, words drawn
+    from the Zipf distribution of zipf_counts (so class and tree layers see realistic frequencies)."""
     generator = torch.Generator().manual_seed(int(seed))
-    data = torch.randint(config.V, (n_blocks * config.T + 1, config.B), generator=generator)
-    return data.to(device)
+    n = (n_blocks * config.T + 1) * config.B
+    data = torch.multinomial(zipf_counts(config.V), n, replacement=True, generator=generator)
+    return data.view(n_blocks * config.T + 1, config.B).to(device)
 
 
 def block(data: Tensor, i: int, T: int) -> tuple[Tensor, Tensor]:
@@ -347,8 +366,9 @@ def table_row(record: dict, config_width: int, device: torch.device) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", action="append", metavar="V=..,m=..,B=..,T=..",
-        help=f"a configuration: V vocabulary, m hidden units, B streams, T block length (= BPTT steps); "
-        f"repeatable; keys left out keep the default's value (default: {DEFAULT_CONFIG})",
+        help=f"a configuration: V vocabulary, m hidden units, B streams, T block length (= BPTT steps), "
+        f"out bptt's output layer ({'/'.join(OUTPUT_LAYERS)}; the peer always uses a full softmax), C classes "
+        f"for out=class; repeatable; keys left out keep the default's value (default: {DEFAULT_CONFIG},out=softmax)",
     )
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per side (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per side (default: 3)")
