@@ -53,8 +53,11 @@ def stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, block: int = 256) 
         y = tokens[start + 1 : start + block + 1].unsqueeze(1)
         x = x[: y.shape[0]]
         S = model.forward(x, h)  # (T,1,m)
-        log_p = model.output.log_probs(model.params, S[:, 0])  # (T,V), exactly normalized
-        total -= float(log_p.gather(1, y).sum())
+        if getattr(model.output, "forward_is_nll", False):  # −Σ ln P(y), without all V probabilities
+            total += float(model.output.forward(model.params, S[:, 0], y[:, 0])[0])
+        else:
+            log_p = model.output.log_probs(model.params, S[:, 0])  # (T,V), exactly normalized
+            total -= float(log_p.gather(1, y).sum())
         h = S[-1]
     return total
 

@@ -6,6 +6,8 @@ An output layer is a class with
     backward(params, S (N,m), cache, targets, weights, grads) -> dS (N,m), accumulating into grads
     log_probs(params, S (N,m)) -> (N,V) natural-log probabilities, exactly normalized over the
         vocabulary, for evaluation and scoring (whatever the training objective)
+    forward_is_nll: True where forward's loss is exactly −Σ ln P(target) (full softmax with
+        cross-entropy, class, hsm): evaluation then skips the (N,V) log_probs
 
 OUTPUT_LAYERS maps the name used by ElmanLM(output=...) and `bptt train --output` to a builder
     builder(vocab_size, *, loss, output_activation, classes, word_counts, seed) -> layer

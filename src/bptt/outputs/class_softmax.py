@@ -56,6 +56,8 @@ class ClassSoftmaxCache:
 class ClassSoftmaxOutput:
     """Softmax over classes times softmax within the target's class; cross-entropy loss only."""
 
+    forward_is_nll = True  # forward's loss is exactly −Σ ln P(target): evaluation needs no log_probs
+
     def __init__(self, word_class, loss: str = "cross_entropy", output_activation_name: str = "softmax"):
         if loss != "cross_entropy" or output_activation_name != "softmax":
             raise ValueError("output='class' is a softmax with loss='cross_entropy'")

@@ -64,6 +64,7 @@ class FullOutput:
                 "use loss='quadratic' with sigmoid or identity outputs"
             )
         self.loss = loss
+        self.forward_is_nll = loss == "cross_entropy"  # forward's loss is exactly −Σ ln P(target)
         self._workspace: Tensor | None = None  # the (N,V) buffer for g, reused from call to call
 
     def _g_buffer(self, N: int, like: Tensor) -> Tensor:

@@ -88,6 +88,8 @@ class HierarchicalSoftmaxCache:
 class HierarchicalSoftmaxOutput:
     """Binary decisions along the target's Huffman path; cross-entropy loss only."""
 
+    forward_is_nll = True  # forward's loss is exactly −Σ ln P(target): evaluation needs no log_probs
+
     # Upper bound on the N·V·D elements log_probs gathers at once (chunks over N above it).
     LOG_PROBS_CHUNK_ELEMENTS = 1 << 24
 
