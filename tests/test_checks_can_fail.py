@@ -85,3 +85,22 @@ def test_truncation_off_by_one_is_rejected(monkeypatch, k):
     _, grads, _ = model.loss_and_grads(x, y, h0, truncation=k + 1)
     _, ref = autograd_loss_and_grads(model.params, "tanh", "softmax", "cross_entropy", x, y, h0, truncation=k)
     assert max_rel_error(grads, ref) > 1e-3
+
+
+def test_gradcheck_rejects_a_broken_factorized_layer(monkeypatch):
+    """The output-layer rows of bptt gradcheck fail when a layer's gradient loses a term."""
+    from bptt.gradcheck import check_output_layer
+    from bptt.outputs.hsm import HierarchicalSoftmaxOutput
+
+    original = HierarchicalSoftmaxOutput.backward
+
+    def without_bias_gradient(self, params, S, cache, targets, weights, grads):
+        dS = original(self, params, S, cache, targets, weights, grads)
+        grads["c"].zero_()
+        return dS
+
+    intact = check_output_layer("hsm", vocab=7, hidden=4, steps=4, batch=2, bias=True, dtype=torch.float64, seed=0)
+    assert max(row.errors["fd"] for row in intact) <= 1e-6
+    monkeypatch.setattr(HierarchicalSoftmaxOutput, "backward", without_bias_gradient)
+    broken = check_output_layer("hsm", vocab=7, hidden=4, steps=4, batch=2, bias=True, dtype=torch.float64, seed=0)
+    assert {row.parameter for row in broken if row.errors["fd"] > 1e-3} == {"c"}
