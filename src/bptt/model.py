@@ -143,7 +143,11 @@ class ElmanLM:
 
     @torch.no_grad()
     def loss(self, inputs: Tensor, targets: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """The loss alone (forward only), summed over positions: a 0-d tensor."""
+        """The training loss alone (forward only), summed over positions: a 0-d tensor.
+
+        For output="nce" or "sampled" this is the sampled training objective, not −Σ ln P: use
+        log_probs (exactly normalized) or bptt.evaluate for perplexity.
+        """
         inputs, targets, weights = self.prepare(inputs, targets, mask)
         return sequence_loss(self.cell, self.output, self.params, inputs, targets, self._h0(h0, inputs.shape[1]), weights)
 
