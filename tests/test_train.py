@@ -170,3 +170,13 @@ def test_plateau_schedule_stops_early(corpus, tmp_path):
     assert result.epochs < 30  # stopped by the schedule, not by the epoch limit
     lrs = [r["lr"] for r in result.history]
     assert lrs[0] == 3.0 and min(lrs) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_truncation_option_reaches_the_engine(corpus, tmp_path, independent):
+    full = Trainer(config(corpus, tmp_path / "a", independent=independent))
+    cut = Trainer(config(corpus, tmp_path / "b", independent=independent, truncation=0))
+    assert cut.engine.truncation == 0
+    full.run(max_steps=3)
+    cut.run(max_steps=3)
+    assert not torch.equal(full.model.params["W"], cut.model.params["W"])  # ∂L/∂W lost its recurrent terms

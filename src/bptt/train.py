@@ -62,6 +62,7 @@ class TrainConfig:
     batch: int = 32
     bptt: int = 35
     bptt_block: int | None = None
+    truncation: int | None = None  # cap every error's path at this many recurrent connections (0: none)
     independent: bool = False
     epochs: int = 20
     lr: float | None = None
@@ -82,6 +83,8 @@ class TrainConfig:
             value = getattr(self, option)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{option.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.truncation is not None and self.truncation < 0:
+            raise ValueError(f"--truncation must be >= 0, got {self.truncation}")
         if self.bptt_block is not None and self.bptt_block < 1:
             raise ValueError(f"--bptt-block must be a positive integer, got {self.bptt_block}")
         if self.lr is not None and not self.lr > 0:
@@ -159,7 +162,7 @@ class Trainer:
             if config.schedule == "mikolov"
             else PlateauSchedule(config.lr_decay, config.patience, config.min_improvement, config.max_decays)
         )
-        self.engine = TruncatedBPTT(self.model, config.k1, config.k2)
+        self.engine = TruncatedBPTT(self.model, config.k1, config.k2, config.truncation)
         self.lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
         self.best = {k: p.clone() for k, p in self.model.params.items()}
         self.best_eval: Evaluation | None = None
@@ -190,7 +193,7 @@ class Trainer:
     def train_step(self, x, y, mask) -> None:
         model = self.model
         if self.config.independent:  # every sentence starts from s^0 = 0; padding is masked out
-            loss, grads, _ = model.loss_and_grads(x, y, mask=mask)
+            loss, grads, _ = model.loss_and_grads(x, y, mask=mask, truncation=self.config.truncation)
             tokens = int(mask.sum())
         else:
             loss, grads = self.engine.step(x, y)
@@ -371,6 +374,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
     parser.add_argument("--bptt", type=int, default=35, help="BPTT steps (default 35)")
     parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps, rnnlm style")
+    parser.add_argument("--truncation", type=int, default=None, metavar="K",
+                        help="send every error back through at most K recurrent connections (0: no BPTT at all)")
     parser.add_argument("--independent", action="store_true", help="reset the state at every sentence")
     parser.add_argument("--epochs", type=int, default=20, help="at most N epochs (default 20)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: adam 0.002, sgd 5, "
@@ -411,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
             train=args.train, valid=args.valid, model=args.model, unit=args.unit, min_count=args.min_count,
             max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, output=args.output,
             classes=args.classes, batch=args.batch,
-            bptt=args.bptt, bptt_block=args.bptt_block, independent=args.independent, epochs=args.epochs,
+            bptt=args.bptt, bptt_block=args.bptt_block, truncation=args.truncation,
+            independent=args.independent, epochs=args.epochs,
             lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2,
             min_improvement=args.min_improvement, schedule=args.schedule, lr_decay=args.lr_decay,
             patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, progress=not args.quiet,
