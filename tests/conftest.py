@@ -25,3 +25,16 @@ def make_case(F, f, loss, *, V=7, m=5, T=5, B=3, bias=True, seed=0, carried_h0=T
 def max_rel_error(grads: dict, ref: dict) -> float:
     assert grads.keys() == ref.keys()
     return max(relative_error(grads[k], ref[k]) for k in grads)
+
+
+def random_data(T: int, B: int, V: int, m: int, seed: int = 0):
+    """inputs, targets (T,B) and a carried h0 (B,m), float64."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, V, (T, B), generator=g), torch.randint(0, V, (T, B), generator=g),
+            torch.rand(B, m, generator=g, dtype=torch.float64) - 0.5)
+
+
+def layer_model(output: str, counts, *, bias=True, seed=0, m=5, **kwargs):
+    """A float64 tanh model with a factorized output layer, large weights and non-zero biases."""
+    return random_model("tanh", "softmax", "cross_entropy", len(counts), m, bias, torch.float64, seed,
+                        output=output, word_counts=list(counts), **kwargs)

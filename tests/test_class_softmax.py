@@ -9,25 +9,17 @@ import torch
 from bptt import ElmanLM
 from bptt.gradcheck import finite_difference_grads, relative_error
 from bptt.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
-from conftest import max_rel_error
+from conftest import layer_model, max_rel_error, random_data
 
 COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like
 
 
 def class_model(bias=True, classes=4, seed=0, V=11, m=5):
-    model = ElmanLM(V, m, output="class", classes=classes, word_counts=COUNTS[:V], bias=bias,
-                    dtype=torch.float64, seed=seed, init_range=0.6)
-    g = torch.Generator().manual_seed(seed + 1)
-    for p in model.params.values():
-        if p.dim() == 1:
-            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) - 0.5)
-    return model
+    return layer_model("class", COUNTS[:V], bias=bias, seed=seed, m=m, classes=classes)
 
 
 def data(T=5, B=3, V=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, V, (T, B), generator=g), torch.randint(0, V, (T, B), generator=g),
-            torch.rand(B, 5, generator=g, dtype=torch.float64) - 0.5)
+    return random_data(T, B, V, 5, seed)
 
 
 def test_frequency_binning():

@@ -14,7 +14,7 @@ from bptt.gradcheck import finite_difference_grads, relative_error
 from bptt.outputs import OUTPUT_LAYERS
 from bptt.outputs.full import FullOutput
 from bptt.outputs.sampled import NCEOutput, SampledSoftmaxOutput, UnigramNoise
-from conftest import max_rel_error
+from conftest import layer_model, max_rel_error, random_data
 
 COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like
 V, M = 11, 5
@@ -24,21 +24,14 @@ LAYERS = {"nce": NCEOutput, "sampled": SampledSoftmaxOutput}
 
 
 def sampled_model(output, bias=True, seed=0, freeze=True):
-    model = ElmanLM(V, M, output=output, word_counts=COUNTS, bias=bias, dtype=torch.float64, seed=seed,
-                    init_range=0.6)
-    g = torch.Generator().manual_seed(seed + 1)
-    for p in model.params.values():
-        if p.dim() == 1:
-            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) - 0.5)
+    model = layer_model(output, COUNTS, bias=bias, seed=seed, m=M)
     if freeze:
         model.output.freeze_noise(NOISE)
     return model
 
 
 def data(T=5, B=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, V, (T, B), generator=g), torch.randint(0, V, (T, B), generator=g),
-            torch.rand(B, M, generator=g, dtype=torch.float64) - 0.5)
+    return random_data(T, B, V, M, seed)
 
 
 def test_registered_with_the_full_softmax_parameters():

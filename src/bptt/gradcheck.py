@@ -70,10 +70,13 @@ def finite_difference_grads(
 
 
 def random_model(
-    F: str, f: str, loss: str, vocab: int, hidden: int, bias: bool, dtype: torch.dtype, seed: int
+    F: str, f: str, loss: str, vocab: int, hidden: int, bias: bool, dtype: torch.dtype, seed: int, **model_kwargs
 ) -> ElmanLM:
-    """A model with weights large enough for every term of the gradient to matter, biases non-zero."""
-    model = ElmanLM(vocab, hidden, F, f, loss, bias=bias, dtype=dtype, seed=seed, init_range=0.6)
+    """A model with weights large enough for every term of the gradient to matter, biases non-zero.
+
+    model_kwargs go to ElmanLM (e.g. output="class", classes=3, word_counts=...).
+    """
+    model = ElmanLM(vocab, hidden, F, f, loss, bias=bias, dtype=dtype, seed=seed, init_range=0.6, **model_kwargs)
     generator = torch.Generator().manual_seed(seed + 1)
     for p in model.params.values():
         if p.dim() == 1:
@@ -138,12 +141,9 @@ def check_output_layer(
     their noise words frozen (a fixed draw), so that the objective is a deterministic function.
     """
     counts = [1000 // (rank + 1) for rank in range(vocab)]  # Zipf-like, for classes and the tree
-    model = ElmanLM(vocab, hidden, output=output, classes=3, word_counts=counts, bias=bias, dtype=dtype,
-                    seed=seed, init_range=0.6)
-    generator = torch.Generator().manual_seed(seed + 1)
-    for p in model.params.values():
-        if p.dim() == 1:
-            p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) - 0.5).to(dtype))
+    layer = dict(output=output, classes=3, word_counts=counts)
+    model = random_model("tanh", "softmax", "cross_entropy", vocab, hidden, bias, dtype, seed, **layer)
+    generator = torch.Generator().manual_seed(seed + 2)
     if hasattr(model.output, "freeze_noise"):
         model.output.freeze_noise(torch.randint(0, vocab, (5,), generator=generator))
     inputs = torch.randint(0, vocab, (steps, batch), generator=generator)
@@ -152,8 +152,7 @@ def check_output_layer(
     _, grads, _ = model.loss_and_grads(inputs, targets, h0)
     model64 = model if dtype == torch.float64 else None
     if model64 is None:  # finite differences in float64 on a copy
-        model64 = ElmanLM(vocab, hidden, output=output, classes=3, word_counts=counts, bias=bias,
-                          dtype=torch.float64, seed=seed)
+        model64 = ElmanLM(vocab, hidden, bias=bias, dtype=torch.float64, seed=seed, **layer)
         for name, p in model.params.items():
             model64.params[name].copy_(p.double())
         if hasattr(model.output, "freeze_noise"):
