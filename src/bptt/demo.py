@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bptt.data import EOS, encode
-from bptt.evaluate import Evaluation, stream_nats
+from bptt.evaluate import Evaluation, evaluate_corpus
 from bptt.generate import sample
 from bptt.grammar import ClosingStats, Grammar, closing_stats
 from bptt.saved_model import load_model
@@ -95,7 +95,7 @@ def _train_and_test(name, directory, grammar, settings, seed, **bptt) -> Run:
     result = train(config)
     model, vocab, _ = load_model(config.model)  # the best epoch on valid
     test = encode(directory / "test.txt", vocab)
-    evaluation = Evaluation(test.tokens, stream_nats(model, test.ids, vocab.id(EOS)), test.oov, test.path)
+    evaluation = evaluate_corpus(model, test, vocab)
     words = sample(model, vocab, words=400, seed=seed)
     sentences, current = [], []
     for w in words:

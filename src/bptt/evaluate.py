@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from bptt.data import EOS
 from bptt.model import ElmanLM
 
 
@@ -62,6 +63,11 @@ def stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, block: int = 256) 
     return total
 
 
+def evaluate_corpus(model: ElmanLM, corpus, vocab) -> Evaluation:
+    """An encoded corpus (bptt.data.Corpus) as one stream -> its Evaluation (nats, tokens, OOV)."""
+    return Evaluation(corpus.tokens, stream_nats(model, corpus.ids, vocab.id(EOS)), corpus.oov, corpus.path)
+
+
 EXAMPLES = """examples:
   bptt eval --model m --test ptb.test.txt
   bptt eval --model m --test ptb.test.txt --json
@@ -83,7 +89,7 @@ def run(args) -> int:
 
     model, vocab, config = load_model(args.model, args.device)
     corpus = encode(args.test, vocab, config.get("training", {}).get("unit", "word"))
-    result = Evaluation(corpus.tokens, stream_nats(model, corpus.ids, vocab.id("<eos>")), corpus.oov, corpus.path)
+    result = evaluate_corpus(model, corpus, vocab)
     if args.json:
         print(json.dumps(result.to_json()))
     else:

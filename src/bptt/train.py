@@ -29,8 +29,8 @@ import torch
 from tqdm import tqdm
 
 from bptt.checkpoint import CheckpointError, load_checkpoint, pack_state, rng_state, save_checkpoint, set_rng_state, unpack_state
-from bptt.data import EOS, SentenceBatches, StreamBatches, Vocab, encode
-from bptt.evaluate import Evaluation, stream_nats
+from bptt.data import SentenceBatches, StreamBatches, Vocab, encode
+from bptt.evaluate import Evaluation, evaluate_corpus
 from bptt.model import ElmanLM
 from bptt.outputs import OUTPUT_LAYERS
 from bptt.optim import MikolovSchedule, PlateauSchedule, clip_grad_norm_, make_optimizer
@@ -121,10 +121,6 @@ class TrainResult:
 def _perplexity(bits: float) -> float:
     """2^bits, inf where that overflows (a diverging run, or an NCE objective far from a probability)."""
     return 2.0**bits if bits < 1000 else math.inf
-
-
-def evaluate_corpus(model: ElmanLM, corpus, vocab: Vocab) -> Evaluation:
-    return Evaluation(corpus.tokens, stream_nats(model, corpus.ids, vocab.id(EOS)), corpus.oov, corpus.path)
 
 
 STATE_DIR = "checkpoint"  # DIR/checkpoint/: the training state, for --resume
