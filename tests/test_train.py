@@ -180,3 +180,19 @@ def test_truncation_option_reaches_the_engine(corpus, tmp_path, independent):
     full.run(max_steps=3)
     cut.run(max_steps=3)
     assert not torch.equal(full.model.params["W"], cut.model.params["W"])  # ∂L/∂W lost its recurrent terms
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("command", ["eval", "score", "generate", "train"])
+def test_cuda_without_cuda_is_one_line_and_exit_2(corpus, tmp_path, capsys, command):
+    model_dir = str(tmp_path / "m")
+    train(config(corpus, model_dir, epochs=1))
+    argv = {
+        "eval": ["eval", "--model", model_dir, "--test", corpus[1]],
+        "score": ["score", "--model", model_dir, "--text", corpus[1]],
+        "generate": ["generate", "--model", model_dir],
+        "train": ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / "n")],
+    }[command]
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--device cuda" in err and "Traceback" not in err

@@ -35,7 +35,7 @@ from typing import Callable, Protocol
 import torch
 
 from bptt.engine import bptt_loss_and_grads, zeros_like_params
-from bptt.model import ElmanLM
+from bptt.model import ElmanLM, check_device
 from bptt.optim import SGD, clip_grad_norm_
 from bptt.outputs import OUTPUT_LAYERS
 
@@ -393,9 +393,7 @@ def _check_options(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--warmup must be a non-negative integer, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available in this torch build or on this machine")
-    return torch.device(args.device)
+    return check_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,17 @@ EXAMPLES = """examples:
 """
 
 
+def check_sampling_options(words: int, temperature: float, top_k: int | None) -> None:
+    """A ValueError naming the option for a negative --words, a non-positive or non-finite
+    --temperature, or a --top-k below 1."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"--temperature must be a positive finite number, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be a positive integer, got {top_k}")
+    if words < 0:
+        raise ValueError(f"--words must be >= 0, got {words}")
+
+
 @torch.no_grad()
 def sample(
     model: ElmanLM,
@@ -37,12 +48,7 @@ def sample(
     P(w) ∝ exp(log P(w | history) / temperature), restricted to the top_k most likely words if given.
     Deterministic for a given seed (a private CPU generator).
     """
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"--temperature must be a positive finite number, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"--top-k must be a positive integer, got {top_k}")
-    if words < 0:
-        raise ValueError(f"--words must be >= 0, got {words}")
+    check_sampling_options(words, temperature, top_k)
     generator = torch.Generator().manual_seed(int(seed))
     history = [vocab.id(EOS)] + [vocab.id(w) for w in (prompt or [])]
     h = model.initial_state(1)
@@ -88,15 +94,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from bptt.saved_model import load_model
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
     # the cheap checks first, before loading the model
-    if not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise ValueError(f"--temperature must be a positive finite number, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
-    if args.words < 0:
-        raise ValueError(f"--words must be >= 0, got {args.words}")
+    check_sampling_options(args.words, args.temperature, args.top_k)
     model, vocab, config = load_model(args.model, args.device)
     unit = config.get("training", {}).get("unit", vocab.unit)
     prompt = list(args.prompt.strip()) if unit == "char" else args.prompt.split()

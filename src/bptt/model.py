@@ -33,6 +33,14 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}") from None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a ValueError naming --device when CUDA is asked for but absent."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available in this torch build or on this machine")
+    return device
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -68,7 +76,7 @@ class ElmanLM:
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.dtype = resolve_dtype(dtype)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.bias = bool(bias)
         self.hidden_activation = hidden_activation
         self.output_activation = output_activation

@@ -11,7 +11,7 @@ import torch
 
 from bptt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bptt.data import Vocab
-from bptt.model import ElmanLM
+from bptt.model import ElmanLM, check_device
 
 VOCAB_FILE = "vocab.json"
 
@@ -40,6 +40,7 @@ def save_model(directory: str | Path, model: ElmanLM, extra: dict | None = None)
 def load_model(directory: str | Path, device: str = "cpu") -> tuple[ElmanLM, Vocab, dict]:
     """-> (model with the saved weights, its vocabulary, the whole config). CheckpointError if unusable."""
     directory = Path(directory)
+    device = check_device(device)  # a clear error before any tensor is moved
     tensors, config = load_checkpoint(directory, device=device)
     vocab = Vocab.load(directory / config.get("vocab_file", VOCAB_FILE))
     try:

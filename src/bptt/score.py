@@ -108,8 +108,6 @@ def run(args) -> int:
 
     from bptt.saved_model import load_model
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
     model, vocab, config = load_model(args.model, args.device)
     unit = config.get("training", {}).get("unit", vocab.unit)
     result = score_file(model, vocab, args.text, unit)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from bptt.checkpoint import CheckpointError, load_checkpoint, pack_state, rng_state, save_checkpoint, set_rng_state, unpack_state
 from bptt.data import SentenceBatches, StreamBatches, Vocab, encode
 from bptt.evaluate import Evaluation, evaluate_corpus
-from bptt.model import ElmanLM
+from bptt.model import ElmanLM, check_device
 from bptt.outputs import OUTPUT_LAYERS
 from bptt.optim import MikolovSchedule, PlateauSchedule, clip_grad_norm_, make_optimizer
 from bptt.saved_model import VOCAB_FILE, copy_params, save_model
@@ -97,8 +97,7 @@ class TrainConfig:
             raise ValueError(f"--lr-decay must be in (0, 1), got {self.lr_decay}")
         if self.patience < 0 or self.max_decays < 0:
             raise ValueError("--patience and --max-decays must be >= 0")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available on this machine")
+        check_device(self.device)  # before the corpora are read
 
     @property
     def k1(self) -> int:
