@@ -98,6 +98,20 @@ def test_parse_config():
     assert str(parse_config("B=2,T=3,m=4,V=5")) == "V=5,m=4,B=2,T=3"
     with pytest.raises(ValueError, match=r"^--config 'V=abc': V must be a positive integer"):
         parse_config("V=abc")
+    assert parse_config("out=class,C=10,direct=5000").direct == 5000
+    assert str(parse_config("V=5,m=4,B=2,T=3,direct=100")) == "V=5,m=4,B=2,T=3,direct=100"
+    with pytest.raises(ValueError, match="direct connections need"):
+        parse_config("out=hsm,direct=100")
+
+
+@pytest.mark.parametrize("out", ["softmax", "class"])
+def test_bptt_step_with_direct_connections_trains_them_and_carries_the_context(out):
+    config = BenchConfig(V=20, m=8, B=4, T=6, out=out, C=4, direct=200)
+    trainer = BpttTrainer(config, seed=1, device=torch.device("cpu"))
+    inputs, targets = block(token_stream(config, 1, seed=2, device=torch.device("cpu")), 0, config.T)
+    trainer.step(inputs, targets)
+    assert bool(trainer.model.params["D"].abs().sum() > 0)
+    assert torch.equal(trainer.context, inputs[-2:])
 
 
 def test_bptt_step_is_real_training():

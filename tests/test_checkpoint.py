@@ -123,7 +123,7 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     directory, model = _save(tmp_path)
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
 
-    def boom(tensors):
+    def boom(*args, **kwargs):
         raise RuntimeError("serialisation failed")
 
     monkeypatch.setattr(ckpt, "_st_save", boom)
@@ -145,10 +145,20 @@ def test_missing_directory(tmp_path):
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
 def test_missing_file(tmp_path, name):
-    directory, _ = _save(tmp_path)
+    directory, _ = _save_legacy(tmp_path) if name == "config.json" else _save(tmp_path)
     (directory / name).unlink()
     with pytest.raises(CheckpointError, match=f"{directory / name} is missing"):
         load_checkpoint(directory)
+
+
+def test_missing_config_json_is_recovered_from_the_weights(tmp_path):
+    """A first save killed between its two renames leaves only the weights: they carry the config."""
+    directory, model = _save(tmp_path)
+    (directory / "config.json").unlink()
+    tensors, config = load_checkpoint(directory)
+    assert config == {"vocab_size": 11, "hidden_size": 6, "lr": 0.1, "seed": 0}
+    assert all(torch.equal(tensors[k], p) for k, p in model.params.items())
+    assert not (directory / "config.json").exists()  # loading never writes
 
 
 def test_missing_prefix_file(tmp_path):
@@ -195,13 +205,107 @@ def test_truncated_safetensors(tmp_path):
         load_checkpoint(directory)
 
 
-def test_sha_mismatch_detects_mixed_pair(tmp_path):
+def _save_legacy(tmp_path, seed=0, name="legacy"):
+    """A checkpoint as older versions wrote it: no config embedded in the weights file."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    model = _model(seed)
+    directory = tmp_path / name
+    directory.mkdir()
+    data = save({k: p.contiguous() for k, p in model.params.items()})
+    (directory / "model.safetensors").write_bytes(data)
+    config = {"seed": seed, "weights_sha256": hashlib.sha256(data).hexdigest()}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory, model
+
+
+def test_legacy_checkpoint_without_embedded_config_loads(tmp_path):
+    directory, model = _save_legacy(tmp_path)
+    tensors, config = load_checkpoint(directory)
+    assert config == {"seed": 0} and torch.equal(tensors["W"], model.params["W"])
+
+
+def test_torn_pair_uses_the_config_embedded_in_the_weights(tmp_path):
+    """New weights next to the previous save's config.json: the weights' own config wins."""
     a, _ = _save(tmp_path, seed=0, name="a")
-    b, _ = _save(tmp_path, seed=1, name="b")
+    b, model_b = _save(tmp_path, seed=1, name="b")
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    stale = (a / "config.json").read_bytes()
+    tensors, config = load_checkpoint(a)
+    assert config["seed"] == 1
+    assert all(torch.equal(tensors[k], p) for k, p in model_b.params.items())
+    assert (a / "config.json").read_bytes() == stale  # ignored, not rewritten
+
+
+def test_mixed_pair_without_embedded_config_is_refused(tmp_path):
+    a, _ = _save_legacy(tmp_path, seed=0, name="a")
+    b, _ = _save_legacy(tmp_path, seed=1, name="b")
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())  # valid, but not a's
     with pytest.raises(CheckpointError, match="does not match weights_sha256") as info:
         load_checkpoint(a)
     assert str(a / "model.safetensors") in str(info.value) and str(a / "config.json") in str(info.value)
+
+
+def test_embedded_config_is_plain_safetensors_metadata(tmp_path):
+    """Any safetensors reader sees the config as header metadata (str -> str), no pickle involved."""
+    from safetensors import safe_open
+
+    directory, _ = _save(tmp_path)
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["bptt.config"]) == {"vocab_size": 11, "hidden_size": 6, "lr": 0.1, "seed": 0}
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_save_killed_at_a_rename_leaves_a_loadable_directory(tmp_path, monkeypatch, when):
+    """A save that dies just before or just after either rename: the directory loads, old or new."""
+    for n in (1, 2):  # the weights' rename, then config.json's
+        directory, old = _save(tmp_path, seed=0, name=f"{when}{n}")
+        new = _model(seed=1)
+        real, calls = os.replace, []
+
+        def dying(src, dst, n=n):
+            calls.append(dst)
+            if len(calls) == n:
+                if when == "after":
+                    real(src, dst)
+                raise SystemExit("killed")  # stands in for SIGKILL: nothing after it runs
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", dying)
+        with pytest.raises(SystemExit):
+            save_checkpoint(directory, new.params, {"seed": 1})
+        monkeypatch.setattr(os, "replace", real)
+        tensors, config = load_checkpoint(directory)
+        expected = 0 if (when, n) == ("before", 1) else 1
+        assert config["seed"] == expected
+        source = old if expected == 0 else new
+        assert all(torch.equal(tensors[k], p) for k, p in source.params.items())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_save_refuses_non_finite_tensors(tmp_path, bad):
+    directory, model = _save(tmp_path)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    params = {k: p.clone() for k, p in model.params.items()}
+    params["W"][1, 2] = bad
+    with pytest.raises(ValueError, match="tensor 'W' holds NaN or Inf"):
+        save_checkpoint(directory, params, {"seed": 7})
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    rng = rng_state()  # integer tensors (uint8 RNG state) are not checked
+    save_checkpoint(directory, {**model.params, **rng}, {"seed": 7})
+
+
+def test_save_removes_temp_files_of_a_killed_save(tmp_path):
+    directory, model = _save(tmp_path)
+    leftovers = [directory / ".model.safetensors.abc123.tmp", directory / ".config.json.xyz.tmp"]
+    other = directory / ".notes.txt.abc.tmp"  # not one of this checkpoint's files: kept
+    for p in [*leftovers, other]:
+        p.write_bytes(b"partial")
+    save_checkpoint(directory, model.params, {"seed": 0})
+    assert _leftovers(directory) == [other.name]
 
 
 def test_save_and_load_never_pickle(tmp_path, monkeypatch):
@@ -215,3 +319,6 @@ def test_save_and_load_never_pickle(tmp_path, monkeypatch):
     directory, model = _save(tmp_path)
     tensors, _ = load_checkpoint(directory)
     assert torch.equal(tensors["V"], model.params["V"])
+    (directory / "config.json").unlink()  # the embedded config is read without pickle too
+    tensors, config = load_checkpoint(directory)
+    assert config["seed"] == 0 and torch.equal(tensors["V"], model.params["V"])

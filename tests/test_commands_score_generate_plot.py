@@ -219,6 +219,19 @@ def test_plot_malformed_line_names_file_and_line(tmp_path, capsys):
     assert not (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.parametrize("key, value", [("train_entropy_bits", 1024.0), ("valid_entropy_bits", -1.0),
+                                        ("lr", -0.5), ("epoch", 1e300)])
+def test_plot_refuses_values_no_training_run_writes(tmp_path, capsys, key, value):
+    """2 ** 1024 overflows a float, an epoch of 1e300 breaks the axis: refused as bad input, naming the line."""
+    pytest.importorskip("matplotlib")
+    lines = [json.dumps(METRICS[0]), json.dumps({**METRICS[1], key: value})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["plot", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{tmp_path / 'metrics.jsonl'}:2:" in err and repr(key) in err
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_plot_missing_metrics_file(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["plot", "--model", str(tmp_path / "no-such-model")]) == 2

@@ -52,8 +52,9 @@ def test_training_learns_the_toy_language(corpus, tmp_path):
 @pytest.mark.parametrize(
     "kw",
     [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01, schedule="plateau"),
-     dict(output="nce"), dict(output="class", classes=3)],
-    ids=["continuous", "bptt-block", "independent", "adam-plateau", "nce", "class"],
+     dict(output="nce"), dict(output="class", classes=3), dict(direct=500, bptt=3, bptt_block=2),
+     dict(output="class", classes=3, direct=500, direct_order=4)],
+    ids=["continuous", "bptt-block", "independent", "adam-plateau", "nce", "class", "direct", "class-direct"],
 )
 def test_resume_is_exact(corpus, tmp_path, kw):
     """Train 2N steps == train N, stop, resume, train N: identical weights, optimizer and position."""

@@ -6,6 +6,8 @@ sides train for the same number of steps on the same random token stream, in thi
   bptt   ElmanLM (tanh, softmax, cross-entropy, biases, float32): bptt_loss_and_grads over the block
          (explicit forward and backward, no autograd) into reused gradient buffers, global-norm
          clipping at 0.25, in-place SGD with lr = 1.0; the hidden state is carried across blocks.
+         Optional keys: out= another output layer, C= its classes, direct= maxent direct connections
+         (hash size in weights, order 3; the n-gram context is carried with the state).
   peer   word_language_model style: nn.Embedding -> nn.RNN(tanh) -> nn.Linear, summed
          cross_entropy, loss.backward(), clip_grad_norm_(0.25), SGD with lr = 1.0, grads set to
          None; the hidden state is carried and detached across blocks.
@@ -45,12 +47,15 @@ EXAMPLES = """examples:
   bptt bench
   bptt bench --config V=10000,m=200,B=32,T=35 --config V=10000,m=500,B=64,T=35 --steps 50 --threads 1
   bptt bench --config out=class,C=100 --config out=hsm --config out=nce --config out=sampled
+  bptt bench --config out=class,C=100,direct=2000000   # + maxent direct connections, 2M weights, order 3
   bptt bench --device cuda --config V=33278,m=650,B=20,T=35 --json
 """
 
 DEFAULT_CONFIG = "V=10000,m=200,B=32,T=35"
 CONFIG_KEYS = ("V", "m", "B", "T")  # positive integers
-OPTIONAL_KEYS = {"out": "softmax", "C": "100"}  # bptt's output layer (the peer's is always a full softmax)
+# bptt's output layer (the peer's is always a full softmax) and its maxent direct connections (hash size in
+# weights, order 3; 0: none)
+OPTIONAL_KEYS = {"out": "softmax", "C": "100", "direct": "0"}
 LR = 1.0
 CLIP = 0.25
 INIT_RANGE = 0.1  # ElmanLM's default; the peer's weights are drawn the same way
@@ -67,11 +72,14 @@ class BenchConfig:
     T: int  # block length = BPTT steps
     out: str = "softmax"  # bptt's output layer: softmax, class, hsm, nce, sampled
     C: int = 100  # classes, for out=class
+    direct: int = 0  # maxent direct connections: hash size in weights (order 3), for out=softmax or class
 
     def __str__(self) -> str:
         text = ",".join(f"{key}={getattr(self, key)}" for key in CONFIG_KEYS)
         if self.out != "softmax":
             text += f",out={self.out}" + (f",C={self.C}" if self.out == "class" else "")
+        if self.direct:
+            text += f",direct={self.direct}"
         return text
 
     @property
@@ -95,13 +103,15 @@ def parse_config(text: str) -> BenchConfig:
         seen.add(key)
         values[key] = value
     parsed: dict[str, int | str] = {}
-    for key in (*CONFIG_KEYS, "C"):
+    for key in (*CONFIG_KEYS, "C", "direct"):
         value = values[key]
-        if not value.isdigit() or int(value) < 1:
+        if not value.isdigit() or (int(value) < 1 and key != "direct"):
             raise ValueError(f"--config {text!r}: {key} must be a positive integer, got {value!r}")
         parsed[key] = int(value)
     if values["out"] not in OUTPUT_LAYERS:
         raise ValueError(f"--config {text!r}: out must be one of {', '.join(OUTPUT_LAYERS)}, got {values['out']!r}")
+    if parsed["direct"] and values["out"] not in ("softmax", "class"):
+        raise ValueError(f"--config {text!r}: direct connections need out=softmax or out=class")
     return BenchConfig(**parsed, out=values["out"])
 
 
@@ -131,21 +141,24 @@ class BpttTrainer:
         self.model = ElmanLM(
             config.V, config.m, "tanh", "softmax", "cross_entropy",
             bias=True, dtype=torch.float32, seed=seed, device=device,
-            output=config.out, classes=config.C, word_counts=zipf_counts(config.V).tolist(),
+            output=config.out, classes=config.C, word_counts=zipf_counts(config.V).tolist(), direct=config.direct,
         )
         self.grads = zeros_like_params(self.model.params)  # reused by every step
         self.optimizer = SGD()
         self.h0 = self.model.initial_state(config.B)
+        self.context: Tensor | None = None  # the n-gram history of the direct connections, carried like h0
 
     @torch.no_grad()
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         model, grads = self.model, self.grads
+        features = model.direct_features(inputs, self.context)
         loss, grads, S = bptt_loss_and_grads(
-            model.cell, model.output, model.params, inputs, targets, self.h0, None, None, grads
+            model.cell, model.output, model.params, inputs, targets, self.h0, None, None, grads, features
         )
         clip_grad_norm_(grads, CLIP)
         self.optimizer.step(model.params, grads, LR)  # p -= lr * g
         self.h0 = S[-1].clone()
+        self.context = model.next_context(inputs, self.context)
         return loss
 
 

@@ -1,13 +1,24 @@
 """Checkpoints as safetensors + JSON: nothing is ever pickled or unpickled.
 
 A checkpoint directory holds `{prefix}.safetensors` (every tensor: parameters, optimizer buffers,
-the RNG state) and `config.json` (everything else, JSON-able). Both files are written atomically;
-the weights first, then the JSON, which records the sha256 of the weights file
-("weights_sha256"), so a crash between the two writes (a torn pair) is detected on load.
+the RNG state) and `config.json` (everything else, JSON-able). Both files are written atomically
+(temp file, fsync, rename), the weights first, then the JSON, which records the sha256 of the
+weights file ("weights_sha256").
+
+The weights file is self-contained: its safetensors header metadata carries the same config
+(key "bptt.config", the JSON text). So a process killed at any instant leaves a loadable directory
+(once a first save has completed its weights rename): a config.json whose sha256 matches is used as
+it is; a config.json that is missing or belongs to other weights (a kill between the two renames, a
+torn pair) is ignored and the config embedded in the weights is used instead. Loading never writes;
+the next save rewrites both files. Weights without an embedded config (files of older versions)
+still need a matching config.json: a mixed pair is refused.
+
+No checkpoint ever holds a non-finite value: save_checkpoint refuses NaN and Inf.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -23,6 +34,7 @@ Tensor = torch.Tensor
 
 CONFIG_NAME = "config.json"
 SHA_KEY = "weights_sha256"
+EMBEDDED_KEY = "bptt.config"  # safetensors header metadata: the config as JSON text
 
 
 class CheckpointError(ValueError):
@@ -45,12 +57,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove the temp files that earlier writes of path left behind when their process was killed."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write data to path atomically: temp file in the same directory, fsync, os.replace, fsync dir.
 
-    On any exception the temp file is removed and an existing file at path is left untouched.
+    On any exception the temp file is removed and an existing file at path is left untouched. A process
+    killed mid-write leaves path either old or new, and maybe a temp file ".{name}.*.tmp": the next
+    write of the same path removes such leftovers (one writer per path is assumed).
     """
     path = Path(path)
+    _remove_stale_temp_files(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -84,15 +108,23 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
     """Write DIR/{prefix}.safetensors and DIR/config.json (config + weights_sha256); create DIR if needed.
 
     Tensors are made contiguous and moved to the CPU (the caller's tensors are not changed).
-    Distinct keys must not share memory (safetensors refuses shared tensors).
+    Distinct keys must not share memory (safetensors refuses shared tensors). ValueError, before
+    anything is written, if a floating-point tensor holds NaN or Inf (naming it) or if config is
+    not JSON-able. The weights file also carries config in its header metadata, so the directory
+    stays loadable if the process dies between the two renames (see the module docstring).
+    Temp files left in DIR by an earlier killed save of these two files are removed.
     """
     directory = Path(directory)
     if SHA_KEY in config:
         raise ValueError(f"config must not contain the reserved key {SHA_KEY!r}")
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    data = _st_save(cpu)
+    for name, t in cpu.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {name!r} holds NaN or Inf values: a checkpoint never stores them")
+    embedded = json.dumps(config, sort_keys=True)  # fail before writing
+    data = _st_save(cpu, metadata={EMBEDDED_KEY: embedded})
     full = {**config, SHA_KEY: hashlib.sha256(data).hexdigest()}
-    payload = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode("utf-8")  # fail before writing
+    payload = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode("utf-8")
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / f"{prefix}.safetensors", data)
     atomic_write_bytes(directory / CONFIG_NAME, payload)
@@ -107,28 +139,58 @@ def _read(path: Path) -> bytes:
         raise CheckpointError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
 
 
+def _embedded_config(data: bytes, path: Path) -> dict | None:
+    """The config in the header metadata of a valid safetensors file (bytes), None if it has none.
+
+    The header is read as the format defines it (8-byte little-endian length, then JSON), no pickle.
+    """
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        text = (header.get("__metadata__") or {}).get(EMBEDDED_KEY)
+        if text is None:
+            return None
+        config = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: malformed embedded config: {str(e)[:200]}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: embedded config is not a JSON object")
+    return config
+
+
 def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
                     device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
-    """-> (tensors on device, config without weights_sha256). Raises CheckpointError naming the file."""
+    """-> (tensors on device, config without weights_sha256). Raises CheckpointError naming the file.
+
+    config.json is used when its weights_sha256 matches the weights file; when it is missing or does
+    not match (a save killed between its two renames) the config embedded in the weights file is
+    used, and config.json is ignored (not rewritten: loading never writes). Without an embedded
+    config the directory is refused, as is a malformed config.json.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     config_path = directory / CONFIG_NAME
     weights_path = directory / f"{prefix}.safetensors"
-    text = _read(config_path)
-    try:
-        config = json.loads(text.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{config_path}: malformed JSON: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{config_path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    expected = config.pop(SHA_KEY, None)
-    if not isinstance(expected, str):
-        raise CheckpointError(f"{config_path}: no {SHA_KEY!r} entry")
+    config: dict | None = None
+    expected: str | None = None
+    if config_path.is_file() or not weights_path.is_file():
+        text = _read(config_path)
+        try:
+            config = json.loads(text.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{config_path}: malformed JSON: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(
+                f"{config_path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+            ) from None
+        except (ValueError, RecursionError) as e:  # nesting too deep, an integer of thousands of digits
+            raise CheckpointError(f"{config_path}: malformed JSON: {str(e)[:200]}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+        expected = config.pop(SHA_KEY, None)
+        if not isinstance(expected, str):
+            raise CheckpointError(f"{config_path}: no {SHA_KEY!r} entry")
     data = _read(weights_path)
     try:
         tensors = _st_load(data)
@@ -136,11 +198,16 @@ def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{weights_path}: not a valid safetensors file: {msg}") from None
     actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
-        raise CheckpointError(
-            f"{weights_path}: sha256 {actual[:12]}… does not match {SHA_KEY} {expected[:12]}… "
-            f"in {config_path} (torn or mixed checkpoint)"
-        )
+    if config is None or actual != expected:
+        embedded = _embedded_config(data, weights_path)
+        if embedded is None and config is None:
+            raise CheckpointError(f"checkpoint file {config_path} is missing")
+        if embedded is None:
+            raise CheckpointError(
+                f"{weights_path}: sha256 {actual[:12]}… does not match {SHA_KEY} {expected[:12]}… "
+                f"in {config_path} (torn or mixed checkpoint)"
+            )
+        config = embedded
     device = torch.device(device)
     if device.type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}

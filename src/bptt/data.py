@@ -13,9 +13,11 @@ Two batching schemes:
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
+import zlib
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ UNK_ID = 1
 UNITS = ("word", "char")
 _VOCAB_FORMAT = "bptt-vocab"
 _VOCAB_VERSION = 1
+_MAX_COUNT = 1 << 63  # word counts must fit an int64
 
 
 class CorpusError(ValueError):
@@ -68,37 +71,147 @@ def read_lines(path: str | os.PathLike, unit: str = "word") -> Iterator[list[str
     unit="word": whitespace-separated tokens. unit="char": the characters of the line with leading and
     trailing whitespace (and the newline) removed; inner spaces are kept as the token " ".
     `.gz` files are decompressed transparently. Bytes are decoded as strict UTF-8 line by line, so an
-    undecodable byte raises CorpusError "FILE:LINE: ...". A missing file raises "FILE: no such file"
-    and a file without any token "FILE: empty corpus". The unit and the file's existence are checked
-    immediately; the decoding errors surface while iterating.
+    undecodable byte raises CorpusError "FILE:LINE: ..."; so does a NUL byte (a binary or UTF-16 file).
+    A UTF-8 byte-order mark at the start of the file is skipped; CRLF line ends are white space.
+    A missing file raises "FILE: no such file", a directory "FILE: is a directory" and a file without
+    any token "FILE: empty corpus". The unit and the file's existence are checked immediately; the
+    decoding errors surface while iterating. Lines are read in pieces of at most _CHUNK bytes, so a
+    line of any length is tokenized without holding more than one piece of its text at a time.
     """
     _check_unit(unit)
+    name = _check_input_file(path)
+
+    def lines() -> Iterator[list[str]]:
+        line: list[str] = []
+        for tokens, end in _read_pieces(name, unit):
+            line.extend(tokens)
+            if end:
+                if line:
+                    yield line
+                line = []
+
+    return lines()
+
+
+_CHUNK = 1 << 20  # bytes read at a time; a longer line is decoded and tokenized piece by piece
+_BOM = "\ufeff"  # a UTF-8 byte-order mark opening the file is skipped
+
+
+def _check_input_file(path: str | os.PathLike) -> str:
+    """os.fspath(path), or CorpusError "FILE: no such file" / "FILE: is a directory"."""
     name = os.fspath(path)
-    if not os.path.isfile(name):
+    if os.path.isdir(name):
+        raise CorpusError(name, "is a directory, not a text file")
+    if not os.path.exists(name):
         raise CorpusError(name, "no such file")
-    return _read_lines(name, unit)
+    return name
 
 
-def _read_lines(name: str, unit: str) -> Iterator[list[str]]:
+def _decode(raw: bytes, name: str, lineno: int, offset: int, decoder=None, final: bool = True) -> str:
+    """Strict UTF-8 without NUL; errors name the file, the line and the byte (1-based, in the line)."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise CorpusError(name, f"NUL byte (byte {offset + nul + 1} of the line): not a UTF-8 text file", lineno)
+    pending = len(decoder.getstate()[0]) if decoder is not None else 0
+    try:
+        return raw.decode("utf-8", errors="strict") if decoder is None else decoder.decode(raw, final)
+    except UnicodeDecodeError as e:
+        byte = offset - pending + e.start + 1
+        raise CorpusError(name, f"invalid UTF-8 (byte {byte} of the line)", lineno) from None
+
+
+class _LineTokenizer:
+    """Tokens of one line fed as consecutive decoded pieces: a token cut by a piece boundary is carried.
+
+    The carried text is a list of pieces joined once, so a token (or a run of white space) of any
+    length costs linear time.
+    """
+
+    def __init__(self, unit: str):
+        self.unit = unit
+        self.carry: list[str] = []  # word: a token that may continue; char: white space that may be trailing
+        self.started = False  # char: a non-space character was seen (leading white space is dropped)
+
+    def feed(self, text: str, last: bool) -> list[str]:
+        return self._words(text, last) if self.unit == "word" else self._chars(text, last)
+
+    def _words(self, text: str, last: bool) -> list[str]:
+        if not text:  # e.g. only the first bytes of a multi-byte character
+            if last and self.carry:
+                tokens, self.carry = ["".join(self.carry)], []
+                return tokens
+            return []
+        tokens = text.split()
+        if self.carry:
+            if tokens and not text[0].isspace():  # the carried token goes on
+                if len(tokens) == 1 and not text[-1].isspace() and not last:
+                    self.carry.append(text)  # and on: no white space in this piece at all
+                    return []
+                tokens[0] = "".join(self.carry) + tokens[0]
+            else:
+                tokens.insert(0, "".join(self.carry))
+            self.carry = []
+        if not last and tokens and not text[-1].isspace():
+            self.carry = [tokens.pop()]
+        return tokens
+
+    def _chars(self, text: str, last: bool) -> list[str]:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return []
+            self.started = True
+        body = text.rstrip()
+        if not body:  # white space only: trailing, unless a character follows
+            if not last:
+                self.carry.append(text)
+            return []
+        tokens = list("".join(self.carry)) + list(body) if self.carry else list(body)
+        self.carry = [text[len(body):]] if not last and len(body) < len(text) else []
+        return tokens
+
+
+def _read_pieces(name: str, unit: str) -> Iterator[tuple[list[str], bool]]:
+    """(tokens, line_ends) for every piece of every line of the file, blank lines included.
+
+    Raises CorpusError "FILE: empty corpus" at the end when no line held a token.
+    """
     opener = gzip.open if name.endswith(".gz") else open
     found = False
     try:
         with opener(name, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    text = raw.decode("utf-8", errors="strict")
-                except UnicodeDecodeError as e:
-                    msg = f"invalid UTF-8 (byte {e.start + 1} of the line)"
-                    raise CorpusError(name, msg, lineno) from None
-                if unit == "word":
-                    tokens = text.split()
-                else:
-                    tokens = list(text.strip())
-                if tokens:
-                    found = True
-                    yield tokens
-    except OSError as e:  # e.g. a truncated or corrupt .gz file
-        raise CorpusError(name, f"cannot read: {e}") from None
+            lineno = 0
+            while True:
+                raw = f.readline(_CHUNK)
+                if not raw:
+                    break
+                lineno += 1
+                if raw.endswith(b"\n") or len(raw) < _CHUNK:  # the common case: the line in one piece
+                    text = _decode(raw, name, lineno, 0)
+                    if lineno == 1:
+                        text = text.removeprefix(_BOM)
+                    tokens = text.split() if unit == "word" else list(text.strip())
+                    found = found or bool(tokens)
+                    yield tokens, True
+                    continue
+                decoder = codecs.getincrementaldecoder("utf-8")("strict")
+                tokenizer = _LineTokenizer(unit)
+                offset, bom = 0, lineno == 1  # bytes of the line before raw; a BOM may still come
+                while True:
+                    last = not raw or raw.endswith(b"\n") or len(raw) < _CHUNK
+                    text = _decode(raw, name, lineno, offset, decoder, last)
+                    if bom and text:
+                        text, bom = text.removeprefix(_BOM), False
+                    tokens = tokenizer.feed(text, last)
+                    found = found or bool(tokens)
+                    yield tokens, last
+                    if last:
+                        break
+                    offset += len(raw)
+                    raw = f.readline(_CHUNK)
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a truncated or corrupt .gz file
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise CorpusError(name, f"cannot read: {reason}") from None
     if not found:
         raise CorpusError(name, "empty corpus")
 
@@ -121,7 +234,9 @@ class Vocab:
             raise ValueError("vocabulary words must be strings")
         index = {w: i for i, w in enumerate(words)}
         if len(index) != len(words):
-            raise ValueError("vocabulary words must be unique")
+            seen: set[str] = set()
+            duplicate = next(w for w in words if w in seen or seen.add(w))
+            raise ValueError(f"vocabulary words must be unique; {duplicate!r} appears more than once")
         counts = [0] * len(words) if counts is None else [int(c) for c in counts]
         if len(counts) != len(words) or any(c < 0 for c in counts):
             raise ValueError("vocabulary counts must be one non-negative integer per word")
@@ -142,11 +257,17 @@ class Vocab:
         min_count = _positive_int("--min-count", min_count)
         if max_vocab is not None and (_positive_int("--max-vocab", max_vocab) < 2):
             raise ValueError(f"--max-vocab must be at least 2 (<eos> and <unk>), got {max_vocab}")
+        _check_unit(unit)
+        name = _check_input_file(path)
         counter: Counter[str] = Counter()
         lines = 0
-        for tokens in read_lines(path, unit):
+        in_line = False  # the line being read has a token
+        for tokens, end in _read_pieces(name, unit):
             counter.update(tokens)
-            lines += 1
+            in_line = in_line or bool(tokens)
+            if end:
+                lines += in_line
+                in_line = False
         eos_count = lines + counter.pop(EOS, 0)
         unk_count = counter.pop(UNK, 0)
         # Counter keeps first-appearance order and sorted() is stable: ties stay in that order.
@@ -183,9 +304,12 @@ class Vocab:
         words, counts = d.get("words"), d.get("counts")
         if not isinstance(words, list) or not isinstance(counts, list):
             raise ValueError("'words' and 'counts' must be lists")
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            raise ValueError("'counts' must hold integers")
-        return cls(words, counts, d.get("unit", "word"))
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < _MAX_COUNT for c in counts):
+            raise ValueError("'counts' must hold integers in [0, 2**63)")
+        unit = d.get("unit", "word")
+        if unit not in UNITS:
+            raise ValueError(f"'unit' must be one of {', '.join(UNITS)}, got {unit!r}")
+        return cls(words, counts, unit)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON atomically: temp file in the same directory, fsync, os.replace."""
@@ -195,13 +319,23 @@ class Vocab:
     def load(cls, path: str | os.PathLike) -> Vocab:
         """Read a file written by `save`; CorpusError "FILE: ..." if it is missing or malformed."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise CorpusError(path, "is a directory, not a vocabulary file")
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             raise CorpusError(path, "no such file") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorpusError(path, f"malformed vocabulary: {e}") from None
+        except OSError as e:
+            raise CorpusError(path, f"cannot read: {e.strerror or e}") from None
+        try:
+            d = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise CorpusError(path, f"malformed vocabulary: not UTF-8 text (byte {e.start + 1})") from None
+        except json.JSONDecodeError as e:
+            raise CorpusError(path, f"malformed vocabulary: line {e.lineno} column {e.colno}: {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits, nesting too deep
+            raise CorpusError(path, f"malformed vocabulary: {e or type(e).__name__}") from None
         try:
             return cls.from_json(d)
         except ValueError as e:
@@ -240,23 +374,42 @@ class Corpus:
 
 def encode(path: str | os.PathLike, vocab: Vocab, unit: str = "word") -> Corpus:
     """Map every token of `path` to its id in `vocab` (OOV -> `<unk>`), appending `<eos>` to each line."""
+    _check_unit(unit)
+    name = _check_input_file(path)
     index = vocab.index
     ids = array("i")
     starts = array("q")
     sentence_oov = array("i")
-    for tokens in read_lines(path, unit):
-        starts.append(len(ids))
-        line = [index.get(w, -1) for w in tokens]
-        missing = line.count(-1)
-        if missing:
-            line = [UNK_ID if i < 0 else i for i in line]
-        sentence_oov.append(missing)
-        ids.extend(line)
-        ids.append(EOS_ID)
+    start, missing = -1, 0  # the line being read: where its first token went (-1: none yet), its OOVs
+    for tokens, end in _read_pieces(name, unit):
+        if tokens:
+            if start < 0:
+                start = len(ids)
+            line = [index.get(w, -1) for w in tokens]
+            m = line.count(-1)
+            if m:
+                line = [UNK_ID if i < 0 else i for i in line]
+                missing += m
+            ids.extend(line)
+        if end and start >= 0:
+            starts.append(start)
+            sentence_oov.append(missing)
+            ids.append(EOS_ID)
+            start, missing = -1, 0
     ids_np = np.frombuffer(ids, dtype=np.int32).copy() if ids.itemsize == 4 else np.asarray(ids, np.int32)
     starts_np = np.asarray(starts, dtype=np.int64)
     oov_np = np.asarray(sentence_oov, dtype=np.int32)
     return Corpus(ids_np, starts_np, int(len(ids_np)), int(oov_np.sum()), os.fspath(path), oov_np)
+
+
+def stream_length(tokens: int, batch_size: int, path: str | None = None) -> int:
+    """L = (tokens - 1) // B, the positions of each of B streams; ValueError naming --batch (and the
+    corpus file, if given) if L < 1."""
+    L = (tokens - 1) // batch_size if tokens > 0 else 0
+    if L < 1:
+        corpus = f"{path}, a corpus of {tokens} tokens" if path else f"a corpus of {tokens} tokens"
+        raise ValueError(f"--batch {batch_size} is too large for {corpus} (each stream needs >= 2)")
+    return L
 
 
 class StreamBatches:
@@ -272,10 +425,7 @@ class StreamBatches:
         self.batch_size = B = _positive_int("--batch", batch_size)
         self.block_size = T = _positive_int("block length", block)
         ids = np.asarray(corpus_ids, dtype=np.int64).reshape(-1)
-        n = len(ids)
-        self.stream_length = L = (n - 1) // B if n > 0 else 0
-        if L < 1:
-            raise ValueError(f"--batch {B} is too large for a corpus of {n} tokens (each stream needs >= 2)")
+        self.stream_length = L = stream_length(len(ids), B)
         # (L, B): column b is stream b without / shifted by its first token.
         self._inputs = torch.from_numpy(np.ascontiguousarray(ids[: B * L].reshape(B, L).T))
         self._targets = torch.from_numpy(np.ascontiguousarray(ids[1 : B * L + 1].reshape(B, L).T))

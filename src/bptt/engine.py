@@ -22,25 +22,31 @@ def _flat(S: Tensor, targets: Tensor, weights: Tensor | None) -> tuple[Tensor, T
     return S.reshape(T * B, m), targets.reshape(-1), None if weights is None else weights.reshape(-1)
 
 
+def _direct(features: Tensor | None) -> dict[str, Tensor]:
+    """The output layers' keyword for maxent direct-connection offsets (N,K), passed only when present."""
+    return {} if features is None else {"features": features}
+
+
 def sequence_loss(
     cell, output, params: dict[str, Tensor], inputs: Tensor, targets: Tensor, h0: Tensor,
-    weights: Tensor | None = None,
+    weights: Tensor | None = None, features: Tensor | None = None,
 ) -> Tensor:
     """Forward only: the loss summed over all T·B positions (0-d)."""
     S = cell.forward(params, inputs, h0)
-    return output.forward(params, *_flat(S, targets, weights))[0]
+    return output.forward(params, *_flat(S, targets, weights), **_direct(features))[0]
 
 
 def output_errors(
     output, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None,
-    grads: dict[str, Tensor],
+    grads: dict[str, Tensor], features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """S (T,B,m), targets (T,B), weights (T,B)|None -> (loss, dS (T,B,m) = ∂L^t/∂s^t direct).
+    """S (T,B,m), targets (T,B), weights (T,B)|None, features (T·B,K)|None -> (loss, dS (T,B,m) = ∂L^t/∂s^t direct).
 
     The output layer runs once over all T·B positions; its own gradients accumulate into grads.
+    features: the n-gram offsets of maxent direct connections (outputs/direct.py), if the model has them.
     """
     flat_S, flat_targets, flat_weights = _flat(S, targets, weights)
-    loss, cache = output.forward(params, flat_S, flat_targets, flat_weights)
+    loss, cache = output.forward(params, flat_S, flat_targets, flat_weights, **_direct(features))
     dS = output.backward(params, flat_S, cache, flat_targets, flat_weights, grads)
     return loss, dS.view(S.shape)
 
@@ -55,6 +61,7 @@ def bptt_loss_and_grads(
     truncation: int | None = None,
     weights: Tensor | None = None,
     grads: dict[str, Tensor] | None = None,
+    features: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """One forward and one backward sweep -> (loss summed over positions, grads, S (T,B,m)).
 
@@ -66,6 +73,6 @@ def bptt_loss_and_grads(
         for g in grads.values():
             g.zero_()
     S = cell.forward(params, inputs, h0)
-    loss, dS = output_errors(output, params, S, targets, weights, grads)
+    loss, dS = output_errors(output, params, S, targets, weights, grads, features)
     cell.backward(params, inputs, h0, S, dS, grads, truncation)
     return loss, grads, S

@@ -48,18 +48,21 @@ def stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, block: int = 256) 
     """−Σ ln P(w_t | w_<t) over a token array (int32), one stream, history starting from <eos>."""
     tokens = torch.from_numpy(np.concatenate(([eos_id], ids)).astype(np.int64)).to(model.device)
     h = model.initial_state(1)
+    context = None  # the n-gram history of direct connections, carried like h (None: <eos>)
     total = 0.0
     for start in range(0, tokens.numel() - 1, block):
         x = tokens[start : start + block].unsqueeze(1)  # (T,1)
         y = tokens[start + 1 : start + block + 1].unsqueeze(1)
         x = x[: y.shape[0]]
         S = model.forward(x, h)  # (T,1,m)
+        direct = model.output_features(x, context)
         if getattr(model.output, "forward_is_nll", False):  # −Σ ln P(y), without all V probabilities
-            total += float(model.output.forward(model.params, S[:, 0], y[:, 0])[0])
+            total += float(model.output.forward(model.params, S[:, 0], y[:, 0], **direct)[0])
         else:
-            log_p = model.output.log_probs(model.params, S[:, 0])  # (T,V), exactly normalized
+            log_p = model.output.log_probs(model.params, S[:, 0], **direct)  # (T,V), exactly normalized
             total -= float(log_p.gather(1, y).sum())
         h = S[-1]
+        context = model.next_context(x, context)
     return total
 
 
@@ -85,10 +88,10 @@ def run(args) -> int:
     import json
 
     from bptt.data import encode
-    from bptt.saved_model import load_model
+    from bptt.saved_model import load_model, saved_unit
 
     model, vocab, config = load_model(args.model, args.device)
-    corpus = encode(args.test, vocab, config.get("training", {}).get("unit", "word"))
+    corpus = encode(args.test, vocab, saved_unit(config, vocab))
     result = evaluate_corpus(model, corpus, vocab)
     if args.json:
         print(json.dumps(result.to_json()))

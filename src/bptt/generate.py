@@ -22,15 +22,20 @@ EXAMPLES = """examples:
 """
 
 
+MAX_WORDS = 10_000_000  # the sampled tokens are held in memory (a list of strings)
+
+
 def check_sampling_options(words: int, temperature: float, top_k: int | None) -> None:
-    """A ValueError naming the option for a negative --words, a non-positive or non-finite
-    --temperature, or a --top-k below 1."""
+    """A ValueError naming the option for a --words outside [0, MAX_WORDS], a non-positive or
+    non-finite --temperature, or a --top-k below 1."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"--temperature must be a positive finite number, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"--top-k must be a positive integer, got {top_k}")
     if words < 0:
         raise ValueError(f"--words must be >= 0, got {words}")
+    if words > MAX_WORDS:
+        raise ValueError(f"--words must be at most {MAX_WORDS:,}, got {words:,}")
 
 
 @torch.no_grad()
@@ -52,17 +57,25 @@ def sample(
     generator = torch.Generator().manual_seed(int(seed))
     history = [vocab.id(EOS)] + [vocab.id(w) for w in (prompt or [])]
     h = model.initial_state(1)
-    S = model.forward(torch.tensor(history).unsqueeze(1), h)
+    x = torch.tensor(history, device=model.device).unsqueeze(1)  # (T,1)
+    S = model.forward(x, h)
     h = S[-1]
+    last, context = x[-1:], model.next_context(x[:-1])  # direct connections: the word just read, the ones before
     out: list[str] = []
     for _ in range(words):
-        log_p = model.output.log_probs(model.params, h).squeeze(0).double().cpu() / temperature
+        direct = model.output_features(last, context)
+        log_p = model.output.log_probs(model.params, h, **direct).squeeze(0).double().cpu() / temperature
         if top_k is not None and top_k < log_p.numel():
             threshold = torch.topk(log_p, top_k).values[-1]
             log_p = log_p.masked_fill(log_p < threshold, float("-inf"))
-        word = int(torch.multinomial(torch.softmax(log_p, 0), 1, generator=generator))
+        probs = torch.softmax(log_p, 0)
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError("the model's probabilities are not finite (NaN or infinity): its weights overflow")
+        word = int(torch.multinomial(probs, 1, generator=generator))
         out.append(vocab.words[word])
-        h = model.forward(torch.tensor([[word]]), h)[-1]
+        context = model.next_context(last, context)
+        last = torch.tensor([[word]], device=model.device)
+        h = model.forward(last, h)[-1]
     return out
 
 
@@ -92,14 +105,17 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from bptt.saved_model import load_model
+    from bptt.saved_model import load_model, saved_unit
 
     # the cheap checks first, before loading the model
     check_sampling_options(args.words, args.temperature, args.top_k)
     model, vocab, config = load_model(args.model, args.device)
-    unit = config.get("training", {}).get("unit", vocab.unit)
+    unit = saved_unit(config, vocab)
     prompt = list(args.prompt.strip()) if unit == "char" else args.prompt.split()
-    words = sample(model, vocab, args.words, args.temperature, args.top_k, prompt, args.seed)
+    try:
+        words = sample(model, vocab, args.words, args.temperature, args.top_k, prompt, args.seed)
+    except ValueError as e:
+        raise ValueError(f"{args.model}: {e}") from None
     text = format_text(prompt + words, unit)
     if text:
         print(text)

@@ -50,7 +50,8 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def finite_difference_grads(
-    model: ElmanLM, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor, eps: float = 1e-6
+    model: ElmanLM, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor, eps: float = 1e-6,
+    context: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Central differences (L(θ + ε) − L(θ − ε)) / 2ε of the model's loss, one element at a time."""
     grads = {}
@@ -60,9 +61,9 @@ def finite_difference_grads(
             where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), p.shape))
             original = p[where].item()
             p[where] = original + eps
-            up = float(model.loss(inputs, targets, h0))
+            up = float(model.loss(inputs, targets, h0, context=context))
             p[where] = original - eps
-            down = float(model.loss(inputs, targets, h0))
+            down = float(model.loss(inputs, targets, h0, context=context))
             p[where] = original
             g[where] = (up - down) / (2 * eps)
         grads[name] = g
@@ -129,19 +130,32 @@ def check_combination(
 
 
 FACTORIZED_OUTPUTS = ("class", "hsm", "nce", "sampled")
+DIRECT_OUTPUTS = ("softmax", "class")  # the layers with maxent direct connections
+DIRECT_ORDER = 3
+
+
+def direct_size(vocab: int) -> int:
+    """A small hash for the checks: room for the class layer's span (V + 3 classes) plus a few offsets,
+    so that n-gram features collide and the scatter-add of repeated windows is exercised."""
+    return 2 * vocab + 7
 
 
 def check_output_layer(
     output: str, *, vocab: int, hidden: int, steps: int, batch: int, bias: bool, dtype: torch.dtype, seed: int,
+    direct: int = 0,
 ) -> list[CheckRow]:
-    """BPTT through a factorized output layer (tanh cell) against finite differences and RTRL.
+    """BPTT through an output layer (tanh cell) against finite differences and RTRL.
 
-    The autograd model covers the seed's full output layer only; each factorized layer is also
-    checked against autograd of its own formula in the tests. NCE and sampled softmax are checked with
-    their noise words frozen (a fixed draw), so that the objective is a deterministic function.
+    For the factorized layers: the autograd model covers the seed's full output layer only; each
+    factorized layer is also checked against autograd of its own formula in the tests. NCE and sampled
+    softmax are checked with their noise words frozen (a fixed draw), so that the objective is a
+    deterministic function. direct > 0 adds maxent direct connections of order DIRECT_ORDER (hash
+    size `direct`) and a carried n-gram context.
     """
     counts = [1000 // (rank + 1) for rank in range(vocab)]  # Zipf-like, for classes and the tree
     layer = dict(output=output, classes=3, word_counts=counts)
+    if direct:
+        layer.update(direct=direct, direct_order=DIRECT_ORDER)
     model = random_model("tanh", "softmax", "cross_entropy", vocab, hidden, bias, dtype, seed, **layer)
     generator = torch.Generator().manual_seed(seed + 2)
     if hasattr(model.output, "freeze_noise"):
@@ -149,7 +163,8 @@ def check_output_layer(
     inputs = torch.randint(0, vocab, (steps, batch), generator=generator)
     targets = torch.randint(0, vocab, (steps, batch), generator=generator)
     h0 = (torch.rand(batch, hidden, generator=generator, dtype=torch.float64) - 0.5).to(dtype)
-    _, grads, _ = model.loss_and_grads(inputs, targets, h0)
+    context = torch.randint(0, vocab, (DIRECT_ORDER - 1, batch), generator=generator) if direct else None
+    _, grads, _ = model.loss_and_grads(inputs, targets, h0, context=context)
     model64 = model if dtype == torch.float64 else None
     if model64 is None:  # finite differences in float64 on a copy
         model64 = ElmanLM(vocab, hidden, bias=bias, dtype=torch.float64, seed=seed, **layer)
@@ -157,9 +172,9 @@ def check_output_layer(
             model64.params[name].copy_(p.double())
         if hasattr(model.output, "freeze_noise"):
             model64.output.freeze_noise(model.output.draw())
-    fd = finite_difference_grads(model64, inputs, targets, h0.double())
-    rtrl = model.loss_and_grads(inputs, targets, h0, method="rtrl")[1]
-    label = f"F=tanh output={output} bias={'on' if bias else 'off'}"
+    fd = finite_difference_grads(model64, inputs, targets, h0.double(), context=context)
+    rtrl = model.loss_and_grads(inputs, targets, h0, method="rtrl", context=context)[1]
+    label = f"F=tanh output={output}{'+direct' if direct else ''} bias={'on' if bias else 'off'}"
     return [
         CheckRow(label, name, {"fd": relative_error(grads[name], fd[name]), "rtrl": relative_error(grads[name], rtrl[name])})
         for name in model.params
@@ -214,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
             rows += check_combination(F, f, loss, bias=bias, truncation=truncation, **sizes)
         for output in FACTORIZED_OUTPUTS:
             rows += check_output_layer(output, bias=bias, **sizes)
+        for output in DIRECT_OUTPUTS:
+            rows += check_output_layer(output, bias=bias, direct=direct_size(args.vocab), **sizes)
     for row in rows:
         cells = []
         for c in columns:

@@ -1,7 +1,7 @@
 """ElmanLM: the seed's language model, its parameters and its explicit gradients.
 
     a^t = W s^{t-1} + U x^t (+ b)    s^t = F(a^t)
-    g^t = V s^t (+ c)                o^t = f(g^t)
+    g^t = V s^t (+ c) (+ Σ_k D[h_k^t + ·])   o^t = f(g^t)     (D: optional maxent direct connections)
     L   = ½ Σ_t Σ_k (d_k^t − o_k^t)²   or   −Σ_t log o_{y^t}^t
 
 Autograd is disabled in everything here: gradients come from the written-out backward functions.
@@ -16,6 +16,7 @@ import torch
 from bptt.cells.elman import ElmanCell
 from bptt.engine import bptt_loss_and_grads, sequence_loss, zeros_like_params
 from bptt.outputs import make_output
+from bptt.outputs.direct import check_direct, ngram_offsets, next_context
 from bptt.rtrl import elman_rtrl
 
 Tensor = torch.Tensor
@@ -55,6 +56,10 @@ class ElmanLM:
     the softmax: P(w|h) = P(class(w)|h) P(w|class(w),h), adding "Vc" (C,m) and "cc" (C,).
     Weights start uniform in [-init_range, init_range] from a generator seeded with `seed` (drawn on
     the CPU, so a seed gives the same model on every device); biases start at zero.
+    direct=H > 0 adds maxent direct connections (rnnlm -direct): "D" (H,), hashed n-gram features of
+    orders 0 .. direct_order−1 of the input history added to the output scores (outputs/direct.py);
+    D starts at zero. Methods that take `context` accept the last direct_order−1 input words before
+    the block (K−1,B), as next_context returns them; None means the history is <eos>.
     """
 
     def __init__(
@@ -72,6 +77,8 @@ class ElmanLM:
         output: str = "softmax",
         classes: int | None = None,
         word_counts: Any = None,
+        direct: int = 0,
+        direct_order: int = 3,
     ):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
@@ -88,6 +95,11 @@ class ElmanLM:
             output, self.vocab_size, loss=loss, output_activation=output_activation,
             classes=self.classes or 100, word_counts=word_counts, seed=seed,
         )
+        self.direct, self.direct_order = int(direct), int(direct_order)
+        if self.direct:
+            if not hasattr(self.output, "direct_span"):
+                raise ValueError(f"direct connections need output 'softmax' or 'class', not {output!r}")
+            check_direct(self.direct, self.direct_order, self.output.direct_span(self.vocab_size))
         self.params = self._init_params(seed, init_range)
 
     def _init_params(self, seed: int, init_range: float) -> dict[str, Tensor]:
@@ -96,6 +108,8 @@ class ElmanLM:
             **self.cell.param_shapes(self.vocab_size, self.hidden_size, self.bias),
             **self.output.param_shapes(self.vocab_size, self.hidden_size, self.bias),
         }
+        if self.direct:
+            shapes["D"] = (self.direct,)  # 1-D: starts at zero, never L2-decayed (like a bias)
         params: dict[str, Tensor] = {}
         for name, shape in shapes.items():
             if len(shape) == 1:
@@ -120,6 +134,32 @@ class ElmanLM:
         if low < 0 or high >= self.vocab_size:
             raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
         return tokens.long()
+
+    def direct_features(self, inputs: Tensor, context: Tensor | None = None) -> Tensor | None:
+        """inputs (T,B) int64, context (K−1,B)|None -> direct-connection offsets (T·B,K), or None without them."""
+        if not self.direct:
+            return None
+        if context is not None:
+            context = torch.as_tensor(context, device=self.device).long()
+            if tuple(context.shape) != (self.direct_order - 1, inputs.shape[1]):
+                raise ValueError(
+                    f"context must have shape (direct_order-1, B) = ({self.direct_order - 1}, {inputs.shape[1]}), "
+                    f"got {tuple(context.shape)}"
+                )
+        span = self.output.direct_span(self.vocab_size)
+        return ngram_offsets(inputs, context, self.direct_order, self.direct, span)
+
+    def output_features(self, inputs: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
+        """The output layer's extra keyword for the positions of `inputs` (T,B): {"features": (T·B,K)}
+        with direct connections, {} without. Pass it to output.forward / output.log_probs."""
+        features = self.direct_features(inputs, context)
+        return {} if features is None else {"features": features}
+
+    def next_context(self, inputs: Tensor, context: Tensor | None = None) -> Tensor | None:
+        """The context (K−1,B) of the block after `inputs` (T,B); None without direct connections."""
+        if not self.direct:
+            return None
+        return next_context(torch.as_tensor(inputs, device=self.device).long(), context, self.direct_order)
 
     def initial_state(self, batch_size: int) -> Tensor:
         """s^0 = 0, (B,m)."""
@@ -150,21 +190,25 @@ class ElmanLM:
         return self.cell.forward(self.params, inputs, self._h0(h0, inputs.shape[1]))
 
     @torch.no_grad()
-    def loss(self, inputs: Tensor, targets: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def loss(self, inputs: Tensor, targets: Tensor, h0: Tensor | None = None, mask: Tensor | None = None,
+             context: Tensor | None = None) -> Tensor:
         """The training loss alone (forward only), summed over positions: a 0-d tensor.
 
         For output="nce" or "sampled" this is the sampled training objective, not −Σ ln P: use
         log_probs (exactly normalized) or bptt.evaluate for perplexity.
         """
         inputs, targets, weights = self.prepare(inputs, targets, mask)
-        return sequence_loss(self.cell, self.output, self.params, inputs, targets, self._h0(h0, inputs.shape[1]), weights)
+        return sequence_loss(self.cell, self.output, self.params, inputs, targets, self._h0(h0, inputs.shape[1]), weights,
+                             self.direct_features(inputs, context))
 
     @torch.no_grad()
-    def log_probs(self, inputs: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def log_probs(self, inputs: Tensor, h0: Tensor | None = None, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """inputs (T,B) -> (log P(w | history) (T,B,V) in nats, s^T (B,m))."""
         S = self.forward(inputs, h0)
         T, B, m = S.shape
-        return self.output.log_probs(self.params, S.view(T * B, m)).view(T, B, -1), S[-1].clone()
+        direct = self.output_features(self._tokens("inputs", inputs), context)
+        log_p = self.output.log_probs(self.params, S.view(T * B, m), **direct)
+        return log_p.view(T, B, -1), S[-1].clone()
 
     @torch.no_grad()
     def loss_and_grads(
@@ -175,6 +219,7 @@ class ElmanLM:
         method: str = "bptt",
         truncation: int | None = None,
         mask: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """inputs, targets (T,B) int; h0 (B,m)|None -> (loss 0-d, grads {name: like params}, s^T (B,m)).
 
@@ -192,10 +237,11 @@ class ElmanLM:
                 raise ValueError(f"truncation must be a non-negative integer or None, got {truncation!r}")
         inputs, targets, weights = self.prepare(inputs, targets, mask)
         h0 = self._h0(h0, inputs.shape[1])
+        features = self.direct_features(inputs, context)
         if method == "rtrl":
-            return elman_rtrl(self.params, self.cell, self.output, inputs, targets, h0, weights)
+            return elman_rtrl(self.params, self.cell, self.output, inputs, targets, h0, weights, features)
         loss, grads, S = bptt_loss_and_grads(
-            self.cell, self.output, self.params, inputs, targets, h0, truncation, weights
+            self.cell, self.output, self.params, inputs, targets, h0, truncation, weights, features=features
         )
         return loss, grads, S[-1].clone()
 
@@ -219,5 +265,6 @@ class ElmanLM:
             f"ElmanLM(vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, "
             f"hidden_activation={self.hidden_activation!r}, output_activation={self.output_activation!r}, "
             f"loss={self.loss_name!r}, bias={self.bias}, dtype={self.dtype}, device={str(self.device)!r}, "
-            f"output={self.output_name!r}, classes={self.classes})"
+            f"output={self.output_name!r}, classes={self.classes}, direct={self.direct}, "
+            f"direct_order={self.direct_order})"
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 from bptt.data import CorpusError
@@ -21,6 +22,8 @@ from bptt.data import CorpusError
 METRICS_FILE = "metrics.jsonl"
 NEEDS_MATPLOTLIB = "bptt plot needs matplotlib: pip install 'bptt[plot]'"
 _NUMBERS = ("epoch", "lr", "train_entropy_bits", "valid_entropy_bits")
+# plausible ranges: 2^1000 is still a float; an epoch count or a rate beyond these is not from bptt train
+_RANGES = {"epoch": (0, 1e6), "lr": (0, 1e6), "train_entropy_bits": (0, 1000), "valid_entropy_bits": (0, 1000)}
 
 EXAMPLES = """examples:
   bptt plot --model m
@@ -29,7 +32,8 @@ EXAMPLES = """examples:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Records of a metrics.jsonl file, blank lines skipped. CorpusError "FILE:LINE: ..." if malformed."""
+    """Epoch records of a metrics.jsonl file; blank lines and event records ("event": "rollback", ...)
+    skipped. CorpusError "FILE:LINE: ..." if malformed."""
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise CorpusError(name, "no such file")
@@ -44,10 +48,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 raise CorpusError(name, f"not a JSON object: {e.msg}", lineno) from None
             if not isinstance(record, dict):
                 raise CorpusError(name, "not a JSON object", lineno)
+            if "event" in record:  # a training event (e.g. a rollback), not an epoch
+                continue
             for key in _NUMBERS:
                 value = record.get(key)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise CorpusError(name, f"{key!r} missing or not a finite number", lineno)
+                low, high = _RANGES[key]
+                if not low <= value <= high:
+                    raise CorpusError(name, f"{key!r} = {value!r} is outside [{low:g}, {high:g}]", lineno)
             records.append(record)
     if not records:
         raise CorpusError(name, "no epochs recorded")
@@ -92,9 +101,11 @@ def plot_curves(records: list[dict], out: str | os.PathLike, title: str = "") ->
     ax.legend(handles + h2, labels + l2, loc="best")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, format="png")
+    with warnings.catch_warnings():  # e.g. a degenerate axis range: not the user's problem, keep stderr clean
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
+        fig.savefig(out, format="png")
     return out
 
 

@@ -29,8 +29,10 @@ def elman_rtrl(
     targets: Tensor,
     h0: Tensor,
     weights: Tensor | None = None,
+    features: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """inputs, targets (T,B); h0 (B,m); weights (T,B)|None -> (loss, grads, s^T), exact gradients."""
+    """inputs, targets (T,B); h0 (B,m); weights (T,B)|None; features (T·B,K)|None (direct connections)
+    -> (loss, grads, s^T), exact gradients."""
     U, W, b = params["U"], params["W"], params.get("b")
     T, B = inputs.shape
     m, V = U.shape
@@ -63,7 +65,8 @@ def elman_rtrl(
         s = s_new
         # The output at step t: L^t and e^t = ∂L^t/∂s^t (eq. 2–5); dV and dc accumulate directly.
         w_t = None if weights is None else weights[t]
-        loss_t, cache = output.forward(params, s, targets[t], w_t)
+        direct = {} if features is None else {"features": features.view(T, B, -1)[t]}
+        loss_t, cache = output.forward(params, s, targets[t], w_t, **direct)
         e = output.backward(params, s, cache, targets[t], w_t, grads)  # (B,m)
         loss = loss + loss_t
         # ∂L^t/∂θ = Σ_r e_r^t ∂s_r^t/∂θ   (eq. 4/7 contracted with the carried sensitivities)

@@ -7,7 +7,8 @@ every reader of this package, so they get no output line). Words outside the voc
 as <unk> and counted. A summary (lines, tokens with <eos>, OOV, total log10 probability, perplexity
 over these sentences) goes to stderr at the end.
 
-Sentences are scored in padded batches of 64: one forward pass and one output-layer pass per batch.
+Sentences are scored in padded batches of up to 64 sentences of similar lengths; a long line goes
+through in pieces with the state carried, so memory stays bounded whatever the input.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bptt.data import Corpus, SentenceBatches, Vocab, encode
+from bptt.data import EOS_ID, Corpus, Vocab, _positive_int, encode
 from bptt.model import ElmanLM
 
 LN10 = math.log(10)
 _MAX_ROWS_X_VOCAB = 1 << 24  # cap on the (rows, V) log-probability block computed at once
+_POSITIONS_PER_PASS = 1 << 16  # cap on the padded (T, B) positions of one forward pass
 
 EXAMPLES = """examples:
   bptt score --model m --text nbest.txt > scores.txt
@@ -62,24 +64,47 @@ class ScoredText:
 def sentence_ln_probs(model: ElmanLM, corpus: Corpus, batch_size: int = 64) -> np.ndarray:
     """(S,) float64: ln P(w_1 .. w_n <eos>) of every sentence, each from a fresh state with history <eos>.
 
-    Sentences are batched with padding (SentenceBatches); only the unpadded positions go through the
-    output layer, in row chunks so that the (rows, V) block stays bounded.
+    Sentences go through the model sorted by length, up to `batch_size` of similar lengths at a time
+    (padded to the longest of them, the padding masked out), and a batch goes through time in pieces
+    of at most _POSITIONS_PER_PASS // B steps with the state carried: memory stays bounded whatever
+    the length of a line. Only the unpadded positions go through the output layer, in row chunks so
+    that the (rows, V) block stays bounded too.
     """
-    batches = SentenceBatches(corpus, batch_size)
-    out = np.empty(len(corpus.sentence_starts), dtype=np.float64)
-    chunk = max(1, _MAX_ROWS_X_VOCAB // model.vocab_size)
-    for i, (x, y, mask) in enumerate(batches):
-        x, y, mask = x.to(model.device), y.to(model.device), mask.to(model.device)
-        S = model.forward(x)  # (T,B,m), zero initial state: every column a fresh sentence
-        rows = mask.nonzero(as_tuple=True)  # unpadded (t, b) positions
-        states, targets, columns = S[rows], y[rows], rows[1]
-        picked = torch.empty(targets.shape[0], dtype=torch.float64, device=model.device)
-        for lo in range(0, targets.shape[0], chunk):
-            log_p = model.output.log_probs(model.params, states[lo : lo + chunk])
-            picked[lo : lo + chunk] = log_p.gather(1, targets[lo : lo + chunk, None]).squeeze(1).double()
-        sums = torch.zeros(x.shape[1], dtype=torch.float64, device=model.device)
-        sums.index_add_(0, columns, picked)
-        sel = batches.order[i * batch_size : i * batch_size + x.shape[1]]
+    batch_size = _positive_int("batch_size", batch_size)
+    ids = np.asarray(corpus.ids, dtype=np.int64)
+    starts = np.asarray(corpus.sentence_starts, dtype=np.int64)
+    lengths = np.diff(np.append(starts, len(ids)))
+    out = np.zeros(len(starts), dtype=np.float64)
+    order = np.argsort(lengths, kind="stable")
+    rows_per_chunk = max(1, _MAX_ROWS_X_VOCAB // model.vocab_size)
+    for first in range(0, len(order), batch_size):
+        sel = order[first : first + batch_size]
+        b_starts, b_lengths = starts[sel], lengths[sel]
+        B = len(sel)
+        steps = max(1, _POSITIONS_PER_PASS // B)
+        h = model.initial_state(B)
+        context = None  # direct connections' n-gram history: <eos> at a sentence start, then carried
+        sums = torch.zeros(B, dtype=torch.float64, device=model.device)
+        for lo in range(0, int(b_lengths.max()), steps):
+            t = np.arange(lo, min(lo + steps, int(b_lengths.max())))[:, None]  # (T', 1)
+            mask = t < b_lengths[None, :]  # (T', B)
+            pos = np.where(mask, b_starts[None, :] + t, 0)  # target positions, 0 where padded
+            targets = np.where(mask, ids[pos], 0)
+            inputs = np.where(mask & (t > 0), ids[np.maximum(pos - 1, 0)], EOS_ID)
+            x = torch.from_numpy(inputs).to(model.device)
+            y = torch.from_numpy(targets).to(model.device)
+            S = model.forward(x, h)  # (T', B, m)
+            h = S[-1]
+            rows = torch.from_numpy(mask).to(model.device).nonzero(as_tuple=True)  # unpadded (t, b)
+            states, wanted, columns = S[rows], y[rows], rows[1]
+            features = model.direct_features(x, context)  # (T'·B, K) or None
+            features = None if features is None else features.view(*x.shape, -1)[rows]
+            context = model.next_context(x, context)
+            for r in range(0, wanted.shape[0], rows_per_chunk):
+                direct = {} if features is None else {"features": features[r : r + rows_per_chunk]}
+                log_p = model.output.log_probs(model.params, states[r : r + rows_per_chunk], **direct)
+                picked = log_p.gather(1, wanted[r : r + rows_per_chunk, None]).squeeze(1).double()
+                sums.index_add_(0, columns[r : r + rows_per_chunk], picked)
         out[sel] = sums.cpu().numpy()
     return out
 
@@ -106,10 +131,10 @@ def run(args) -> int:
     import json
     import sys
 
-    from bptt.saved_model import load_model
+    from bptt.saved_model import load_model, saved_unit
 
     model, vocab, config = load_model(args.model, args.device)
-    unit = config.get("training", {}).get("unit", vocab.unit)
+    unit = saved_unit(config, vocab)
     result = score_file(model, vocab, args.text, unit)
     scores = result.ln_probs if args.ln else result.log10_probs
     key = "ln_prob" if args.ln else "log10_prob"

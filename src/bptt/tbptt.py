@@ -43,11 +43,12 @@ class TruncatedBPTT:
         self._hist_inputs: Tensor | None = None  # (h,B) inputs of the kept history steps
         self._hist_S: Tensor | None = None  # (h,B,m) their states
         self._hist_start: Tensor | None = None  # (B,m) the state before the history
+        self.context: Tensor | None = None  # (K−1,B) the last input words, for maxent direct connections
 
     def state_dict(self) -> dict[str, Tensor]:
         """The carried state and history as tensors (empty at the start of a stream), for checkpoints."""
         parts = {"state": self.state, "hist_inputs": self._hist_inputs, "hist_S": self._hist_S,
-                 "hist_start": self._hist_start}
+                 "hist_start": self._hist_start, "context": self.context}
         return {k: v.clone() for k, v in parts.items() if v is not None}
 
     def load_state_dict(self, d: dict[str, Tensor]) -> None:
@@ -55,6 +56,7 @@ class TruncatedBPTT:
         self.state = d.get("state")
         self._hist_inputs, self._hist_S = d.get("hist_inputs"), d.get("hist_S")
         self._hist_start = d.get("hist_start")
+        self.context = d.get("context")
 
     @torch.no_grad()
     def step(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -73,7 +75,9 @@ class TruncatedBPTT:
             g.zero_()
         params, cell = model.params, model.cell
         S = cell.forward(params, inputs, self.state)
-        loss, dS = output_errors(model.output, params, S, targets, weights, self.grads)
+        features = model.direct_features(inputs, self.context)  # None without direct connections
+        loss, dS = output_errors(model.output, params, S, targets, weights, self.grads, features)
+        self.context = model.next_context(inputs, self.context)
         if self._hist_S is not None:
             win_inputs = torch.cat((self._hist_inputs, inputs))
             win_S = torch.cat((self._hist_S, S))

@@ -13,37 +13,67 @@ epoch the valid entropy is measured; once its relative improvement drops under -
 the rate is halved every epoch, and training stops when it drops under it again (or, with
 --schedule plateau, the rate is divided on a plateau and training stops early). The best model on
 valid is kept in DIR (model.safetensors, config.json, vocab.json); metrics.jsonl logs every epoch.
+
+Reliability: every file is written atomically and each weights file carries its own config, so a
+run killed at any instant (even SIGKILL, even mid-write) leaves DIR and DIR/checkpoint loadable, and
+`bptt train --resume DIR` continues from the last checkpoint to the same weights as an uninterrupted
+run. SIGINT (Ctrl-C) and SIGTERM stop at the next step boundary after saving the state (exit codes 130
+and 143). A step whose loss or gradients are not finite, or whose gradient norm (per-token mean,
+before clipping) exceeds --max-grad-norm, is not applied: the run rolls back to the last saved
+state, halves the learning rate and goes on; 5 rollbacks in a row without a checkpoint in between
+stop it (exit code 1). No checkpoint ever holds NaN or Inf.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from bptt.checkpoint import CheckpointError, load_checkpoint, pack_state, rng_state, save_checkpoint, set_rng_state, unpack_state
+from bptt.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    pack_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unpack_state,
+)
 from bptt.data import SentenceBatches, StreamBatches, Vocab, encode
 from bptt.evaluate import Evaluation, evaluate_corpus
 from bptt.model import ElmanLM, check_device
 from bptt.outputs import OUTPUT_LAYERS
 from bptt.optim import MikolovSchedule, PlateauSchedule, clip_grad_norm_, make_optimizer
-from bptt.saved_model import VOCAB_FILE, copy_params, save_model
+from bptt.saved_model import VOCAB_FILE, VOCAB_SHA_KEY, copy_params, file_sha256, refuse_pickle_files, save_model
+from bptt.resources import guard_training
 from bptt.tbptt import TruncatedBPTT
 
 EXAMPLES = """examples:
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m
   bptt train --train a.txt --valid b.txt --model m --hidden 300 --bptt 4 --bptt-block 10 --lr 5
   bptt train --train a.txt --valid b.txt --model m --independent --optimizer sgd --lr 5
+  bptt train --resume m      # after a kill, Ctrl-C (exit 130) or SIGTERM (exit 143): same weights in the end
+
+reliability: a kill at any instant leaves m/ and m/checkpoint/ loadable; Ctrl-C or SIGTERM saves the
+state at the next step and exits; a step with a non-finite loss or gradient, or a gradient norm above
+--max-grad-norm, is undone (back to the last checkpoint, learning rate halved; logged on stderr and in
+metrics.jsonl as "event": "rollback"), and 5 rollbacks in a row stop the run with exit code 1.
 """
 
 SCHEDULES = ("mikolov", "plateau")
+MAX_LR = 1e4  # a larger rate is a typo, not a setting
 DEFAULT_LR = {"sgd": 5.0, "adam": 2e-3, "adagrad": 0.1, "rmsprop": 1e-3}
 
 
@@ -59,6 +89,8 @@ class TrainConfig:
     activation: str = "tanh"
     output: str = "softmax"  # or "class": Mikolov's class-based softmax with `classes` classes
     classes: int = 100
+    direct: int = 0  # maxent direct connections: hash size in weights (rnnlm -direct, in millions there); 0: none
+    direct_order: int = 3  # n-gram features of orders 0 .. direct_order−1
     batch: int = 32
     bptt: int = 35
     bptt_block: int | None = None
@@ -68,6 +100,7 @@ class TrainConfig:
     lr: float | None = None
     optimizer: str = "adam"
     clip: float = 0.25
+    max_grad_norm: float = 1e3  # a step with a larger gradient norm (per-token mean) is rolled back; 0: off
     l2: float = 0.0
     min_improvement: float = 1.003
     schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs
@@ -87,8 +120,16 @@ class TrainConfig:
             raise ValueError(f"--truncation must be >= 0, got {self.truncation}")
         if self.bptt_block is not None and self.bptt_block < 1:
             raise ValueError(f"--bptt-block must be a positive integer, got {self.bptt_block}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.direct < 0 or self.direct_order < 1:
+            raise ValueError(f"--direct must be >= 0 and --direct-order >= 1, got {self.direct} and {self.direct_order}")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
+        if not 0 <= self.clip < math.inf:
+            raise ValueError(f"--clip must be >= 0 (0: off), got {self.clip}")
+        if not 0 <= self.l2 < 1:
+            raise ValueError(f"--l2 must be in [0, 1), got {self.l2}")
+        if not 0 < self.min_improvement < math.inf:
+            raise ValueError(f"--min-improvement must be a positive ratio (e.g. 1.003), got {self.min_improvement}")
         if self.optimizer not in DEFAULT_LR:
             raise ValueError(f"--optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -97,6 +138,8 @@ class TrainConfig:
             raise ValueError(f"--lr-decay must be in (0, 1), got {self.lr_decay}")
         if self.patience < 0 or self.max_decays < 0:
             raise ValueError("--patience and --max-decays must be >= 0")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"--max-grad-norm must be >= 0 (0: off), got {self.max_grad_norm}")
         check_device(self.device)  # before the corpora are read
 
     @property
@@ -114,7 +157,9 @@ class TrainResult:
     epochs: int
     seconds: float
     history: list[dict] = field(default_factory=list)
-    finished: bool = True  # False when stopped by max_steps (resume with --resume)
+    finished: bool = True  # False when stopped by max_steps or a signal (resume with --resume)
+    interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, if one did
+    events: list[dict] = field(default_factory=list)  # rollbacks, as in metrics.jsonl
 
 
 def _perplexity(bits: float) -> float:
@@ -123,6 +168,13 @@ def _perplexity(bits: float) -> float:
 
 
 STATE_DIR = "checkpoint"  # DIR/checkpoint/: the training state, for --resume
+METRICS_FILE = "metrics.jsonl"
+MAX_ROLLBACKS = 5  # rollbacks in a row (no good checkpoint in between) before the run is declared diverged
+ROLLBACK_LR_SCALE = 0.5
+
+
+class TrainingDiverged(ValueError):
+    """MAX_ROLLBACKS rollbacks in a row; the one-line message says where the last good state is."""
 
 
 class Trainer:
@@ -132,7 +184,9 @@ class Trainer:
     score and generate read). DIR/checkpoint/: the whole training state (current weights, best
     weights, optimizer buffers, the carried BPTT state, RNG state as tensors; config, epoch, step
     within the epoch, learning rate, schedule, metrics as JSON), written atomically every
-    --checkpoint-every steps, at the end of every epoch, and when stopped.
+    --checkpoint-every steps, at the end of every epoch, and when stopped; DIR/metrics.jsonl is
+    rewritten from it, so it never holds an epoch the checkpoint does not. The last state saved is
+    also kept in memory: a diverging step rolls back to it (see train_step).
     """
 
     def __init__(self, config: TrainConfig, vocab: Vocab | None = None):
@@ -144,12 +198,15 @@ class Trainer:
             vocab = Vocab.build(config.train, config.unit, config.min_count, config.max_vocab)
             vocab.save(self.out / VOCAB_FILE)
         self.vocab = vocab
+        self._vocab_sha = file_sha256(self.out / VOCAB_FILE)  # recorded in checkpoints, checked on resume
         self.train_corpus = encode(config.train, vocab, config.unit)
         self.valid_corpus = encode(config.valid, vocab, config.unit)
+        guard_training(config, vocab, self.train_corpus, self.valid_corpus)  # refuse before allocating
         torch.manual_seed(config.seed)
         self.model = ElmanLM(
             len(vocab), config.hidden, config.activation, seed=config.seed, device=config.device,
             output=config.output, classes=config.classes, word_counts=vocab.counts,
+            direct=config.direct, direct_order=config.direct_order,
         )
         self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2)
         self.schedule = (
@@ -161,7 +218,8 @@ class Trainer:
         self.lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
         self.best = {k: p.clone() for k, p in self.model.params.items()}
         self.best_eval: Evaluation | None = None
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one record per epoch
+        self.events: list[dict] = []  # one record per rollback
         self.epoch = 1  # the epoch in progress (1-based)
         self.step_in_epoch = 0  # blocks of this epoch already trained on
         self.global_step = 0
@@ -169,6 +227,10 @@ class Trainer:
         self.epoch_tokens = 0
         self.epoch_seconds = 0.0
         self.done = False
+        self._snapshot: tuple[dict[str, torch.Tensor], dict] | None = None  # the last state saved
+        self._rollbacks_in_a_row = 0
+        self._metrics_written: tuple[int, int] | None = None  # (epochs, events) in metrics.jsonl
+        self._stop_signal: int | None = None
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -185,8 +247,16 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------------
 
-    def train_step(self, x, y, mask) -> None:
+    def train_step(self, x, y, mask) -> bool:
+        """One update; True if applied. False if the step diverged and the trainer was rolled back.
+
+        The step is not applied when the loss or the gradient norm (of the per-token mean gradient,
+        before clipping) is not finite, or the norm exceeds --max-grad-norm (> 0): the trainer returns
+        to the last saved state with half the learning rate (see _rollback). One host sync per step.
+        """
         model = self.model
+        if self._snapshot is None:  # called outside run(): the state before the first step
+            self._snapshot = self._copy_state(*self._state())
         if self.config.independent:  # every sentence starts from s^0 = 0; padding is masked out
             loss, grads, _ = model.loss_and_grads(x, y, mask=mask, truncation=self.config.truncation)
             tokens = int(mask.sum())
@@ -195,55 +265,113 @@ class Trainer:
             tokens = y.numel()
         for g in grads.values():
             g.div_(tokens)  # the mean over the block's counted tokens
-        clip_grad_norm_(grads, self.config.clip)
+        norm = clip_grad_norm_(grads, self.config.clip)
+        loss_value, norm_value = torch.stack(
+            [loss.detach().to(torch.float64).reshape(()), norm.to(loss.device, torch.float64)]
+        ).tolist()
+        bound = self.config.max_grad_norm
+        if not math.isfinite(loss_value):
+            self._rollback(f"non-finite loss ({loss_value})")
+            return False
+        if not math.isfinite(norm_value):
+            self._rollback(f"non-finite gradients (norm {norm_value})")
+            return False
+        if bound > 0 and norm_value > bound:
+            self._rollback(f"gradient norm {norm_value:.4g} above --max-grad-norm {bound:g}")
+            return False
         self.optimizer.step(model.params, grads, self.lr)
-        self.epoch_nats += float(loss)
+        self.epoch_nats += loss_value
         self.epoch_tokens += tokens
         self.step_in_epoch += 1
         self.global_step += 1
+        return True
 
     def run(self, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
-        """Train until the schedule stops, the epochs run out, or global_step reaches max_steps."""
+        """Train until the schedule stops, the epochs run out, or global_step reaches max_steps.
+
+        SIGINT and SIGTERM (caught while this runs, in the main thread; the previous handlers are
+        restored on return) stop the run at the next step boundary with the state saved: the result
+        has finished=False and interrupted=the signal number. A second SIGINT raises
+        KeyboardInterrupt at once, without saving (the last checkpoint stands). TrainingDiverged after
+        MAX_ROLLBACKS rollbacks in a row.
+        """
         c = self.config
         started = time.perf_counter()
-        if self.best_eval is None:
-            self.best_eval = evaluate_corpus(self.model, self.valid_corpus, self.vocab)
-            if c.progress:
-                v = self.valid_corpus
-                print(
-                    f"vocabulary {len(self.vocab)} entries; train {self.train_corpus.tokens:,} tokens, "
-                    f"{self.train_corpus.oov:,} mapped to <unk>; valid {v.tokens:,} tokens, {v.oov:,} OOV "
-                    f"({100 * v.oov_rate:.2f} %); k1={c.k1} k2={c.k2}",
-                    flush=True,
-                )
-        try:
+        self._stop_signal = None
+        with self._signals_caught():
+            if self.best_eval is None:
+                self.best_eval = evaluate_corpus(self.model, self.valid_corpus, self.vocab)
+                if c.progress:
+                    v = self.valid_corpus
+                    print(
+                        f"vocabulary {len(self.vocab)} entries; train {self.train_corpus.tokens:,} tokens, "
+                        f"{self.train_corpus.oov:,} mapped to <unk>; valid {v.tokens:,} tokens, "
+                        f"{v.oov:,} OOV ({100 * v.oov_rate:.2f} %); k1={c.k1} k2={c.k2}",
+                        flush=True,
+                    )
+            if self._snapshot is None or self._snapshot[1]["best_eval"] is None:  # before the first save
+                self._snapshot = self._copy_state(*self._state())
             while not self.done and self.epoch <= c.epochs:
                 if self.step_in_epoch == 0:
                     self.engine.reset()
                 t0 = time.perf_counter()
                 bar = tqdm(total=self.train_corpus.tokens, initial=self.epoch_tokens, desc=f"epoch {self.epoch}",
                            unit="tok", disable=not c.progress, leave=False, mininterval=0.5)
+                rolled_back = False
                 for x, y, mask in self._batches():
-                    if max_steps is not None and self.global_step >= max_steps:
+                    at_max = max_steps is not None and self.global_step >= max_steps
+                    if self._stop_signal is not None or at_max:
+                        bar.close()
                         self.epoch_seconds += time.perf_counter() - t0
-                        self.save_state()
+                        if not self._checkpoint():
+                            rolled_back = True
+                            break
                         return self._result(started, finished=False)
                     before = self.epoch_tokens
-                    self.train_step(x, y, mask)
+                    if not self.train_step(x, y, mask):
+                        rolled_back = True
+                        break
                     bar.update(self.epoch_tokens - before)
                     bar.set_postfix(loss=f"{self.epoch_nats / self.epoch_tokens:.3f}", lr=f"{self.lr:.3g}", refresh=False)
                     if checkpoint_every and self.global_step % checkpoint_every == 0:
-                        self.save_state()
+                        if not self._checkpoint():
+                            rolled_back = True
+                            break
                 bar.close()
+                if rolled_back:
+                    continue  # the epoch goes on from the restored position
                 self.epoch_seconds += time.perf_counter() - t0
+                if not self._finite(self._state()[0]):
+                    self._rollback("non-finite weights or optimizer state", self.global_step)
+                    continue
+                if self._stop_signal is not None:  # stop before the (possibly long) validation
+                    self.save_state()
+                    return self._result(started, finished=False)
                 self._end_epoch()
                 self.save_state()
-        except KeyboardInterrupt:
-            self.save_state()  # the position reached is kept: --resume continues from it
-            raise
-        self.done = True
-        self.save_state()
-        return self._result(started, finished=True)
+            self.done = True
+            self.save_state()
+            return self._result(started, finished=True)
+
+    @contextlib.contextmanager
+    def _signals_caught(self) -> Iterator[None]:
+        """While inside: SIGINT/SIGTERM set self._stop_signal (checked at step boundaries; nothing is
+        written from the handler). A second SIGINT raises KeyboardInterrupt. Main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
     def _end_epoch(self) -> None:
         c = self.config
@@ -265,9 +393,7 @@ class Trainer:
             "seconds": self.epoch_seconds,
             "tokens_per_s": self.epoch_tokens / max(self.epoch_seconds, 1e-9),
         }
-        self.history.append(record)
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.history.append(record)  # metrics.jsonl is rewritten from it by save_state
         if c.progress:
             print(
                 f"epoch {self.epoch}: lr {self.lr:.3g}  train ppl {_perplexity(record['train_entropy_bits']):.1f}  "
@@ -282,11 +408,63 @@ class Trainer:
         self.epoch_nats, self.epoch_tokens, self.epoch_seconds = 0.0, 0, 0.0
 
     def _result(self, started: float, finished: bool) -> TrainResult:
-        return TrainResult(self.best_eval, len(self.history), time.perf_counter() - started, self.history, finished)
+        return TrainResult(self.best_eval, len(self.history), time.perf_counter() - started, self.history,
+                           finished, interrupted=self._stop_signal, events=self.events)
+
+    # -- divergence ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _finite(tensors: dict[str, torch.Tensor]) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+    def _checkpoint(self) -> bool:
+        """save_state; but if the state holds NaN or Inf, roll back instead and return False."""
+        tensors, state = self._state()
+        if not self._finite(tensors):
+            self._rollback("non-finite weights or optimizer state", self.global_step)
+            return False
+        self._write_state(tensors, state)
+        self._rollbacks_in_a_row = 0
+        return True
+
+    def _rollback(self, reason: str, fault_step: int | None = None) -> None:
+        """Return to the last saved state with the learning rate halved; log it; save that state.
+
+        fault_step: the step whose result was bad (default: the step being tried, global_step + 1).
+
+        The rollback is recorded in self.events (metrics.jsonl: "event": "rollback") and on stderr.
+        The MAX_ROLLBACKS-th in a row without a good checkpoint in between ("event": "diverged")
+        raises TrainingDiverged after saving: a later --resume starts again from the last good state
+        at the halved rate.
+        """
+        assert self._snapshot is not None  # taken by run() or the first train_step
+        fault_epoch = self.epoch
+        fault_step = self.global_step + 1 if fault_step is None else fault_step
+        lr = self.lr * ROLLBACK_LR_SCALE
+        self._rollbacks_in_a_row += 1
+        diverged = self._rollbacks_in_a_row >= MAX_ROLLBACKS
+        self.load_state(*self._snapshot)
+        self.lr = lr
+        self.events.append({"event": "diverged" if diverged else "rollback", "epoch": fault_epoch,
+                            "global_step": fault_step, "reason": reason, "restored_step": self.global_step,
+                            "lr": lr})
+        state_dir = self.out / STATE_DIR
+        print(f"rollback: {reason} at step {fault_step} (epoch {fault_epoch}); back to the state of step "
+              f"{self.global_step} in {state_dir}, learning rate halved to {lr:.3g}",
+              file=sys.stderr, flush=True)
+        self._write_state(*self._state())
+        if diverged:
+            raise TrainingDiverged(
+                f"training diverged: {MAX_ROLLBACKS} rollbacks in a row without a good checkpoint in between "
+                f"(the last: {reason} at step {fault_step}); the last good state (step {self.global_step}) "
+                f"is in {state_dir} and the best model in {self.out}; bptt train --resume {self.out} "
+                f"retries at lr {lr:.3g}"
+            )
 
     # -- checkpoints -----------------------------------------------------------------------------------
 
-    def save_state(self) -> None:
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything save_state writes: (tensors, JSON-able state). The tensors may alias live ones."""
         tensors = {f"param.{k}": p for k, p in self.model.params.items()}
         tensors.update({f"best.{k}": p for k, p in self.best.items()})
         tensors.update({f"engine.{k}": t for k, t in self.engine.state_dict().items()})
@@ -298,6 +476,7 @@ class Trainer:
         state = {
             "training": asdict(self.config),
             "vocab_file": f"../{VOCAB_FILE}",
+            VOCAB_SHA_KEY: self._vocab_sha,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
@@ -310,47 +489,111 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "best_eval": asdict(self.best_eval) if self.best_eval else None,
             "history": self.history,
+            "events": self.events,
         }
+        return tensors, state
+
+    @staticmethod
+    def _copy_state(tensors: dict[str, torch.Tensor], state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """A private copy, as load_checkpoint would return it: tensors copied to the CPU (host memory, the
+        size of the checkpoint; none on the GPU), state through JSON."""
+        return {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}, json.loads(json.dumps(state))
+
+    def _write_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         save_checkpoint(self.out / STATE_DIR, tensors, state)
+        self._snapshot = self._copy_state(tensors, state)
+        written = (len(self.history), len(self.events))
+        if written != self._metrics_written:  # after the checkpoint: never ahead of it
+            text = "".join(json.dumps(r) + "\n" for r in self._metrics())
+            atomic_write_bytes(self.out / METRICS_FILE, text.encode("utf-8"))
+            self._metrics_written = written
+
+    def _metrics(self) -> list[dict]:
+        """The epoch records with the rollback events of each epoch before it, in order."""
+        events = list(self.events)
+        out: list[dict] = []
+        for record in self.history:
+            while events and events[0]["epoch"] <= record["epoch"]:
+                out.append(events.pop(0))
+            out.append(record)
+        return out + events
+
+    def save_state(self) -> None:
+        """Write the whole training state to DIR/checkpoint atomically, then DIR/metrics.jsonl from it.
+
+        Also kept in memory as the state a rollback returns to; a good checkpoint ends a run of
+        rollbacks. ValueError (nothing written) if it holds NaN or Inf.
+        """
+        self._write_state(*self._state())
+        self._rollbacks_in_a_row = 0
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Put the trainer in a state as _state() returns it or load_checkpoint reads it back.
+
+        Shared by resume and rollback; the trainer never aliases the given tensors or lists.
+        """
+        device = self.model.device
+        for k, p in self.model.params.items():
+            p.copy_(tensors[f"param.{k}"])
+            self.best[k].copy_(tensors[f"best.{k}"])
+        engine = {k.removeprefix("engine."): t for k, t in tensors.items() if k.startswith("engine.")}
+        self.engine.load_state_dict({k: t.to(device, copy=True) for k, t in engine.items()})
+        opt = unpack_state("opt", {k: t.to(device) for k, t in tensors.items() if k.startswith("opt.")},
+                           state["optimizer"])
+        self.optimizer.load_state_dict(opt)  # copies its buffers
+        if hasattr(self.model.output, "load_state_dict"):
+            self.model.output.load_state_dict(
+                {k.removeprefix("output."): t.clone() for k, t in tensors.items() if k.startswith("output.")}
+            )
+        self.schedule.load_state_dict(state["schedule"])
+        set_rng_state(tensors)
+        for key in ("epoch", "step_in_epoch", "global_step", "epoch_nats", "epoch_tokens", "epoch_seconds", "lr",
+                    "done"):
+            setattr(self, key, state[key])
+        self.history = [dict(r) for r in state["history"]]
+        self.events = [dict(r) for r in state.get("events", [])]  # older checkpoints have none
+        self.best_eval = Evaluation(**state["best_eval"]) if state["best_eval"] else None
 
     @classmethod
     def resume(cls, directory: str | Path, progress: bool = True) -> Trainer:
         """Rebuild a trainer from DIR/checkpoint exactly as it was saved."""
         directory = Path(directory)
+        where = directory / STATE_DIR / "config.json"
+        refuse_pickle_files(directory)
+        refuse_pickle_files(directory / STATE_DIR)
         tensors, state = load_checkpoint(directory / STATE_DIR)
         try:
             config = TrainConfig(**state["training"])
         except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{directory / STATE_DIR / 'config.json'}: bad training section: {e}") from None
+            raise CheckpointError(f"{where}: bad training section: {e}") from None
         config.model, config.progress = str(directory), progress
-        trainer = cls(config, vocab=Vocab.load(directory / VOCAB_FILE))
-        device = trainer.model.device
-        for k, p in trainer.model.params.items():
-            p.copy_(tensors[f"param.{k}"])
-            trainer.best[k].copy_(tensors[f"best.{k}"])
-        trainer.engine.load_state_dict(
-            {k.removeprefix("engine."): t.to(device) for k, t in tensors.items() if k.startswith("engine.")}
-        )
-        opt = unpack_state("opt", {k: t.to(device) for k, t in tensors.items()}, state["optimizer"])
-        trainer.optimizer.load_state_dict(opt)
-        if hasattr(trainer.model.output, "load_state_dict"):
-            trainer.model.output.load_state_dict(
-                {k.removeprefix("output."): t for k, t in tensors.items() if k.startswith("output.")}
+        vocab_sha = state.get(VOCAB_SHA_KEY)  # absent in checkpoints written before it was recorded
+        if vocab_sha is not None and vocab_sha != file_sha256(directory / VOCAB_FILE):
+            raise CheckpointError(
+                f"{directory / VOCAB_FILE}: does not match the vocabulary this run was trained with (sha256 in {where})"
             )
-        trainer.schedule.load_state_dict(state["schedule"])
-        set_rng_state(tensors)
-        for key in ("epoch", "step_in_epoch", "global_step", "epoch_nats", "epoch_tokens", "epoch_seconds", "lr",
-                    "done", "history"):
-            setattr(trainer, key, state[key])
-        trainer.best_eval = Evaluation(**state["best_eval"]) if state["best_eval"] else None
+        trainer = cls(config, vocab=Vocab.load(directory / VOCAB_FILE))
+        try:
+            trainer.load_state(tensors, state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{where}: the training state does not fit this run: {str(e)[:200]}") from None
+        trainer._snapshot = (tensors, state)
         return trainer
 
 
 def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
-    """Train as configured; the best model on valid ends up in config.model. Returns the metrics."""
+    """Train as configured; the best model on valid ends up in config.model. Returns the metrics.
+
+    A SIGINT or SIGTERM stops the run at the next step with the state saved (Trainer.resume continues
+    it) and then raises KeyboardInterrupt, so that a caller such as the demo stops too.
+    """
     trainer = Trainer(config)
     (trainer.out / "metrics.jsonl").write_text("")
-    return trainer.run(max_steps, checkpoint_every)
+    result = trainer.run(max_steps, checkpoint_every)
+    if result.interrupted is not None:
+        name = signal.Signals(result.interrupted).name
+        raise KeyboardInterrupt(f"{name}: training state saved in {trainer.out / STATE_DIR}")
+    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -366,6 +609,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=sorted(OUTPUT_LAYERS), default="softmax",
                         help="output layer: softmax (full), class (class-based softmax, frequency binning), ...")
     parser.add_argument("--classes", type=int, default=100, help="classes for --output class (default 100)")
+    parser.add_argument("--direct", type=float, default=0, metavar="M",
+                        help="maxent direct connections with a hash of M million weights (rnnlm -direct; "
+                        "--output softmax or class; default 0: none)")
+    parser.add_argument("--direct-order", type=int, default=3, metavar="N",
+                        help="n-gram order of the direct connections' features (default 3)")
     parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
     parser.add_argument("--bptt", type=int, default=35, help="BPTT steps (default 35)")
     parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps, rnnlm style")
@@ -378,6 +626,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="adam",
                         help="update rule (default adam; sgd is rnnlm's and PyTorch's classic)")
     parser.add_argument("--clip", type=float, default=0.25, help="gradient-norm clipping, 0 = off (default 0.25)")
+    parser.add_argument("--max-grad-norm", type=float, default=1e3, metavar="X",
+                        help="a step whose gradient norm (per-token mean, before clipping) exceeds X, or "
+                        "whose loss or gradients are not finite, is undone: back to the last checkpoint, "
+                        "rate halved; 0 = no norm bound (default 1000)")
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
     parser.add_argument("--min-improvement", type=float, default=1.003,
                         help="Mikolov's schedule: halve the rate when valid improves by less (default 1.003)")
@@ -394,6 +646,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="stop after N steps in all (resumable with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--force", action="store_true", help="train into a --model DIR that holds a model or training state: its model, vocabulary, metrics and state are deleted first")
+
+
+def _direct_weights(millions: float) -> int:
+    """--direct M (millions of weights, rnnlm's unit) -> the hash size in weights."""
+    if not math.isfinite(millions) or millions < 0 or millions > 4096:
+        raise ValueError(f"--direct must be between 0 and 4096 (millions of weights), got {millions}")
+    return int(round(millions * 1_000_000))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -410,10 +670,11 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig(
             train=args.train, valid=args.valid, model=args.model, unit=args.unit, min_count=args.min_count,
             max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, output=args.output,
-            classes=args.classes, batch=args.batch,
+            classes=args.classes, direct=_direct_weights(args.direct), direct_order=args.direct_order, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, truncation=args.truncation,
             independent=args.independent, epochs=args.epochs,
             lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2,
+            max_grad_norm=args.max_grad_norm,
             min_improvement=args.min_improvement, schedule=args.schedule, lr_decay=args.lr_decay,
             patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, progress=not args.quiet,
         )
@@ -421,9 +682,17 @@ def run(args: argparse.Namespace) -> int:
         (trainer.out / "metrics.jsonl").write_text("")
     try:
         result = trainer.run(args.max_steps, args.checkpoint_every)
-    except KeyboardInterrupt:
-        print(f"interrupted; the training state is saved: bptt train --resume {trainer.out}", file=sys.stderr)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: nothing saved since the last checkpoint
+        print(f"interrupted at once; the last checkpoint in {trainer.out / STATE_DIR} stands: "
+              f"bptt train --resume {trainer.out}", file=sys.stderr)
         return 130
+    if result.interrupted is not None:
+        print(f"interrupted: training state saved in {trainer.out / STATE_DIR}; "
+              f"continue with bptt train --resume {trainer.out}", file=sys.stderr)
+        return 128 + int(result.interrupted)
     best = result.best_valid
     status = "finished" if result.finished else f"stopped at step {trainer.global_step} (--resume {trainer.out})"
     print(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bptt.losses import softmax_cross_entropy_backward_, softmax_cross_entropy_forward_
+from bptt.outputs.direct import direct_backward, direct_forward_, direct_gather, direct_gather_backward
 
 Tensor = torch.Tensor
 
@@ -51,6 +52,7 @@ class ClassSoftmaxCache:
     o_cls: Tensor  # (N,C) P(class | h), then overwritten by its gradient
     groups: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
     # per class present among the targets: (rows (n_c,), members (K_c,), inner targets (n_c,), o (n_c,K_c))
+    features: Tensor | None = None  # (N,K) direct-connection offsets, if any
 
 
 class ClassSoftmaxOutput:
@@ -81,6 +83,21 @@ class ClassSoftmaxOutput:
             self.members = [m.to(device) for m in self.members]
             self._device = device
 
+    def direct_span(self, vocab_size: int) -> int:
+        """Output units addressed by direct connections: word w at h + w, class c at h + V + c."""
+        return vocab_size + self.n_classes
+
+    def _class_scores(self, params: dict[str, Tensor], S: Tensor, features: Tensor | None) -> Tensor:
+        """S (N,m) -> (N,C) = Vc s + cc (+ Σ_k D[h_k + V + c])."""
+        g = self._scores(params["Vc"], params.get("cc"), S)
+        return g if features is None else direct_forward_(params["D"], features, self.word_class.numel(), g)
+
+    def _word_scores(self, params: dict[str, Tensor], S: Tensor, members: Tensor, features: Tensor | None) -> Tensor:
+        """S (n,m) of positions whose scores over the words `members` (K_c,) are wanted -> (n,K_c)."""
+        b = params["c"].index_select(0, members) if "c" in params else None
+        g = self._scores(params["V"].index_select(0, members), b, S)
+        return g if features is None else g.add_(direct_gather(params["D"], features, members.unsqueeze(0)))
+
     def param_shapes(self, vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
         if vocab_size != self.word_class.numel():
             raise ValueError(f"the class map covers {self.word_class.numel()} words, the vocabulary {vocab_size}")
@@ -95,21 +112,22 @@ class ClassSoftmaxOutput:
         return torch.addmm(b, S, W.t()) if b is not None else S @ W.t()
 
     def forward(
-        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None = None
+        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None = None,
+        features: Tensor | None = None,
     ) -> tuple[Tensor, ClassSoftmaxCache]:
-        """S (N,m), targets (N,) -> (L = −Σ w (log P(class(y)|h) + log P(y|class(y),h)), cache)."""
+        """S (N,m), targets (N,), features (N,K)|None -> (L = −Σ w (log P(class(y)|h) + log P(y|class(y),h)), cache)."""
         self._to(S.device)
         target_class = self.word_class[targets]  # (N,)
-        loss, o_cls = softmax_cross_entropy_forward_(self._scores(params["Vc"], params.get("cc"), S), target_class, weights)
-        cache = ClassSoftmaxCache(o_cls)
+        loss, o_cls = softmax_cross_entropy_forward_(self._class_scores(params, S, features), target_class, weights)
+        cache = ClassSoftmaxCache(o_cls, features=features)
         order = torch.argsort(target_class, stable=True)  # positions grouped by their target's class
         sizes = torch.bincount(target_class, minlength=self.n_classes).tolist()
         for c, rows in zip(range(self.n_classes), torch.split(order, sizes)):
             if rows.numel() == 0:
                 continue
             members = self.members[c]
-            b = params["c"].index_select(0, members) if "c" in params else None
-            g = self._scores(params["V"].index_select(0, members), b, S.index_select(0, rows))  # (n_c,K_c)
+            f_rows = None if features is None else features.index_select(0, rows)
+            g = self._word_scores(params, S.index_select(0, rows), members, f_rows)  # (n_c,K_c)
             inner = self.index_in_class[targets.index_select(0, rows)]
             w = None if weights is None else weights.index_select(0, rows)
             loss_c, o = softmax_cross_entropy_forward_(g, inner, w)
@@ -135,6 +153,9 @@ class ClassSoftmaxOutput:
         scatter-add into the rows of the class's words.
         """
         dg_cls = softmax_cross_entropy_backward_(cache.o_cls, self.word_class[targets], weights)
+        features = cache.features
+        if features is not None:  # forward was g_cls += Σ_k D[h_k + V + c]
+            direct_backward(features, self.word_class.numel(), dg_cls, grads)
         grads["Vc"].addmm_(dg_cls.t(), S)
         if "cc" in grads:
             grads["cc"].add_(dg_cls.sum(dim=0))
@@ -142,19 +163,20 @@ class ClassSoftmaxOutput:
         for rows, members, inner, o in cache.groups:
             w = None if weights is None else weights.index_select(0, rows)
             dg = softmax_cross_entropy_backward_(o, inner, w)  # (n_c,K_c)
+            if features is not None:  # forward was g_c += Σ_k D[h_k + w] for the class's words w
+                direct_gather_backward(features.index_select(0, rows), members.unsqueeze(0), dg, grads)
             grads["V"].index_add_(0, members, dg.t() @ S.index_select(0, rows))
             if "c" in grads:
                 grads["c"].index_add_(0, members, dg.sum(dim=0))
             dS.index_add_(0, rows, dg @ params["V"].index_select(0, members))
         return dS
 
-    def log_probs(self, params: dict[str, Tensor], S: Tensor) -> Tensor:
-        """S (N,m) -> log P(w | h) (N,V) in nats, exactly normalized over the vocabulary."""
+    def log_probs(self, params: dict[str, Tensor], S: Tensor, features: Tensor | None = None) -> Tensor:
+        """S (N,m), features (N,K)|None -> log P(w | h) (N,V) in nats, exactly normalized over the vocabulary."""
         self._to(S.device)
-        log_cls = torch.log_softmax(self._scores(params["Vc"], params.get("cc"), S), dim=1)  # (N,C)
+        log_cls = torch.log_softmax(self._class_scores(params, S, features), dim=1)  # (N,C)
         out = torch.empty(S.shape[0], self.word_class.numel(), dtype=S.dtype, device=S.device)
         for c, members in enumerate(self.members):
-            b = params["c"].index_select(0, members) if "c" in params else None
-            inner = torch.log_softmax(self._scores(params["V"].index_select(0, members), b, S), dim=1)
+            inner = torch.log_softmax(self._word_scores(params, S, members, features), dim=1)
             out[:, members] = inner + log_cls[:, c : c + 1]
         return out

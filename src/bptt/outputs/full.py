@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from bptt.activations import output_activation
+from bptt.outputs.direct import direct_backward, direct_forward_
 from bptt.losses import (
     LOSSES,
     quadratic_backward,
@@ -49,6 +50,7 @@ def linear_backward(V: Tensor, S: Tensor, dg: Tensor, grads: dict[str, Tensor], 
 @dataclass
 class FullOutputCache:
     g: Tensor  # (N,V): o = f(g) (for cross-entropy computed in place over g)
+    features: Tensor | None = None  # (N,K) direct-connection offsets, if any
 
 
 class FullOutput:
@@ -75,25 +77,39 @@ class FullOutput:
         return w
 
     @staticmethod
+    def direct_span(vocab_size: int) -> int:
+        """Output units addressed by maxent direct connections: the V words."""
+        return vocab_size
+
+    @staticmethod
     def param_shapes(vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {"V": (vocab_size, hidden_size)}
         if bias:
             shapes["c"] = (vocab_size,)
         return shapes
 
+    def scores(self, params: dict[str, Tensor], S: Tensor, features: Tensor | None = None,
+               out: Tensor | None = None) -> Tensor:
+        """S (N,m), features (N,K)|None -> g (N,V) = V s^t + c (+ Σ_k D[h_k^t + w], direct connections)."""
+        g = linear_forward(params["V"], params.get("c"), S, out=out)
+        if features is not None:
+            direct_forward_(params["D"], features, 0, g)
+        return g
+
     def forward(
-        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None = None
+        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None = None,
+        features: Tensor | None = None,
     ) -> tuple[Tensor, FullOutputCache]:
-        """S (N,m), targets (N,) int64 -> (L summed over the N positions, cache).
+        """S (N,m), targets (N,) int64, features (N,K)|None -> (L summed over the N positions, cache).
 
         The cache lives in a workspace reused by the next forward: call backward before that.
         """
-        g = linear_forward(params["V"], params.get("c"), S, out=self._g_buffer(S.shape[0], params["V"]))
+        g = self.scores(params, S, features, out=self._g_buffer(S.shape[0], params["V"]))
         if self.loss == "cross_entropy":
             loss, o = softmax_cross_entropy_forward_(g, targets, weights)
-            return loss, FullOutputCache(o)
+            return loss, FullOutputCache(o, features)
         o = self.f.forward(g)
-        return quadratic_forward(o, targets, weights), FullOutputCache(o)
+        return quadratic_forward(o, targets, weights), FullOutputCache(o, features)
 
     def backward(
         self,
@@ -110,10 +126,12 @@ class FullOutput:
         else:
             # forward was L = ½ Σ (d − o)², o = f(g): dL/dg = f'(g)ᵀ (o − d)   (eq. 3's ∂o_k/∂g_i)
             dg = self.f.backward(cache.g, quadratic_backward(cache.g, targets, weights))
+        if cache.features is not None:  # forward was g += Σ_k D[h_k + w]: dD gathers dg back (direct.py)
+            direct_backward(cache.features, 0, dg, grads)
         return linear_backward(params["V"], S, dg, grads, "c" in params)
 
-    def log_probs(self, params: dict[str, Tensor], S: Tensor) -> Tensor:
-        """S (N,m) -> log P(w | history) (N,V) in nats. Needs a normalized f (softmax)."""
+    def log_probs(self, params: dict[str, Tensor], S: Tensor, features: Tensor | None = None) -> Tensor:
+        """S (N,m), features (N,K)|None -> log P(w | history) (N,V) in nats. Needs a normalized f (softmax)."""
         if self.f.name != "softmax":
             raise ValueError(f"output_activation={self.f.name!r} does not define probabilities")
-        return torch.log_softmax(linear_forward(params["V"], params.get("c"), S), dim=1)
+        return torch.log_softmax(self.scores(params, S, features), dim=1)

@@ -1,0 +1,234 @@
+"""The resource guard: the memory estimate of a training run against what a real run holds, and the
+refusal of a run that does not fit, before anything of its size is allocated."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import bptt.resources as resources
+from bptt.cli import main
+from bptt.model import ElmanLM
+from bptt.resources import (
+    GIB,
+    MemoryEstimate,
+    ResourceError,
+    available_memory,
+    check_memory,
+    estimate_for_config,
+    estimate_training_memory,
+    parameter_count,
+)
+from bptt.train import TrainConfig, Trainer
+
+OUTPUTS = ["softmax", "class", "hsm", "nce", "sampled"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resources")
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)]
+    (root / "t.txt").write_text("\n".join(lines) + "\n")
+    return str(root / "t.txt")
+
+
+def _config(corpus, directory, **kw):
+    settings = dict(train=corpus, valid=corpus, model=str(directory), hidden=16, batch=8, bptt=6, epochs=1,
+                    progress=False)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_count_matches_the_model(output, bias):
+    counts = [50, 0] + [random.Random(i).randint(1, 100) for i in range(38)]
+    model = ElmanLM(40, 7, output=output, classes=6, word_counts=counts, bias=bias)
+    count = parameter_count(40, 7, output, classes=6, bias=bias, word_counts=counts)
+    assert count == sum(p.numel() for p in model.params.values())
+    skewed = [10_000, 0] + [1] * 38  # one word holds most of the mass: frequency binning drops empty bins
+    model = ElmanLM(40, 7, output=output, classes=6, word_counts=skewed, bias=bias)
+    count = parameter_count(40, 7, output, classes=6, bias=bias, word_counts=skewed)
+    assert count == sum(p.numel() for p in model.params.values())
+
+
+@pytest.mark.parametrize("output", ["softmax", "class"])
+def test_parameter_count_with_direct_connections(output):
+    counts = [50, 0] + [random.Random(i).randint(1, 100) for i in range(38)]
+    model = ElmanLM(40, 7, output=output, classes=6, word_counts=counts, direct=500, direct_order=2)
+    count = parameter_count(40, 7, output, classes=6, word_counts=counts, direct=500)
+    assert count == sum(p.numel() for p in model.params.values())
+
+
+def test_direct_connections_too_large_are_refused(corpus, tmp_path, capsys):
+    argv = ["train", "--train", corpus, "--valid", corpus, "--model", str(tmp_path / "m"), "--hidden", "8",
+            "--direct", "4096"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --direct 4096 (million weights): needs about")
+
+
+@pytest.mark.parametrize("optimizer, buffers", [("adam", 2), ("adagrad", 1), ("rmsprop", 1), ("sgd", 0)])
+@pytest.mark.parametrize("output", ["softmax", "class"])
+def test_estimate_matches_the_tensors_of_a_real_trainer(corpus, tmp_path, optimizer, buffers, output):
+    """After one step: the parameters, gradient buffers, optimizer state and best copy a Trainer holds
+    are exactly the estimate's; the (N,V) output workspace is within a factor 2."""
+    config = _config(corpus, tmp_path / "m", optimizer=optimizer, output=output, classes=20)
+    trainer = Trainer(config)
+    x, y, mask = next(trainer._batches())
+    trainer.train_step(x, y, mask)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    est = estimate_for_config(config, len(trainer.vocab), trainer.train_corpus.tokens, trainer.valid_corpus.tokens,
+                              word_counts=trainer.vocab.counts)
+    params = nbytes(trainer.model.params.values())
+    assert est.parts["parameters"] == params
+    assert est.parts["gradients"] == nbytes(trainer.engine.grads.values())
+    assert est.parts["best model"] == nbytes(trainer.best.values())
+    state = [t for store in trainer.optimizer.state.values() for t in store.values()]
+    assert est.parts["optimizer"] == nbytes(state) == buffers * params
+    workspace = getattr(trainer.model.output, "_workspace", None)
+    if output == "softmax" and workspace is not None:
+        assert workspace.shape == (config.k1 * config.batch, len(trainer.vocab))
+        assert 1 <= est.parts["output workspace"] / nbytes([workspace]) <= 2
+
+
+_MEASURE = textwrap.dedent("""
+    import json, random, sys
+    import torch
+    torch.set_num_threads(1)
+    from bptt.resources import estimate_for_config
+    from bptt.train import TrainConfig, Trainer
+    path, out = sys.argv[1], sys.argv[2]
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(8000)]
+    for name, n in ((path, 1500), (path + ".valid", 40)):
+        with open(name, "w") as f:
+            for _ in range(n):
+                f.write(" ".join(rng.choice(words) for _ in range(20)) + "\\n")
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    config = TrainConfig(train=path, valid=path + ".valid", model=out, hidden=200, batch=32, bptt=20, epochs=1,
+                         progress=False)
+    import bptt.train
+    seen = {}
+    def guard(config, vocab, train, valid):
+        seen["estimate"] = estimate_for_config(config, len(vocab), train.tokens, valid.tokens,
+                                               word_counts=vocab.counts).total
+        seen["before"] = status("VmRSS")
+    bptt.train.guard_training = guard
+    trainer = Trainer(config)
+    trainer.run(max_steps=4)
+    trainer.save_state()
+    print(json.dumps({"estimate": seen["estimate"], "grown": status("VmHWM") - seen["before"]}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_estimate_against_the_peak_memory_of_a_real_run(tmp_path):
+    """A fresh process: the growth of its peak resident memory over a few training steps, an
+    evaluation and a checkpoint is within a factor 2 of the estimate (measured: 0.9 to 1.3)."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "t.txt"), str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratio = result["estimate"] / result["grown"]
+    assert 0.5 <= ratio <= 2, result
+
+
+def test_an_absurd_run_is_refused_at_once(corpus, tmp_path):
+    config = _config(corpus, tmp_path / "m", hidden=1_000_000)
+    started = time.perf_counter()
+    with pytest.raises(ResourceError) as info:
+        Trainer(config)
+    assert time.perf_counter() - started < 5
+    message = str(info.value)
+    assert message.startswith("--hidden 1000000 (vocabulary ") and "\n" not in message
+    assert "needs about" in message and "available" in message and "parameters" in message
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_refusal_allocates_nothing_of_the_runs_size(corpus, tmp_path, capsys):
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident memory
+            f.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak resident memory")
+    before = _peak_rss()
+    argv = ["train", "--train", corpus, "--valid", corpus, "--model", str(tmp_path / "m"), "--hidden", "300000"]
+    assert main(argv) == 2
+    assert _peak_rss() - before < 64 * 2**20  # the run would need hundreds of GiB
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--hidden 300000" in err and "GiB" in err
+
+
+def test_batch_and_bptt_are_named_when_the_blocks_do_not_fit(corpus, tmp_path):
+    config = _config(corpus, tmp_path / "m", hidden=8, batch=4, bptt=10**9)
+    with pytest.raises(ResourceError, match=r"^--batch 4 --bptt 1000000000 \(--output softmax"):
+        Trainer(config)
+
+
+def test_check_memory_against_a_given_budget():
+    est = estimate_training_memory(vocab_size=10_000, hidden=100_000, batch=32, k1=35, optimizer="adam")
+    assert est.parts["parameters"] == 4 * parameter_count(10_000, 100_000)
+    assert est.parts["optimizer"] == 2 * est.parts["parameters"]
+    check_memory(est, "cpu", "--hidden 100000", available=est.total)  # fits exactly
+    with pytest.raises(ResourceError) as info:
+        check_memory(est, "cpu", "--hidden 100000", available=int(21.3 * GIB))
+    message = str(info.value)
+    assert message.startswith("--hidden 100000: needs about ")
+    assert message.endswith("this machine has 21.3 GiB available")
+    assert "checkpoint" in message and "optimizer" in message
+
+
+def test_sgd_needs_less_than_adam_and_hsm_less_than_softmax():
+    common = dict(vocab_size=50_000, hidden=256, batch=64, k1=35)
+    sgd = estimate_training_memory(optimizer="sgd", **common).total
+    adam = estimate_training_memory(optimizer="adam", **common).total
+    hsm = estimate_training_memory(optimizer="adam", output="hsm", **common).total
+    assert sgd < adam and hsm < adam
+
+
+def test_absurd_sizes_do_not_overflow():
+    est = estimate_training_memory(vocab_size=2**62, hidden=2**62, batch=2**62, k1=2**62, optimizer="adam")
+    assert est.total > 2**126 and "GiB" in est.describe()
+
+
+def test_available_memory_is_plausible():
+    available = available_memory("cpu")
+    assert available is None or 0 < available < 2**50
+
+
+def test_cuda_uses_the_devices_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (GIB, 2 * GIB))
+    assert available_memory("cuda") == GIB
+    est = MemoryEstimate({"parameters": 2 * GIB}, 10, 10)
+    with pytest.raises(ResourceError, match="cuda has 1.0 GiB available"):
+        check_memory(est, "cuda", "--hidden 10")
+
+
+def test_unknown_available_memory_lets_the_run_go(monkeypatch):
+    monkeypatch.setattr(resources, "available_memory", lambda device: None)
+    check_memory(MemoryEstimate({"parameters": 2**80}, 10, 10), "cpu", "--hidden 10")
