@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import torch
 
 from bptt.gradcheck import combinations, random_model, relative_error
@@ -38,3 +41,28 @@ def layer_model(output: str, counts, *, bias=True, seed=0, m=5, **kwargs):
     """A float64 tanh model with a factorized output layer, large weights and non-zero biases."""
     return random_model("tanh", "softmax", "cross_entropy", len(counts), m, bias, torch.float64, seed,
                         output=output, word_counts=list(counts), **kwargs)
+
+
+def write_corpus(path, lines: int, seed: int) -> str:
+    """A toy language: 'the <adj>? <noun> <verb>s' with agreement between noun and verb; a few hundred tokens."""
+    rng = random.Random(seed)
+    nouns = {"cat": "meows", "dog": "barks", "bird": "sings", "cow": "moos"}
+    text = []
+    for _ in range(lines):
+        noun = rng.choice(sorted(nouns))
+        adj = rng.choice(["", "big ", "small ", "old "])
+        text.append(f"the {adj}{noun} {nouns[noun]}" + (" loudly" if rng.random() < 0.3 else ""))
+    Path(path).write_text("\n".join(text) + "\n")
+    return str(path)
+
+
+def train_tiny_model(root: Path, words: list[str], seed: int) -> Path:
+    """root/t.txt (60 random lines over `words`) and a model trained on it for one epoch in root/m."""
+    from bptt.train import TrainConfig, train
+
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 7))) for _ in range(60)]
+    (root / "t.txt").write_text("\n".join(lines) + "\n")
+    train(TrainConfig(train=str(root / "t.txt"), valid=str(root / "t.txt"), model=str(root / "m"), hidden=8,
+                      batch=4, bptt=5, epochs=1, progress=False))
+    return root / "m"

@@ -24,7 +24,7 @@ from bptt.cli import main
 from bptt.data import EOS, UNK, CorpusError, Vocab, encode, read_lines
 from bptt.saved_model import load_model
 from bptt.score import score_file
-from bptt.train import TrainConfig, train
+from conftest import train_tiny_model
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 WORDS = "the a cat dog sat ran on under mat rug".split()
@@ -42,13 +42,7 @@ def one_error_line(err: str, *needles: str) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad-input")
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))) for _ in range(60)]
-    (root / "t.txt").write_text("\n".join(lines) + "\n")
-    train(TrainConfig(train=str(root / "t.txt"), valid=str(root / "t.txt"), model=str(root / "m"), hidden=8,
-                      batch=4, bptt=5, epochs=1, progress=False))
-    return root / "m"
+    return train_tiny_model(tmp_path_factory.mktemp("bad-input"), WORDS, seed=0)
 
 
 @pytest.fixture(scope="module")

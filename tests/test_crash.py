@@ -29,6 +29,7 @@ import torch
 
 from bptt.checkpoint import load_checkpoint
 from bptt.saved_model import load_model
+from conftest import write_corpus
 
 STATE = "checkpoint"
 TIMEOUT = 120  # seconds for any one process; only reached if something hangs
@@ -89,19 +90,6 @@ for line in sys.stdin:
         time.sleep(0.002)
     print(json.dumps({"status": os.waitstatus_to_exitcode(status)}), flush=True)
 """
-
-
-def write_corpus(path: Path, lines: int, seed: int) -> str:
-    """A toy language: 'the <adj>? <noun> <verb>s', a few hundred tokens."""
-    rng = random.Random(seed)
-    nouns = {"cat": "meows", "dog": "barks", "bird": "sings", "cow": "moos"}
-    text = []
-    for _ in range(lines):
-        noun = rng.choice(sorted(nouns))
-        adj = rng.choice(["", "big ", "small ", "old "])
-        text.append(f"the {adj}{noun} {nouns[noun]}" + (" loudly" if rng.random() < 0.3 else ""))
-    path.write_text("\n".join(text) + "\n")
-    return str(path)
 
 
 def bptt_command() -> list[str]:

@@ -27,20 +27,14 @@ from bptt.cli import main
 from bptt.data import CorpusError, Vocab
 from bptt.model import ElmanLM
 from bptt.saved_model import FORMAT_VERSION, VOCAB_SHA_KEY, load_model, save_model
-from bptt.train import TrainConfig, train
+from conftest import train_tiny_model
 
 WORDS = "the a cat dog sat ran on under mat rug".split()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model-files")
-    rng = random.Random(1)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))) for _ in range(60)]
-    (root / "t.txt").write_text("\n".join(lines) + "\n")
-    train(TrainConfig(train=str(root / "t.txt"), valid=str(root / "t.txt"), model=str(root / "m"), hidden=8,
-                      batch=4, bptt=5, epochs=1, progress=False))
-    return root / "m"
+    return train_tiny_model(tmp_path_factory.mktemp("model-files"), WORDS, seed=1)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 
 import pytest
@@ -23,17 +22,7 @@ from bptt.plot import read_metrics
 from bptt.saved_model import load_model
 from bptt.tbptt import TruncatedBPTT
 from bptt.train import MAX_ROLLBACKS, STATE_DIR, Trainer, TrainConfig, TrainingDiverged
-
-
-def write_corpus(path, lines: int, seed: int) -> str:
-    rng = random.Random(seed)
-    nouns = {"cat": "meows", "dog": "barks", "bird": "sings"}
-    text = []
-    for _ in range(lines):
-        noun = rng.choice(sorted(nouns))
-        text.append(f"the {rng.choice(['', 'big ', 'old '])}{noun} {nouns[noun]}")
-    path.write_text("\n".join(text) + "\n")
-    return str(path)
+from conftest import write_corpus
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,19 +11,7 @@ from bptt.checkpoint import load_checkpoint
 from bptt.cli import main
 from bptt.saved_model import load_model
 from bptt.train import STATE_DIR, Trainer, TrainConfig, train
-
-
-def write_corpus(path, lines: int, seed: int) -> str:
-    """A toy language: 'the <adj>? <noun> <verb>s' with agreement between noun and verb."""
-    rng = random.Random(seed)
-    nouns = {"cat": "meows", "dog": "barks", "bird": "sings", "cow": "moos"}
-    text = []
-    for _ in range(lines):
-        noun = rng.choice(sorted(nouns))
-        adj = rng.choice(["", "big ", "small ", "old "])
-        text.append(f"the {adj}{noun} {nouns[noun]}" + (" loudly" if rng.random() < 0.3 else ""))
-    path.write_text("\n".join(text) + "\n")
-    return str(path)
+from conftest import write_corpus
 
 
 @pytest.fixture
