@@ -43,6 +43,17 @@ def layer_model(output: str, counts, *, bias=True, seed=0, m=5, **kwargs):
                         output=output, word_counts=list(counts), **kwargs)
 
 
+def assert_normalized_and_matches_loss(model, x, y, h0) -> torch.Tensor:
+    """log P (T,B,V) of random histories sums to 1 over the vocabulary, and −Σ log P(target) is the
+    training loss (layers whose loss is the exact NLL). Returns log P for further checks."""
+    T, B = x.shape
+    log_probs, _ = model.log_probs(x, h0)
+    assert log_probs.shape == (T, B, model.vocab_size)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(T, B, dtype=torch.float64))
+    torch.testing.assert_close(model.loss(x, y, h0), -log_probs.gather(2, y.unsqueeze(2)).sum())
+    return log_probs
+
+
 def write_corpus(path, lines: int, seed: int) -> str:
     """A toy language: 'the <adj>? <noun> <verb>s' with agreement between noun and verb; a few hundred tokens."""
     rng = random.Random(seed)

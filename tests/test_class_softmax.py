@@ -9,7 +9,7 @@ import torch
 from bptt import ElmanLM
 from bptt.gradcheck import finite_difference_grads, relative_error
 from bptt.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
-from conftest import layer_model, max_rel_error, random_data
+from conftest import assert_normalized_and_matches_loss, layer_model, max_rel_error, random_data
 
 COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like
 
@@ -73,11 +73,7 @@ def test_layer_gradient_against_autograd_of_the_factorized_probability():
 
 def test_probabilities_sum_to_one_and_match_the_loss():
     model = class_model()
-    x, y, h0 = data(T=6, B=4)
-    log_probs, _ = model.log_probs(x, h0)  # (T,B,V) for random histories
-    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(6, 4, dtype=torch.float64))
-    picked = -log_probs.gather(2, y.unsqueeze(2)).sum()
-    torch.testing.assert_close(model.loss(x, y, h0), picked)
+    assert_normalized_and_matches_loss(model, *data(T=6, B=4))
 
 
 def test_removing_the_class_term_is_rejected(monkeypatch):

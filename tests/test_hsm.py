@@ -11,7 +11,7 @@ import torch
 from bptt import ElmanLM
 from bptt.gradcheck import finite_difference_grads, relative_error
 from bptt.outputs.hsm import HierarchicalSoftmaxOutput, huffman_tree
-from conftest import layer_model, max_rel_error, random_data
+from conftest import assert_normalized_and_matches_loss, layer_model, max_rel_error, random_data
 
 COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like
 
@@ -110,12 +110,7 @@ def test_layer_gradient_against_autograd_of_the_path_product(weighted):
 
 def test_probabilities_sum_to_one_and_match_the_loss():
     model = hsm_model()
-    x, y, h0 = data(T=6, B=4)
-    log_probs, _ = model.log_probs(x, h0)  # (T,B,V) for random histories
-    assert log_probs.shape == (6, 4, 11)
-    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(6, 4, dtype=torch.float64))
-    picked = -log_probs.gather(2, y.unsqueeze(2)).sum()
-    torch.testing.assert_close(model.loss(x, y, h0), picked)
+    assert_normalized_and_matches_loss(model, *data(T=6, B=4))
     layer = model.output  # chunking over positions changes nothing
     S = torch.rand(9, 5, dtype=torch.float64) - 0.5
     full = layer.log_probs(model.params, S)
