@@ -54,6 +54,24 @@ def assert_normalized_and_matches_loss(model, x, y, h0) -> torch.Tensor:
     return log_probs
 
 
+def check_layer_against_autograd(layer, params, names, S, y, weights, reference) -> tuple[float, float]:
+    """An output layer's forward/backward on (S, y, weights) against autograd of reference(leaves, S):
+    the gradients of the parameters `names` and dS agree to 1e-12 (asserted here). reference gets the
+    parameters as leaves {name: tensor} and S as a leaf and returns the loss written out independently.
+    Returns (the layer's loss, the reference loss) for the caller's own check of the loss."""
+    grads = {k: torch.zeros_like(params[k]) for k in names}
+    loss, cache = layer.forward(params, S, y, weights)
+    dS = layer.backward(params, S, cache, y, weights, grads)
+    leaves = {k: params[k].clone().requires_grad_(True) for k in names}
+    S_leaf = S.clone().requires_grad_(True)
+    with torch.enable_grad():
+        total = reference(leaves, S_leaf)
+        ref = torch.autograd.grad(total, [*leaves.values(), S_leaf])
+    for got, want in zip([*grads.values(), dS], ref):
+        assert relative_error(got, want) <= 1e-12
+    return float(loss), float(total.detach())
+
+
 def write_corpus(path, lines: int, seed: int) -> str:
     """A toy language: 'the <adj>? <noun> <verb>s' with agreement between noun and verb; a few hundred tokens."""
     rng = random.Random(seed)
