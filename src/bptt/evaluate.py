@@ -15,6 +15,7 @@ import torch
 
 from bptt.data import EOS
 from bptt.model import ElmanLM
+from bptt.resources import eval_block
 
 
 @dataclass
@@ -44,8 +45,15 @@ class Evaluation:
 
 
 @torch.no_grad()
-def stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, block: int = 256) -> float:
-    """−Σ ln P(w_t | w_<t) over a token array (int32), one stream, history starting from <eos>."""
+def stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, block: int | None = None) -> float:
+    """−Σ ln P(w_t | w_<t) over a token array (int32), one stream, history starting from <eos>.
+
+    block: positions per output-layer call (default: resources.eval_block(V)); the result does not
+    depend on it beyond float rounding, the time does (3.3 s at 256 against 0.95 s at 4096 for PTB
+    valid with the class layer: its per-class work is per block).
+    """
+    if block is None:
+        block = eval_block(model.vocab_size)
     tokens = torch.from_numpy(np.concatenate(([eos_id], ids)).astype(np.int64)).to(model.device)
     h = model.initial_state(1)
     context = None  # the n-gram history of direct connections, carried like h (None: <eos>)

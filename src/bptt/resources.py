@@ -40,7 +40,15 @@ import torch
 
 GIB = 1 << 30
 MIB = 1 << 20
-EVAL_BLOCK = 256  # positions per evaluation block (bptt.evaluate.stream_nats)
+EVAL_BLOCK_MAX = 4096  # positions per evaluation block (bptt.evaluate.stream_nats) ...
+EVAL_BLOCK_MIN = 256
+EVAL_SCORES = 1 << 24  # ... as long as a block's (positions, V) score matrix stays under 16M values
+
+
+def eval_block(vocab_size: int) -> int:
+    """Positions per evaluation block for a vocabulary of V: large blocks amortize the per-block work
+    (the class layer's per-class products), the (block, V) score matrix of a full softmax bounds it."""
+    return max(EVAL_BLOCK_MIN, min(EVAL_BLOCK_MAX, EVAL_SCORES // max(int(vocab_size), 1)))
 NOISE_SAMPLES = 64  # nce / sampled softmax noise words per block
 OPTIMIZER_BUFFERS = {"sgd": 0, "adam": 2, "adagrad": 1, "rmsprop": 1}
 
@@ -161,7 +169,7 @@ def estimate_training_memory(
         "checkpoint": 2 * (2 + k) * P * s,
         "activations": 4 * T * B * m * s,
         "output workspace": workspace,
-        "evaluation": 2 * EVAL_BLOCK * (V + m) * s,
+        "evaluation": 2 * eval_block(V) * (V + m) * s,
         "data": 8 * (2 * int(train_tokens) + int(valid_tokens) + 1),
     }
     return est
