@@ -100,3 +100,23 @@ def test_elman_cell_pair(name, truncation):
         ref = torch.autograd.grad(total, list(leaves.values()))
     for k, want in zip(leaves, ref):
         assert relative_error(grads[k], want) <= 1e-12, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cross_entropy_loss_is_exact_for_extreme_logits(dtype):
+    """The fused loss reads the row sum back from the softmax (1 / max o): it must stay exact where
+    o_y underflows to 0 (target logit 200 below the maximum) and for logits of size 1e4."""
+    from bptt.losses import softmax_cross_entropy_forward_
+
+    g = torch.randn(6, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g[0, 3] = -200.0  # target of row 0: o_y = e^-200 is 0 in float32
+    g[1] *= 1e4
+    g[2, :] = 7.0  # all equal: o = 1/50 everywhere
+    targets = torch.tensor([3, 5, 1, 0, 49, 7])
+    expected = torch.logsumexp(g, dim=1) - g[torch.arange(6), targets]  # float64 reference
+    expected_o = torch.softmax(g, dim=1)
+    loss, o = softmax_cross_entropy_forward_(g.to(dtype).clone(), targets)  # overwrites its input
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.isfinite(loss)
+    assert float(loss) == pytest.approx(float(expected.sum()), rel=tol)
+    assert torch.allclose(o.double(), expected_o, atol=tol, rtol=0)

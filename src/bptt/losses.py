@@ -50,14 +50,16 @@ def softmax_cross_entropy_forward_(
     """g (N,V) logits -> (L, o), with L = −Σ_n w_n log o_y and o = softmax(g) (N,V).
 
     Fused and in place: g is overwritten by o, which the backward turns into the gradient. The loss
-    is computed stably as log Σ_k exp(g_k − max g) + max g − g_y from the target's logit, read first.
+    is −log o_y = log Σ_k exp(g_k − max g) + max g − g_y, computed stably from the target's logit
+    and the row maximum (both read first). torch.softmax writes o over g (out=g: each row is read
+    before it is written) in fewer passes than max/subtract/exp/sum/divide; its largest entry is
+    exp(0)/Σ = 1/Σ_k exp(g_k − max g), so the row sum is read back as 1 / max_k o_k.
     """
     picked = _pick(g, targets)  # g_y (N,)
-    row_max = g.amax(dim=1, keepdim=True)  # (N,1)
-    o = g.sub_(row_max).exp_()  # exp(g − max g), in place
-    row_sum = o.sum(dim=1, keepdim=True)  # (N,1)
-    o.div_(row_sum)  # o = softmax(g)
-    per_position = row_sum.squeeze(1).log_().add_(row_max.squeeze(1)).sub_(picked)  # −log o_y
+    row_max = g.amax(dim=1)  # (N,)
+    o = torch.softmax(g, dim=1, out=g)  # o = softmax(g), in place
+    inv_sum = o.amax(dim=1)  # (N,) = 1 / Σ_k exp(g_k − max g)
+    per_position = row_max.sub_(picked).sub_(inv_sum.log_())  # −log o_y
     return _weighted_sum(per_position, weights), o
 
 
