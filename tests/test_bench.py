@@ -81,6 +81,7 @@ def test_table(capsys):
         (["--steps", "0"], "--steps"),
         (["--warmup", "-1"], "--warmup"),
         (["--threads", "0"], "--threads"),
+        (["--rounds", "0"], "--rounds"),
     ],
 )
 def test_bad_options(capsys, argv, names):
@@ -144,3 +145,28 @@ def test_peer_step_is_real_training():
         loss = torch.nn.functional.cross_entropy(logits.view(-1, config.V), targets.view(-1), reduction="sum")
     assert float(loss) < 0.9 * loss0
     assert all(p.grad is None for p in trainer.params)  # grads set to None after each update
+
+
+def test_split_steps():
+    from bptt.bench import split_steps
+
+    assert split_steps(10, 3) == [4, 3, 3]
+    assert split_steps(2, 5) == [1, 1]
+    assert sum(split_steps(61, 6)) == 61
+
+
+def test_rounds_alternate_without_changing_what_is_trained(capsys):
+    """--rounds 3 trains both sides on the same blocks as --rounds 1 (same last losses, bit for bit on
+    CPU); its overall ratio is a time-weighted mean of the per-round ratios, so it lies between them."""
+    records = {}
+    for rounds in ("1", "3"):
+        assert main([*TINY, "--steps", "5", "--rounds", rounds, "--json"]) == 0
+        records[rounds] = json.loads(capsys.readouterr().out)
+    one, three = records["1"], records["3"]
+    assert (one["rounds"], three["rounds"]) == (1, 3)
+    assert one["ratio_min"] == one["ratio"] == one["ratio_max"]
+    assert three["ratio_min"] <= three["ratio"] <= three["ratio_max"]
+    for side in ("bptt", "peer"):
+        assert three[f"{side}_last_loss_per_token"] == one[f"{side}_last_loss_per_token"]
+    assert main([*TINY, "--rounds", "3"]) == 0
+    assert "(rounds " in capsys.readouterr().out

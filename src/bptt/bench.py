@@ -14,7 +14,9 @@ sides train for the same number of steps on the same random token stream, in thi
 
 A step is one block of T·B training tokens: forward, backward, clipping, update. Both sides first run
 the same number of untimed warm-up steps; then the timed steps are measured with time.perf_counter
-(after torch.cuda.synchronize() on CUDA). Reported: training tokens/s of each side and the ratio
+(after torch.cuda.synchronize() on CUDA). By default bptt's timed steps run first, then the peer's;
+with --rounds R they run in R alternating rounds (both models alive), which a machine whose speed
+drifts (other work, frequency changes) distorts far less. Reported: training tokens/s of each side and the ratio
 bptt/peer (> 1: bptt is faster), and the peak memory of each side: on CUDA the peak of
 torch.cuda.max_memory_allocated (reset between the sides, each side's model freed before the next);
 on CPU the process's peak resident set size (ru_maxrss), a high-water mark of the whole process, so
@@ -46,6 +48,7 @@ Tensor = torch.Tensor
 EXAMPLES = """examples:
   bptt bench
   bptt bench --config V=10000,m=200,B=32,T=35 --config V=10000,m=500,B=64,T=35 --steps 50 --threads 1
+  bptt bench --steps 60 --rounds 6       # alternate the sides: fairer on a machine shared with other work
   bptt bench --config out=class,C=100 --config out=hsm --config out=nce --config out=sampled
   bptt bench --config out=class,C=100,direct=2000000   # + maxent direct connections, 2M weights, order 3
   bptt bench --device cuda --config V=33278,m=650,B=20,T=35 --json
@@ -295,11 +298,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10  # bytes on macOS, KiB on Linux
 
 
-def bench_config(config: BenchConfig, steps: int, warmup: int, seed: int, device: torch.device) -> dict:
-    """Both sides on one configuration -> one result record (the JSON line)."""
+def split_steps(steps: int, rounds: int) -> list[int]:
+    """steps timed steps in `rounds` rounds, as even as possible (no empty round)."""
+    rounds = min(rounds, steps)
+    return [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+
+
+def bench_config(
+    config: BenchConfig, steps: int, warmup: int, seed: int, device: torch.device, rounds: int = 1
+) -> dict:
+    """Both sides on one configuration -> one result record (the JSON line).
+
+    rounds = 1: bptt's timed steps, then the peer's, each side's model freed before the next.
+    rounds > 1: both models live at once, warmed up, then the timed steps run in alternating rounds
+    (bptt, peer, bptt, peer, ...), so that a slow phase of a shared machine falls on both sides; the
+    tokens/s are over all rounds, ratio_min/ratio_max the extremes of the per-round ratios.
+    """
     data = token_stream(config, warmup + steps, seed, device)
-    bptt = run_side("bptt", config, data, steps, warmup, seed, device)
-    peer = run_side("peer", config, data, steps, warmup, seed, device)
+    if rounds <= 1:
+        sides = {side: run_side(side, config, data, steps, warmup, seed, device) for side in SIDES}
+        round_ratios = [sides["bptt"].tokens_per_s / sides["peer"].tokens_per_s]
+    else:
+        sides, round_ratios = _alternating_rounds(config, data, steps, warmup, seed, device, rounds)
+    bptt, peer = sides["bptt"], sides["peer"]
     memory = memory_field(device)
     return {
         "config": str(config),
@@ -308,6 +329,9 @@ def bench_config(config: BenchConfig, steps: int, warmup: int, seed: int, device
         "bptt_tokens_per_s": bptt.tokens_per_s,
         "peer_tokens_per_s": peer.tokens_per_s,
         "ratio": bptt.tokens_per_s / peer.tokens_per_s,
+        "rounds": len(round_ratios),
+        "ratio_min": min(round_ratios),
+        "ratio_max": max(round_ratios),
         "bptt_seconds": bptt.seconds,
         "peer_seconds": peer.seconds,
         f"bptt_{memory}_mb": bptt.peak_mb,
@@ -315,6 +339,37 @@ def bench_config(config: BenchConfig, steps: int, warmup: int, seed: int, device
         "bptt_last_loss_per_token": bptt.last_loss_per_token,
         "peer_last_loss_per_token": peer.last_loss_per_token,
     }
+
+
+def _alternating_rounds(
+    config: BenchConfig, data: Tensor, steps: int, warmup: int, seed: int, device: torch.device, rounds: int
+) -> tuple[dict[str, SideResult], list[float]]:
+    trainers = {side: SIDES[side](config, seed, device) for side in SIDES}
+    for trainer in trainers.values():
+        time_steps(trainer, data, config.T, 0, warmup, device)
+    seconds = dict.fromkeys(trainers, 0.0)
+    peak = dict.fromkeys(trainers, 0.0)
+    loss: dict[str, Tensor | None] = dict.fromkeys(trainers)
+    ratios, first = [], warmup
+    for n in split_steps(steps, rounds):
+        took = {}
+        for side, trainer in trainers.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            took[side], loss[side] = time_steps(trainer, data, config.T, first, n, device)
+            seconds[side] += took[side]
+            peak[side] = max(peak[side], peak_memory_mb(device))
+        ratios.append(took["peer"] / took["bptt"])
+        first += n
+    tokens = config.tokens_per_step * steps
+    results = {
+        side: SideResult(seconds[side], tokens / seconds[side], peak[side],
+                         float(loss[side]) / config.tokens_per_step)
+        for side in trainers
+    }
+    del trainers
+    gc.collect()
+    return results, ratios
 
 
 # -- the machine --------------------------------------------------------------------------------------
@@ -367,9 +422,11 @@ def table_header(config_width: int, device: torch.device) -> str:
 def table_row(record: dict, config_width: int, device: torch.device) -> str:
     memory = memory_field(device)
     bptt_mb, peer_mb = record[f"bptt_{memory}_mb"], record[f"peer_{memory}_mb"]
+    spread = f"  (rounds {record['ratio_min']:.2f}–{record['ratio_max']:.2f}x)" if record.get("rounds", 1) > 1 else ""
     return (
         f"{record['config']:<{config_width}}  {record['bptt_tokens_per_s']:>12,.0f}  "
         f"{record['peer_tokens_per_s']:>12,.0f}  {record['ratio']:>8.2f}x  {bptt_mb:>16,.1f}  {peer_mb:>16,.1f}"
+        + spread
     )
 
 
@@ -385,6 +442,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per side (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per side (default: 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="split the timed steps into R rounds that alternate between the sides (both models alive at "
+        "once), so that a slow phase of a shared machine hits both; the table shows the per-round ratio "
+        "range; peak memory then covers both models (default: 1, bptt's steps then the peer's)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None,
         help=f"torch.set_num_threads(N) (default: torch's default, here {torch.get_num_threads()})",
@@ -402,6 +465,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_options(args: argparse.Namespace) -> torch.device:
     if args.steps < 1:
         raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be a positive integer, got {args.rounds}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be a non-negative integer, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
@@ -430,7 +495,7 @@ def _bench_all(configs: list[BenchConfig], args: argparse.Namespace, device: tor
         print(machine_line(machine, device, threads, args.steps, args.warmup))
         print(table_header(width, device), flush=True)
     for config in configs:
-        record = bench_config(config, args.steps, args.warmup, args.seed, device)
+        record = bench_config(config, args.steps, args.warmup, args.seed, device, args.rounds)
         if args.json:
             record.update(
                 device=str(device), threads=threads, steps=args.steps, warmup=args.warmup, seed=args.seed,
