@@ -61,12 +61,21 @@ class Optimizer:
     def __init__(self) -> None:
         self.t = 0
         self.state: dict[str, dict[str, Tensor]] = {b: {} for b in self.buffers}
+        self._scratch: dict[str, Tensor] = {}  # per-parameter workspace for the denominator, not state
 
     def _buffer(self, kind: str, name: str, p: Tensor) -> Tensor:
         store = self.state[kind]
         if name not in store:
             store[name] = torch.zeros_like(p)
         return store[name]
+
+    def _sqrt(self, name: str, x: Tensor) -> Tensor:
+        """sqrt(x) written into a workspace kept from step to step: the same values as x.sqrt(), without
+        a fresh multi-megabyte tensor (and its page faults) per parameter and step."""
+        w = self._scratch.get(name)
+        if w is None or w.shape != x.shape or w.dtype != x.dtype or w.device != x.device:
+            w = self._scratch[name] = torch.empty_like(x)
+        return torch.sqrt(x, out=w)
 
     @torch.no_grad()
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], lr: float) -> None:
@@ -138,7 +147,7 @@ class Adam(Optimizer):
         v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         bias1 = 1 - self.beta1 ** self.t
         bias2 = 1 - self.beta2 ** self.t
-        denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+        denom = self._sqrt(name, v).div_(math.sqrt(bias2)).add_(self.eps)
         p.addcdiv_(m, denom, value=-lr / bias1)
 
 
@@ -159,7 +168,7 @@ class Adagrad(Optimizer):
         g = _decayed(name, p, g, self.weight_decay)
         acc = self._buffer("sum", name, p)
         acc.addcmul_(g, g, value=1.0)
-        p.addcdiv_(g, acc.sqrt().add_(self.eps), value=-lr)
+        p.addcdiv_(g, self._sqrt(name, acc).add_(self.eps), value=-lr)
 
 
 class RMSProp(Optimizer):
@@ -179,7 +188,7 @@ class RMSProp(Optimizer):
         g = _decayed(name, p, g, self.weight_decay)
         sq = self._buffer("sq", name, p)
         sq.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
-        p.addcdiv_(g, sq.sqrt().add_(self.eps), value=-lr)
+        p.addcdiv_(g, self._sqrt(name, sq).add_(self.eps), value=-lr)
 
 
 _CLASSES = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad, "rmsprop": RMSProp}
