@@ -336,6 +336,7 @@ BAD_OPTIONS = [
     (TRAIN + ["--clip", "nan"], "--clip"),
     (TRAIN + ["--min-improvement", "-inf"], "--min-improvement"),
     (TRAIN + ["--min-improvement", "0"], "--min-improvement"),
+    (TRAIN + ["--min-improvement", "0.001"], "--min-improvement"),  # a percentage given where a ratio is asked
     (TRAIN + ["--lr", "1e9"], "--lr"),
     (TRAIN + ["--clip", "-1"], "--clip"),
     (TRAIN + ["--l2", "-0.1"], "--l2"),

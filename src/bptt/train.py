@@ -128,8 +128,9 @@ class TrainConfig:
             raise ValueError(f"--clip must be >= 0 (0: off), got {self.clip}")
         if not 0 <= self.l2 < 1:
             raise ValueError(f"--l2 must be in [0, 1), got {self.l2}")
-        if not 0 < self.min_improvement < math.inf:
-            raise ValueError(f"--min-improvement must be a positive ratio (e.g. 1.003), got {self.min_improvement}")
+        if not 1 <= self.min_improvement < math.inf:  # below 1 the schedule would never halve nor stop
+            raise ValueError(f"--min-improvement is a ratio of entropies, at least 1 (1.003: improve by 0.3 %), "
+                             f"got {self.min_improvement}")
         if self.optimizer not in DEFAULT_LR:
             raise ValueError(f"--optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -632,7 +633,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "rate halved; 0 = no norm bound (default 1000)")
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
     parser.add_argument("--min-improvement", type=float, default=1.003,
-                        help="Mikolov's schedule: halve the rate when valid improves by less (default 1.003)")
+                        help="Mikolov's schedule: halve the rate when the ratio old/new valid entropy falls under "
+                        "this, a ratio >= 1 (default 1.003: 0.3 %%)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="mikolov",
                         help="mikolov: halve every epoch once valid stalls, stop when it stalls again; "
                         "plateau: multiply by --lr-decay after --patience stalled epochs, stop after --max-decays")
