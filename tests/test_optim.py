@@ -96,6 +96,40 @@ def test_weight_decay_skips_biases():
     torch.testing.assert_close(params["W"], before["W"] * 0.5)
 
 
+@pytest.mark.parametrize("decay", [0.05, 0.3])
+def test_decoupled_weight_decay_is_adamw(decay):
+    """Adam + decoupled_weight_decay = torch.optim.AdamW (biases in a group without decay), and it is
+    not coupled L2: the same λ as weight_decay (through the gradient) ends elsewhere."""
+    params, coupled = _params(), _params()
+    ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    ours = make_optimizer("adam", decoupled_weight_decay=decay)
+    l2 = make_optimizer("adam", weight_decay=decay)
+    theirs = torch.optim.AdamW([
+        {"params": [t for t in ref.values() if t.dim() >= 2], "weight_decay": decay},
+        {"params": [t for t in ref.values() if t.dim() < 2], "weight_decay": 0.0},
+    ], lr=LR)
+    for grads in _grad_sequence(params):
+        for k, t in ref.items():
+            t.grad = grads[k].clone()
+        theirs.step()
+        l2.step(coupled, {k: g.clone() for k, g in grads.items()}, LR)
+        ours.step(params, grads, LR)
+    for k in params:
+        torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-6)
+    assert (params["W"] - coupled["W"]).abs().max() > 1e-3
+
+
+def test_decoupled_weight_decay_alone_shrinks_matrices_only():
+    params = _params()
+    before = {k: p.clone() for k, p in params.items()}
+    zero = {k: torch.zeros_like(p) for k, p in params.items()}
+    make_optimizer("sgd", decoupled_weight_decay=0.5).step(params, zero, lr=0.2)
+    torch.testing.assert_close(params["W"], before["W"] * 0.9)
+    assert torch.equal(params["b"], before["b"]) and torch.equal(params["c"], before["c"])
+    with pytest.raises(ValueError, match="decay"):
+        make_optimizer("adam", decoupled_weight_decay=-1.0)
+
+
 @pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_state_dict_round_trip_continues_identically(name, kw):
     params = _params()

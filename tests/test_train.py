@@ -40,8 +40,9 @@ def test_training_learns_the_toy_language(corpus, tmp_path):
     "kw",
     [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01, schedule="plateau"),
      dict(output="nce"), dict(output="class", classes=3), dict(direct=500, bptt=3, bptt_block=2),
-     dict(output="class", classes=3, direct=500, direct_order=4)],
-    ids=["continuous", "bptt-block", "independent", "adam-plateau", "nce", "class", "direct", "class-direct"],
+     dict(output="class", classes=3, direct=500, direct_order=4), dict(optimizer="adam", lr=0.01, weight_decay=2.0)],
+    ids=["continuous", "bptt-block", "independent", "adam-plateau", "nce", "class", "direct", "class-direct",
+         "adamw"],
 )
 def test_resume_is_exact(corpus, tmp_path, kw):
     """Train 2N steps == train N, stop, resume, train N: identical weights, optimizer and position."""
@@ -61,6 +62,26 @@ def test_resume_is_exact(corpus, tmp_path, kw):
         assert torch.equal(a[key], b[key]), key
     timeless = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in history]
     assert straight.lr == resumed.lr and timeless(straight.history) == timeless(resumed.history)
+
+
+def test_weight_decay_option_shrinks_the_matrices(corpus, tmp_path, capsys):
+    """--weight-decay reaches the optimizer (decoupled: the weight matrices end smaller, biases are
+    not decayed more than by the gradient) and is recorded in the saved training config."""
+    runs = {}
+    for wd in ("0", "20"):
+        argv = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / wd), "--hidden", "12",
+                "--batch", "4", "--bptt", "5", "--epochs", "1", "--lr", "0.01", "--weight-decay", wd, "--quiet"]
+        assert main(argv) == 0
+        runs[wd] = load_model(tmp_path / wd)
+    assert runs["20"][2]["training"]["weight_decay"] == 20.0
+    for name in ("U", "W", "V"):
+        assert runs["20"][0].params[name].norm() < 0.9 * runs["0"][0].params[name].norm(), name
+    capsys.readouterr()
+    bad = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / "x"), "--weight-decay"]
+    for value in ("-1", "1000", "nan"):  # 1000 × the default Adam rate 0.002 >= 1
+        assert main([*bad, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--weight-decay" in err
 
 
 def test_same_seed_same_model_different_seed_different(corpus, tmp_path):

@@ -7,6 +7,12 @@ uses autograd or torch.optim. The rules match torch.optim's SGD, Adam, Adagrad a
 Weight decay is L2 (the gradient becomes g + wd·p) and applies to weight matrices only: 1-D
 parameters (the bias vectors "b", "c") are never decayed. torch.optim reproduces this with one
 param group of 2-D params with weight_decay=wd and one of 1-D params with weight_decay=0.
+
+Decoupled weight decay (Loshchilov & Hutter, "AdamW"; `decoupled_weight_decay=λ`) is applied before
+the rule's own update and outside it: p ← p · (1 − lr·λ), again for weight matrices only. With Adam
+the difference matters: coupled L2 is divided by sqrt(v) like the gradient, so a rarely seen word's
+row, whose gradient is mostly the decay term, shrinks at the full step size; decoupled decay shrinks
+every row at the same rate lr·λ. Adam with it matches torch.optim.AdamW.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Optimizer:
     """
 
     buffers: tuple[str, ...] = ()
+    decoupled_weight_decay: float = 0.0  # p *= 1 − lr·λ for weight matrices, before the update
 
     def __init__(self) -> None:
         self.t = 0
@@ -84,7 +91,10 @@ class Optimizer:
                 f"params and grads must have the same keys, got {sorted(params)} and {sorted(grads)}"
             )
         self.t += 1
+        lam = self.decoupled_weight_decay
         for name, p in params.items():
+            if lam and p.dim() >= 2:  # decoupled decay: p ← p (1 − lr·λ), outside the rule
+                p.mul_(1.0 - float(lr) * lam)
             self._update(name, p, grads[name], float(lr))
 
     def _update(self, name: str, p: Tensor, g: Tensor, lr: float) -> None:  # pragma: no cover
@@ -194,13 +204,19 @@ class RMSProp(Optimizer):
 _CLASSES = {"sgd": SGD, "adam": Adam, "adagrad": Adagrad, "rmsprop": RMSProp}
 
 
-def make_optimizer(name: str, **kw: Any) -> Optimizer:
-    """'sgd' | 'adam' | 'adagrad' | 'rmsprop' (case-insensitive) -> an optimizer built with **kw."""
+def make_optimizer(name: str, decoupled_weight_decay: float = 0.0, **kw: Any) -> Optimizer:
+    """'sgd' | 'adam' | 'adagrad' | 'rmsprop' (case-insensitive) -> an optimizer built with **kw.
+
+    decoupled_weight_decay=λ > 0 adds p ← p (1 − lr·λ) for weight matrices before each update."""
     try:
         cls = _CLASSES[str(name).lower()]
     except KeyError:
         raise ValueError(f"unknown --optimizer {name!r}; choose one of {list(OPTIMIZERS)}") from None
-    return cls(**kw)
+    if not 0.0 <= float(decoupled_weight_decay) < math.inf:
+        raise ValueError(f"decoupled weight decay must be >= 0, got {decoupled_weight_decay!r}")
+    optimizer = cls(**kw)
+    optimizer.decoupled_weight_decay = float(decoupled_weight_decay)
+    return optimizer
 
 
 # -- learning-rate schedules ---------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class TrainConfig:
     clip: float = 0.25
     max_grad_norm: float = 1e3  # a step with a larger gradient norm (per-token mean) is rolled back; 0: off
     l2: float = 0.0
+    weight_decay: float = 0.0  # decoupled (AdamW-style): p *= 1 − lr·λ on weight matrices every step
     min_improvement: float = 1.003
     schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs
     lr_decay: float = 0.25
@@ -128,6 +129,10 @@ class TrainConfig:
             raise ValueError(f"--clip must be >= 0 (0: off), got {self.clip}")
         if not 0 <= self.l2 < 1:
             raise ValueError(f"--l2 must be in [0, 1), got {self.l2}")
+        if self.optimizer in DEFAULT_LR:
+            lr = self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+            if not (0 <= self.weight_decay < math.inf and lr * self.weight_decay < 1):
+                raise ValueError(f"--weight-decay must be >= 0 with lr × decay < 1 (lr {lr:g}), got {self.weight_decay}")
         if not 1 <= self.min_improvement < math.inf:  # below 1 the schedule would never halve nor stop
             raise ValueError(f"--min-improvement is a ratio of entropies, at least 1 (1.003: improve by 0.3 %), "
                              f"got {self.min_improvement}")
@@ -209,7 +214,8 @@ class Trainer:
             output=config.output, classes=config.classes, word_counts=vocab.counts,
             direct=config.direct, direct_order=config.direct_order,
         )
-        self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2)
+        self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2,
+                                        decoupled_weight_decay=config.weight_decay)
         self.schedule = (
             MikolovSchedule(config.min_improvement)
             if config.schedule == "mikolov"
@@ -632,6 +638,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "whose loss or gradients are not finite, is undone: back to the last checkpoint, "
                         "rate halved; 0 = no norm bound (default 1000)")
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
+    parser.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
+                        help="decoupled weight decay on weight matrices (AdamW with adam): w *= 1 - lr*LAMBDA "
+                        "every step; unlike --l2 it is not divided by Adam's sqrt(v), so rare words' rows "
+                        "shrink no faster than frequent ones (default 0)")
     parser.add_argument("--min-improvement", type=float, default=1.003,
                         help="Mikolov's schedule: halve the rate when the ratio old/new valid entropy falls under "
                         "this, a ratio >= 1 (default 1.003: 0.3 %%)")
@@ -675,7 +685,7 @@ def run(args: argparse.Namespace) -> int:
             classes=args.classes, direct=_direct_weights(args.direct), direct_order=args.direct_order, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, truncation=args.truncation,
             independent=args.independent, epochs=args.epochs,
-            lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2,
+            lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2, weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm,
             min_improvement=args.min_improvement, schedule=args.schedule, lr_decay=args.lr_decay,
             patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, progress=not args.quiet,
