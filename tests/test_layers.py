@@ -120,3 +120,59 @@ def test_cross_entropy_loss_is_exact_for_extreme_logits(dtype):
     assert torch.isfinite(loss)
     assert float(loss) == pytest.approx(float(expected.sum()), rel=tol)
     assert torch.allclose(o.double(), expected_o, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("loss,f", [("cross_entropy", "softmax"), ("quadratic", "sigmoid")])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("direct", [False, True])
+def test_chunked_forward_backward_equals_the_pair(loss, f, weighted, direct):
+    """forward_backward over chunks of 3 positions (N = 10: chunks 3, 3, 3, 1) gives the loss, dS, dV,
+    dc (and dD) of forward + backward over all 10 at once, and never holds more than 3 rows of scores."""
+    from bptt.outputs.direct import ngram_offsets
+
+    V, m, N = 9, 4, 10
+    gen = torch.Generator().manual_seed(7)
+    params = {"V": torch.randn(V, m, generator=gen, dtype=torch.float64),
+              "c": torch.randn(V, generator=gen, dtype=torch.float64)}
+    S = torch.randn(N, m, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    weights = torch.rand(N, generator=gen, dtype=torch.float64) if weighted else None
+    features = None
+    if direct:
+        params["D"] = torch.randn(40, generator=gen, dtype=torch.float64)
+        features = ngram_offsets(torch.randint(0, V, (5, 2), generator=gen), None, 3, 40, V)
+    whole, chunked = FullOutput(f, loss), FullOutput(f, loss)
+    chunked.chunk_scores = 3 * V + 2  # 3 rows per chunk
+    assert chunked.chunk_rows(V) == 3
+    grads_a = {k: torch.zeros_like(p) for k, p in params.items()}
+    grads_b = {k: torch.zeros_like(p) for k, p in params.items()}
+    kw = {} if features is None else {"features": features}
+    loss_a, cache = whole.forward(params, S, targets, weights, **kw)
+    dS_a = whole.backward(params, S, cache, targets, weights, grads_a)
+    loss_b, dS_b = chunked.forward_backward(params, S, targets, weights, grads_b, **kw)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-13)
+    torch.testing.assert_close(dS_b, dS_a, rtol=1e-13, atol=1e-13)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-12, atol=1e-13)
+    assert chunked._workspace.shape == (3, V)  # the scores of 3 positions at a time, not 10
+
+
+def test_engine_uses_the_chunks_and_training_is_unchanged():
+    """bptt_loss_and_grads through a model whose full softmax runs in chunks of 2 positions equals the
+    unchunked one (the engine calls forward_backward)."""
+    from bptt import ElmanLM
+    from bptt.engine import bptt_loss_and_grads
+
+    def run(chunk_scores):
+        model = ElmanLM(11, 5, dtype=torch.float64, seed=1, bias=True)
+        model.output.chunk_scores = chunk_scores
+        x = torch.randint(0, 11, (4, 3), generator=torch.Generator().manual_seed(2))
+        y = torch.randint(0, 11, (4, 3), generator=torch.Generator().manual_seed(3))
+        loss, grads, _ = bptt_loss_and_grads(model.cell, model.output, model.params, x, y, model.initial_state(3))
+        return loss, grads, model.output._workspace.shape
+
+    (loss_a, grads_a, shape_a), (loss_b, grads_b, shape_b) = run(1 << 24), run(2 * 11)
+    assert shape_a == (12, 11) and shape_b == (2, 11)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-13)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-12, atol=1e-13)

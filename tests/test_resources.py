@@ -232,3 +232,16 @@ def test_cuda_uses_the_devices_free_memory(monkeypatch):
 def test_unknown_available_memory_lets_the_run_go(monkeypatch):
     monkeypatch.setattr(resources, "available_memory", lambda device: None)
     check_memory(MemoryEstimate({"parameters": 2**80}, 10, 10), "cpu", "--hidden 10")
+
+
+def test_full_softmax_workspace_is_one_chunk_not_n_times_v():
+    """The full softmax trains over chunks of OUTPUT_CHUNK_SCORES scores (outputs/full.py): past one
+    chunk, the estimate's output workspace no longer grows with B·T."""
+    from bptt.resources import OUTPUT_CHUNK_SCORES
+
+    def workspace(batch, vocab=100_000):
+        return estimate_training_memory(vocab_size=vocab, hidden=512, batch=batch, k1=32).parts["output workspace"]
+
+    rows = OUTPUT_CHUNK_SCORES // 100_000
+    assert workspace(64) == workspace(1024) == 2 * rows * 100_000 * 4
+    assert workspace(1, vocab=10_000) == 2 * 32 * 10_000 * 4  # a block smaller than a chunk: all of it

@@ -46,8 +46,12 @@ def output_errors(
     features: the n-gram offsets of maxent direct connections (outputs/direct.py), if the model has them.
     """
     flat_S, flat_targets, flat_weights = _flat(S, targets, weights)
-    loss, cache = output.forward(params, flat_S, flat_targets, flat_weights, **_direct(features))
-    dS = output.backward(params, flat_S, cache, flat_targets, flat_weights, grads)
+    fused = getattr(output, "forward_backward", None)  # a layer may run its pair in chunks (outputs/full.py)
+    if fused is not None:
+        loss, dS = fused(params, flat_S, flat_targets, flat_weights, grads, **_direct(features))
+    else:
+        loss, cache = output.forward(params, flat_S, flat_targets, flat_weights, **_direct(features))
+        dS = output.backward(params, flat_S, cache, flat_targets, flat_weights, grads)
     return loss, dS.view(S.shape)
 
 

@@ -16,10 +16,11 @@ per block; P = number of parameters):
                                      file's bytes, then copies them)
     activations       4·k2·B·m·s     hidden states of the backward window and their errors
                                      (--independent: the longest sentence instead of k2)
-    output workspace  2·N·V·s        softmax: the (N,V) scores/probabilities and a temporary;
+    output workspace  2·n·V·s        softmax: a chunk's (n,V) scores/probabilities and a temporary,
+                                     n = min(N, 32M / V) positions (outputs/full.py forward_backward);
                                      class: N·(C + mean class size of a target); hsm: N·depth·m;
                                      nce/sampled: N·64 + 64·m
-    evaluation        2·256·V·s      the valid set goes through in blocks of 256 positions
+    evaluation        2·b·V·s        the valid set goes through in blocks of b = eval_block(V) positions
     data              8 bytes/token  the int64 copies of the training stream (inputs, targets) and valid
 
 and compares it with the memory available: /proc/meminfo's MemAvailable (bounded by a cgroup v2 limit
@@ -40,6 +41,7 @@ import torch
 
 GIB = 1 << 30
 MIB = 1 << 20
+OUTPUT_CHUNK_SCORES = 1 << 25  # a training block's full softmax runs over chunks of at most 32M scores
 EVAL_BLOCK_MAX = 4096  # positions per evaluation block (bptt.evaluate.stream_nats) ...
 EVAL_BLOCK_MIN = 256
 EVAL_SCORES = 1 << 24  # ... as long as a block's (positions, V) score matrix stays under 16M values
@@ -148,8 +150,8 @@ def estimate_training_memory(
     N = (max(1, int(longest_sentence)) if independent else int(k1)) * B  # positions per block
     P = parameter_count(V, m, output, classes, word_counts=word_counts, direct=direct)
     k = OPTIMIZER_BUFFERS.get(optimizer, 2)
-    if output == "softmax":
-        workspace = 2 * N * V * s
+    if output == "softmax":  # forward_backward's chunks: at most OUTPUT_CHUNK_SCORES scores at once
+        workspace = 2 * min(N, max(1, OUTPUT_CHUNK_SCORES // max(V, 1))) * V * s
     elif output == "class":
         workspace = 2 * int(N * _class_positions_factor(word_counts, classes, V)) * s
     elif output == "hsm":

@@ -8,6 +8,9 @@ An output layer is a class with
         vocabulary, for evaluation and scoring (whatever the training objective)
     forward_is_nll: True where forward's loss is exactly −Σ ln P(target) (full softmax with
         cross-entropy, class, hsm): evaluation then skips the (N,V) log_probs
+    forward_backward(params, S, targets, weights, grads) -> (loss, dS), optional: the pair in one
+        call, which the engine uses when present (the full softmax runs it over chunks of positions
+        so that its memory does not grow with N·V)
 
 OUTPUT_LAYERS maps the name used by ElmanLM(output=...) and `bptt train --output` to a builder
     builder(vocab_size, *, loss, output_activation, classes, word_counts, seed) -> layer

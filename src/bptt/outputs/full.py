@@ -2,6 +2,11 @@
 
 Shapes: N = T·B positions, m = hidden, V = vocabulary. The layer is one matrix product over all N
 positions (not one per step). With softmax + cross-entropy the loss gradient is fused (losses.py).
+
+Memory: forward keeps the (N,V) scores for backward. forward_backward (what the engine calls) runs
+the pair over chunks of at most `chunk_scores` scores (chunk rows × V), so that for a large
+vocabulary the memory does not grow with T·B·V: ∂L/∂g of a position depends on that position alone,
+so each chunk's backward can follow its forward at once and the chunk's scores are dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bptt.activations import output_activation
+from bptt.resources import OUTPUT_CHUNK_SCORES
 from bptt.outputs.direct import direct_backward, direct_forward_
 from bptt.losses import (
     LOSSES,
@@ -68,6 +74,7 @@ class FullOutput:
         self.loss = loss
         self.forward_is_nll = loss == "cross_entropy"  # forward's loss is exactly −Σ ln P(target)
         self._workspace: Tensor | None = None  # the (N,V) buffer for g, reused from call to call
+        self.chunk_scores = OUTPUT_CHUNK_SCORES  # forward_backward: at most this many scores at once
 
     def _g_buffer(self, N: int, like: Tensor) -> Tensor:
         V = like.shape[0]
@@ -104,12 +111,45 @@ class FullOutput:
 
         The cache lives in a workspace reused by the next forward: call backward before that.
         """
-        g = self.scores(params, S, features, out=self._g_buffer(S.shape[0], params["V"]))
+        return self._forward(params, S, targets, weights, features, self._g_buffer(S.shape[0], params["V"]))
+
+    def _forward(self, params, S, targets, weights, features, out: Tensor) -> tuple[Tensor, FullOutputCache]:
+        g = self.scores(params, S, features, out=out)
         if self.loss == "cross_entropy":
             loss, o = softmax_cross_entropy_forward_(g, targets, weights)
             return loss, FullOutputCache(o, features)
         o = self.f.forward(g)
         return quadratic_forward(o, targets, weights), FullOutputCache(o, features)
+
+    def chunk_rows(self, vocab_size: int) -> int:
+        """Positions per chunk of forward_backward: chunk_scores // V, at least 1."""
+        return max(1, int(self.chunk_scores) // max(int(vocab_size), 1))
+
+    def forward_backward(
+        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None,
+        grads: dict[str, Tensor], features: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """forward then backward over chunks of chunk_rows(V) positions -> (L, dS (N,m)); accumulates dV, dc.
+
+        The same sums as forward + backward over all N positions at once (only the order of the
+        additions into dV and dc differs), with one (chunk, V) workspace instead of (N, V).
+        """
+        N, rows = S.shape[0], self.chunk_rows(params["V"].shape[0])
+        if rows >= N:
+            loss, cache = self.forward(params, S, targets, weights, features)
+            return loss, self.backward(params, S, cache, targets, weights, grads)
+        workspace = self._g_buffer(rows, params["V"])  # (rows, V), the last chunk uses its first rows
+        dS = torch.empty_like(S)
+        loss = S.new_zeros(())
+        for start in range(0, N, rows):
+            chunk = slice(start, min(start + rows, N))
+            S_c, y_c = S[chunk], targets[chunk]
+            w_c = None if weights is None else weights[chunk]
+            f_c = None if features is None else features[chunk]
+            loss_c, cache = self._forward(params, S_c, y_c, w_c, f_c, workspace[: S_c.shape[0]])
+            loss = loss + loss_c
+            dS[chunk] = self.backward(params, S_c, cache, y_c, w_c, grads)
+        return loss, dS
 
     def backward(
         self,
