@@ -1,0 +1,123 @@
+"""The CUDA path against the CPU path (issue 5, item 1): same model, same data, same results to float
+tolerance. Runs only where torch sees a CUDA device (the GPU machines); skipped on CPU-only CI.
+
+A seed gives the same weights on every device (they are drawn on the CPU), so each check builds the
+model twice, runs the same step on both devices and compares losses and every gradient.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bptt import ElmanLM
+from bptt.optim import clip_grad_norm_, make_optimizer
+from bptt.tbptt import TruncatedBPTT
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+COUNTS = [50, 30, 20, 12, 9, 7, 5, 4, 3, 3, 2, 2, 1, 1, 1, 1]
+V = len(COUNTS)
+
+
+def _both(**kw):
+    models = [ElmanLM(V, 6, dtype=torch.float64, seed=4, bias=True, word_counts=COUNTS, device=d, **kw)
+              for d in ("cpu", "cuda")]
+    if "D" in models[0].params:  # D starts at zero: give it values, the same on both devices
+        D = torch.randn(models[0].params["D"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        for m in models:
+            m.params["D"].copy_(D)
+    return models
+
+
+def _tokens(seed: int, T: int = 7, B: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (T, B), generator=g), torch.randint(0, V, (T, B), generator=g)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
+    torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(output="class", classes=4), dict(output="hsm"), dict(direct=200, direct_order=3),
+     dict(output="class", classes=4, direct=200, direct_order=2), dict(hidden_activation="sigmoid"),
+     dict(output_activation="sigmoid", loss="quadratic")],
+    ids=["softmax", "class", "hsm", "direct", "class-direct", "sigmoid", "quadratic"],
+)
+@pytest.mark.parametrize("truncation", [None, 2])
+def test_loss_and_gradients_match_the_cpu(kw, truncation):
+    cpu, cuda = _both(**kw)
+    x, y = _tokens(1)
+    mask = torch.ones(7, 3)
+    mask[5:, 1] = 0  # padding in one stream
+    out = [m.loss_and_grads(x.to(m.device), y.to(m.device), mask=mask.to(m.device), truncation=truncation)
+           for m in (cpu, cuda)]
+    _close(out[0][0], out[1][0])
+    assert out[0][1].keys() == out[1][1].keys()
+    for name in out[0][1]:
+        _close(out[0][1][name], out[1][1][name])
+
+
+def test_log_probs_are_normalized_and_match_the_cpu():
+    for kw in (dict(), dict(output="class", classes=4), dict(output="hsm")):
+        cpu, cuda = _both(**kw)
+        x, _ = _tokens(2)
+        lp = [m.log_probs(x.to(m.device))[0] for m in (cpu, cuda)]
+        _close(lp[0], lp[1])
+        _close(lp[1].exp().sum(-1), torch.ones_like(lp[1][..., 0]))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adagrad", "rmsprop"])
+def test_truncated_bptt_training_steps_match_the_cpu(name):
+    """Four TBPTT(k1=3, k2=5) steps with clipping and each update rule: the same weights on both devices."""
+    models = _both(direct=100)
+    engines = [TruncatedBPTT(m, k1=3, k2=5) for m in models]
+    optimizers = [make_optimizer(name, decoupled_weight_decay=0.01) for _ in models]
+    for step in range(4):
+        x, y = _tokens(10 + step, T=3)
+        for model, engine, opt in zip(models, engines, optimizers):
+            _, grads = engine.step(x.to(model.device), y.to(model.device))
+            clip_grad_norm_(grads, 0.5)
+            opt.step(model.params, grads, 0.05)
+    for key in models[0].params:
+        _close(models[0].params[key], models[1].params[key], tol=1e-9)
+
+
+def test_the_full_softmax_chunks_match_on_cuda():
+    cpu, cuda = _both()
+    cuda.output.chunk_scores = 2 * V  # 2 positions per chunk on the device, one chunk on the CPU
+    x, y = _tokens(3)
+    a, b = cpu.loss_and_grads(x, y), cuda.loss_and_grads(x.cuda(), y.cuda())
+    _close(a[0], b[0])
+    for name in a[1]:
+        _close(a[1][name], b[1][name])
+
+
+def test_train_command_on_cuda_matches_the_cpu(tmp_path):
+    """`bptt train --device cuda` and `--device cpu`, float32, one epoch: the same valid perplexity to
+    float32 tolerance; the CUDA model loads and evaluates on the CPU."""
+    from bptt.cli import main
+    from conftest import write_corpus
+
+    train, valid = write_corpus(tmp_path / "t.txt", 120, 0), write_corpus(tmp_path / "v.txt", 30, 1)
+    result = {}
+    for device in ("cpu", "cuda"):
+        argv = ["train", "--train", train, "--valid", valid, "--model", str(tmp_path / device), "--hidden", "16",
+                "--batch", "4", "--bptt", "5", "--epochs", "2", "--device", device, "--quiet"]
+        assert main(argv) == 0
+        metrics = [json.loads(line) for line in (tmp_path / device / "metrics.jsonl").read_text().splitlines()]
+        result[device] = metrics[-1]["valid_perplexity"]
+    assert result["cuda"] == pytest.approx(result["cpu"], rel=1e-3)
+    assert main(["eval", "--model", str(tmp_path / "cuda"), "--test", valid]) == 0
+
+
+def test_bench_runs_on_cuda(capsys):
+    from bptt.cli import main
+
+    assert main(["bench", "--device", "cuda", "--config", "V=500,m=32,B=8,T=5", "--steps", "3", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["device"] == "cuda" and record["bptt_tokens_per_s"] > 0 and record["peer_tokens_per_s"] > 0
