@@ -170,3 +170,17 @@ def test_rounds_alternate_without_changing_what_is_trained(capsys):
         assert three[f"{side}_last_loss_per_token"] == one[f"{side}_last_loss_per_token"]
     assert main([*TINY, "--rounds", "3"]) == 0
     assert "(rounds " in capsys.readouterr().out
+
+
+def test_presets_expand_before_the_configs(capsys, monkeypatch):
+    """--preset layers benches the five output layers (then any --config); the gpu preset is issue 5's table."""
+    import bptt.bench as bench
+
+    assert [str(parse_config(t)).split(",")[0] for t in bench.PRESETS["gpu"]] == ["V=10000"] * 4 + ["V=100000", "V=10000"]
+    monkeypatch.setitem(bench.PRESETS, "layers", ["V=40,m=4,B=2,T=3,out=class,C=4", "V=40,m=4,B=2,T=3,out=hsm"])
+    assert main(["bench", "--preset", "layers", "--config", "V=30,m=4,B=2,T=3", "--steps", "1", "--warmup", "0",
+                 "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["config"] for r in records] == ["V=40,m=4,B=2,T=3,out=class,C=4", "V=40,m=4,B=2,T=3,out=hsm",
+                                              "V=30,m=4,B=2,T=3"]
+    assert main(["bench", "--preset", "nope"]) == 2

@@ -52,9 +52,17 @@ EXAMPLES = """examples:
   bptt bench --config out=class,C=100 --config out=hsm --config out=nce --config out=sampled
   bptt bench --config out=class,C=100,direct=2000000   # + maxent direct connections, 2M weights, order 3
   bptt bench --device cuda --config V=33278,m=650,B=20,T=35 --json
+  bptt bench --device cuda --preset gpu --rounds 3     # issue 5's table, side by side with cuDNN
 """
 
 DEFAULT_CONFIG = "V=10000,m=200,B=32,T=35"
+PRESETS = {  # --preset NAME: a named set of configurations
+    "gpu": [  # issue 5's table (one H100, fp32): full softmax, the peer is nn.RNN (cuDNN) + autograd
+        "V=10000,m=200,B=32,T=35", "V=10000,m=200,B=128,T=35", "V=10000,m=650,B=64,T=35",
+        "V=10000,m=1500,B=64,T=35", "V=100000,m=512,B=128,T=32", "V=10000,m=1024,B=256,T=35",
+    ],
+    "layers": ["out=softmax", "out=class,C=100", "out=hsm", "out=nce", "out=sampled"],  # issue 4's CPU table
+}
 CONFIG_KEYS = ("V", "m", "B", "T")  # positive integers
 # bptt's output layer (the peer's is always a full softmax) and its maxent direct connections (hash size in
 # weights, order 3; 0: none)
@@ -440,6 +448,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"out bptt's output layer ({'/'.join(OUTPUT_LAYERS)}; the peer always uses a full softmax), C classes "
         f"for out=class; repeatable; keys left out keep the default's value (default: {DEFAULT_CONFIG},out=softmax)",
     )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a named set of configurations, before any --config: gpu = issue 5's six CUDA shapes "
+                        "(use with --device cuda), layers = the five output layers at the default shape")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per side (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per side (default: 3)")
     parser.add_argument(
@@ -476,7 +487,8 @@ def _check_options(args: argparse.Namespace) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     device = _check_options(args)
-    configs = [parse_config(text) for text in (args.config or [DEFAULT_CONFIG])]
+    texts = [*(PRESETS[args.preset] if args.preset else []), *(args.config or [])]
+    configs = [parse_config(text) for text in (texts or [DEFAULT_CONFIG])]
     saved_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
