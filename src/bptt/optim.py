@@ -153,12 +153,13 @@ class Adam(Optimizer):
         g = _decayed(name, p, g, self.weight_decay)
         m = self._buffer("m", name, p)
         v = self._buffer("v", name, p)
-        m.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+        m.lerp_(g, 1 - self.beta1)  # β1 m + (1−β1) g in one pass
         v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
         bias1 = 1 - self.beta1 ** self.t
-        bias2 = 1 - self.beta2 ** self.t
-        denom = self._sqrt(name, v).div_(math.sqrt(bias2)).add_(self.eps)
-        p.addcdiv_(m, denom, value=-lr / bias1)
+        root2 = math.sqrt(1 - self.beta2 ** self.t)
+        # lr/bias1 · m / (sqrt(v)/root2 + eps) = (lr·root2/bias1) · m / (sqrt(v) + eps·root2): one pass fewer
+        denom = self._sqrt(name, v).add_(self.eps * root2)
+        p.addcdiv_(m, denom, value=-lr * root2 / bias1)
 
 
 class Adagrad(Optimizer):
