@@ -16,8 +16,8 @@ A step is one block of T·B training tokens: forward, backward, clipping, update
 the same number of untimed warm-up steps; then the timed steps are measured with time.perf_counter
 (after torch.cuda.synchronize() on CUDA). By default bptt's timed steps run first, then the peer's;
 with --rounds R they run in R alternating rounds (both models alive), which a machine whose speed
-drifts (other work, frequency changes) distorts far less. Reported: training tokens/s of each side and the ratio
-bptt/peer (> 1: bptt is faster), and the peak memory of each side: on CUDA the peak of
+drifts (other work, frequency changes) distorts far less. Reported: training tokens/s of each side
+and the ratio bptt/peer (> 1: bptt is faster), and the peak memory of each side: on CUDA the peak of
 torch.cuda.max_memory_allocated (reset between the sides, each side's model freed before the next);
 on CPU the process's peak resident set size (ru_maxrss), a high-water mark of the whole process, so
 the second side's (peer's) value includes the first side's.
