@@ -66,7 +66,7 @@ EXAMPLES = """examples:
   bptt train --train a.txt --valid b.txt --model m --independent --optimizer sgd --lr 5
   bptt train --resume m      # after a kill, Ctrl-C (exit 130) or SIGTERM (exit 143): same weights in the end
   # PTB in under a minute on 2 cores (test perplexity 148.6): class softmax, the last epoch at half the rate
-  bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --output class --classes 100 \
+  bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --output class --classes 100 \\
              --hidden 150 --batch 160 --lr 0.0055 --epochs 3 --min-improvement 1.5
   # the best full-softmax model so far (test perplexity 131.2 after 10 epochs, about an hour)
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --hidden 400 --batch 20 --l2 2e-6
