@@ -1,8 +1,9 @@
 """The CUDA path against the CPU path (issue 5, item 1): same model, same data, same results to float
 tolerance. Runs only where torch sees a CUDA device (the GPU machines); skipped on CPU-only CI.
 
-A seed gives the same weights on every device (they are drawn on the CPU), so each check builds the
-model twice, runs the same step on both devices and compares losses and every gradient.
+A seed gives the same weights on every device (they are drawn on the CPU, and so are the noise words
+of NCE and sampled softmax), so each check builds the model twice, runs the same step on both devices
+and compares losses and every gradient.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
     "kw",
     [dict(), dict(output="class", classes=4), dict(output="hsm"), dict(direct=200, direct_order=3),
      dict(output="class", classes=4, direct=200, direct_order=2), dict(hidden_activation="sigmoid"),
-     dict(output_activation="sigmoid", loss="quadratic")],
-    ids=["softmax", "class", "hsm", "direct", "class-direct", "sigmoid", "quadratic"],
+     dict(output_activation="sigmoid", loss="quadratic"), dict(output="nce"), dict(output="sampled")],
+    ids=["softmax", "class", "hsm", "direct", "class-direct", "sigmoid", "quadratic", "nce", "sampled"],
 )
 @pytest.mark.parametrize("truncation", [None, 2])
 def test_loss_and_gradients_match_the_cpu(kw, truncation):
