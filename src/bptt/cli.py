@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("bptt.score", "log10 probability of every sentence of a text (rnnlm -nbest style)"),
     "generate": ("bptt.generate", "sample text from a model: temperature, top-k, prompt"),
     "plot": ("bptt.plot", "learning curves (perplexity, learning rate per epoch) of a training run as PNG"),
+    "average": ("bptt.average", "average the weights of epochs kept by train --keep-epochs into a new model"),
 }
 
 
@@ -135,6 +136,23 @@ def check_train_directory(args: argparse.Namespace) -> None:
             path.unlink()
     if state.is_dir() and not any(state.iterdir()):
         state.rmdir()
+    _delete_kept_epochs(directory)
+
+
+def _delete_kept_epochs(directory: Path) -> None:
+    """DIR/epochs/epoch-N of the run --force replaces (train --keep-epochs): each a model directory."""
+    epochs = directory / "epochs"
+    if not epochs.is_dir():
+        return
+    for sub in sorted(epochs.iterdir()):
+        if sub.is_dir() and sub.name.startswith("epoch-"):
+            for path in sorted(sub.iterdir()):
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+            if not any(sub.iterdir()):
+                sub.rmdir()
+    if not any(epochs.iterdir()):
+        epochs.rmdir()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,7 @@ from bptt.model import ElmanLM, check_device
 from bptt.outputs import OUTPUT_LAYERS
 from bptt.optim import MikolovSchedule, PlateauSchedule, clip_grad_norm_, make_optimizer
 from bptt.saved_model import VOCAB_FILE, VOCAB_SHA_KEY, copy_params, file_sha256, refuse_pickle_files, save_model
+from bptt.average import epoch_dir
 from bptt.resources import guard_training
 from bptt.tbptt import TruncatedBPTT
 
@@ -108,6 +109,7 @@ class TrainConfig:
     max_grad_norm: float = 1e3  # a step with a larger gradient norm (per-token mean) is rolled back; 0: off
     l2: float = 0.0
     weight_decay: float = 0.0  # decoupled (AdamW-style): p *= 1 − lr·λ on weight matrices every step
+    keep_epochs: bool = False  # also keep each accepted epoch's weights in DIR/epochs/epoch-N (bptt average)
     min_improvement: float = 1.003
     schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs
     lr_decay: float = 0.25
@@ -395,6 +397,9 @@ class Trainer:
             save_model(self.out, self.model, {"training": asdict(c), "epoch": self.epoch, "valid": valid.to_json()})
         elif not decision.accept:
             copy_params(self.best, self.model.params)  # rnnlm: an epoch that made valid worse is undone
+        if c.keep_epochs and decision.accept:  # for checkpoint averaging (bptt average)
+            save_model(epoch_dir(self.out, self.epoch), self.model,
+                       {"training": asdict(c), "epoch": self.epoch, "valid": valid.to_json()}, self.vocab)
         record = {
             "epoch": self.epoch,
             "lr": self.lr,
@@ -643,6 +648,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "whose loss or gradients are not finite, is undone: back to the last checkpoint, "
                         "rate halved; 0 = no norm bound (default 1000)")
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
+    parser.add_argument("--keep-epochs", action="store_true",
+                        help="also keep every accepted epoch's weights as a model in DIR/epochs/epoch-N, for "
+                        "bptt average (checkpoint averaging) or to evaluate any epoch")
     parser.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
                         help="decoupled weight decay on weight matrices (AdamW with adam): w *= 1 - lr*LAMBDA "
                         "every step; unlike --l2 it is not divided by Adam's sqrt(v), so rare words' rows "
@@ -690,7 +698,7 @@ def run(args: argparse.Namespace) -> int:
             classes=args.classes, direct=_direct_weights(args.direct), direct_order=args.direct_order, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, truncation=args.truncation,
             independent=args.independent, epochs=args.epochs,
-            lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2, weight_decay=args.weight_decay,
+            lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2, weight_decay=args.weight_decay, keep_epochs=args.keep_epochs,
             max_grad_norm=args.max_grad_norm,
             min_improvement=args.min_improvement, schedule=args.schedule, lr_decay=args.lr_decay,
             patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, progress=not args.quiet,

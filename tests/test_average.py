@@ -1,0 +1,84 @@
+"""`bptt train --keep-epochs` and `bptt average`: checkpoint averaging of a run's epochs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bptt.average import epoch_dir, kept_epochs
+from bptt.cli import main
+from bptt.saved_model import load_model
+from conftest import write_corpus
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("avg")
+    train, valid = write_corpus(root / "t.txt", 150, 0), write_corpus(root / "v.txt", 30, 1)
+    argv = ["train", "--train", train, "--valid", valid, "--model", str(root / "m"), "--hidden", "12",
+            "--batch", "4", "--bptt", "5", "--epochs", "4", "--optimizer", "sgd", "--lr", "1",
+            "--keep-epochs", "--quiet"]
+    assert main(argv) == 0
+    return root
+
+
+def test_every_accepted_epoch_is_kept_as_a_model(run_dir):
+    metrics = [json.loads(line) for line in (run_dir / "m" / "metrics.jsonl").read_text().splitlines()]
+    accepted = [r["epoch"] for r in metrics if r["accepted"]]
+    assert kept_epochs(run_dir / "m") == accepted and len(accepted) >= 2
+    for r in metrics:
+        if r["accepted"]:
+            model, _, config = load_model(epoch_dir(run_dir / "m", r["epoch"]))
+            assert config["epoch"] == r["epoch"]
+            assert config["valid"]["perplexity"] == pytest.approx(r["valid_perplexity"])
+    best, _, best_config = load_model(run_dir / "m")  # the best model is one of the kept epochs
+    kept_best, _, _ = load_model(epoch_dir(run_dir / "m", best_config["epoch"]))
+    for name, p in best.params.items():
+        assert torch.equal(p, kept_best.params[name])
+
+
+def test_average_is_the_mean_of_the_chosen_epochs(run_dir, capsys):
+    epochs = kept_epochs(run_dir / "m")[-2:]
+    out = run_dir / "avg"
+    assert main(["average", "--model", str(run_dir / "m"), "--last", "2", "--out", str(out),
+                 "--valid", str(run_dir / "v.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert f"average of epochs {epochs}: valid perplexity" in printed
+    averaged, _, config = load_model(out)
+    assert config["averaged"]["epochs"] == epochs
+    singles = [load_model(epoch_dir(run_dir / "m", e))[0] for e in epochs]
+    for name, p in averaged.params.items():
+        mean = (singles[0].params[name].double() + singles[1].params[name].double()) / 2
+        torch.testing.assert_close(p.double(), mean, rtol=0, atol=1e-7)
+    assert main(["eval", "--model", str(out), "--test", str(run_dir / "v.txt")]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--epochs", "90-99"], "--epochs 90-99"), (["--epochs", "3-1"], "--epochs"), (["--epochs", "x"], "--epochs"),
+     (["--last", "0"], "--last")],
+)
+def test_bad_choices_are_one_line(run_dir, capsys, extra, needle):
+    assert main(["average", "--model", str(run_dir / "m"), "--out", str(run_dir / "never"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
+    assert not (run_dir / "never").exists()
+
+
+def test_no_kept_epochs_and_an_occupied_out_are_refused(run_dir, tmp_path, capsys):
+    assert main(["average", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--keep-epochs" in capsys.readouterr().err
+    assert main(["average", "--model", str(run_dir / "m"), "--out", str(run_dir / "m")]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+
+
+def test_force_deletes_the_kept_epochs_of_the_run_it_replaces(tmp_path):
+    train = write_corpus(tmp_path / "t.txt", 60, 0)
+    base = ["train", "--train", train, "--valid", train, "--model", str(tmp_path / "m"), "--hidden", "6",
+            "--batch", "2", "--bptt", "4", "--quiet"]
+    assert main([*base, "--epochs", "2", "--keep-epochs"]) == 0
+    assert kept_epochs(tmp_path / "m")
+    assert main([*base, "--epochs", "1", "--force"]) == 0
+    assert kept_epochs(tmp_path / "m") == [] and not (tmp_path / "m" / "epochs").exists()
