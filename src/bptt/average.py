@@ -71,14 +71,18 @@ def choose_epochs(run_dir: str | Path, epochs: str | None, last: int | None) -> 
     return kept
 
 
-def average_epochs(run_dir: str | Path, epochs: list[int]):
-    """-> (model holding the mean of the epochs' weights, vocabulary, config of the last epoch)."""
+def average_epochs(run_dir: str | Path, epochs: list[int], each=None):
+    """-> (model holding the mean of the epochs' weights, vocabulary, config of the last epoch).
+
+    each(epoch, model, vocab, config), if given, sees every epoch's model as it is loaded."""
     from bptt.saved_model import load_model
 
     total: dict[str, torch.Tensor] = {}
     model = vocab = config = None
     for epoch in epochs:
         model, vocab, config = load_model(epoch_dir(run_dir, epoch))
+        if each is not None:
+            each(epoch, model, vocab, config)
         for name, p in model.params.items():
             if name in total:
                 total[name] += p.double()
@@ -107,19 +111,19 @@ def run(args: argparse.Namespace) -> int:
     if (out / "model.safetensors").exists() or (out / "config.json").exists():
         raise ValueError(f"--out {out}: already holds a model; choose a new directory")
     epochs = choose_epochs(args.model, args.epochs, args.last)
-    model, vocab, config = average_epochs(args.model, epochs)
-    valid = None
-    if args.valid:
-        from bptt.saved_model import load_model
+    valid = []  # the encoded --valid corpus, once the first epoch's vocabulary is known
 
-        valid = encode(args.valid, vocab, saved_unit(config, vocab))
-        for epoch in epochs:
-            single, _, _ = load_model(epoch_dir(args.model, epoch))
-            print(f"epoch {epoch}: valid perplexity {evaluate_corpus(single, valid, vocab).perplexity:.2f}")
+    def report(epoch, single, vocab, config):
+        if args.valid:
+            if not valid:
+                valid.append(encode(args.valid, vocab, saved_unit(config, vocab)))
+            print(f"epoch {epoch}: valid perplexity {evaluate_corpus(single, valid[0], vocab).perplexity:.2f}")
+
+    model, vocab, config = average_epochs(args.model, epochs, report)
     extra = {k: v for k, v in config.items() if k in ("training",)}
     extra["averaged"] = {"run": str(Path(args.model)), "epochs": epochs}
-    if valid is not None:
-        evaluation = evaluate_corpus(model, valid, vocab)
+    if valid:
+        evaluation = evaluate_corpus(model, valid[0], vocab)
         extra["valid"] = evaluation.to_json()
         print(f"average of epochs {epochs}: valid perplexity {evaluation.perplexity:.2f}")
     save_model(out, model, extra, vocab)
