@@ -130,29 +130,31 @@ def check_train_directory(args: argparse.Namespace) -> None:
             f"`bptt train --resume {directory}`, choose a new directory, or add --force to overwrite it"
         )
     _check_before_deleting(args)
-    state = directory / "checkpoint"
-    for path in [directory / name for name in RUN_FILES] + (sorted(state.iterdir()) if state.is_dir() else [state]):
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-    if state.is_dir() and not any(state.iterdir()):
-        state.rmdir()
-    _delete_kept_epochs(directory)
+    for name in RUN_FILES:
+        _unlink(directory / name)
+    _delete_files_and_dir(directory / "checkpoint")
+    epochs = directory / "epochs"  # DIR/epochs/epoch-N of train --keep-epochs: each a model directory
+    if epochs.is_dir():
+        for sub in sorted(epochs.iterdir()):
+            if sub.name.startswith("epoch-"):
+                _delete_files_and_dir(sub)
+        _delete_files_and_dir(epochs)
 
 
-def _delete_kept_epochs(directory: Path) -> None:
-    """DIR/epochs/epoch-N of the run --force replaces (train --keep-epochs): each a model directory."""
-    epochs = directory / "epochs"
-    if not epochs.is_dir():
+def _unlink(path: Path) -> None:
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+
+
+def _delete_files_and_dir(directory: Path) -> None:
+    """The files directly in `directory`, then the directory itself if that left it empty."""
+    if not directory.is_dir() or directory.is_symlink():
+        _unlink(directory)
         return
-    for sub in sorted(epochs.iterdir()):
-        if sub.is_dir() and sub.name.startswith("epoch-"):
-            for path in sorted(sub.iterdir()):
-                if path.is_file() or path.is_symlink():
-                    path.unlink()
-            if not any(sub.iterdir()):
-                sub.rmdir()
-    if not any(epochs.iterdir()):
-        epochs.rmdir()
+    for path in sorted(directory.iterdir()):
+        _unlink(path)
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def build_parser() -> argparse.ArgumentParser:

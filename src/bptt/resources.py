@@ -47,10 +47,17 @@ EVAL_BLOCK_MIN = 256
 EVAL_SCORES = 1 << 24  # ... as long as a block's (positions, V) score matrix stays under 16M values
 
 
+def rows_within(scores: int, vocab_size: int) -> int:
+    """How many positions' (·, V) score rows fit in `scores` values: scores // V, at least 1."""
+    return max(1, int(scores) // max(int(vocab_size), 1))
+
+
 def eval_block(vocab_size: int) -> int:
     """Positions per evaluation block for a vocabulary of V: large blocks amortize the per-block work
     (the class layer's per-class products), the (block, V) score matrix of a full softmax bounds it."""
-    return max(EVAL_BLOCK_MIN, min(EVAL_BLOCK_MAX, EVAL_SCORES // max(int(vocab_size), 1)))
+    return max(EVAL_BLOCK_MIN, min(EVAL_BLOCK_MAX, rows_within(EVAL_SCORES, vocab_size)))
+
+
 NOISE_SAMPLES = 64  # nce / sampled softmax noise words per block
 OPTIMIZER_BUFFERS = {"sgd": 0, "adam": 2, "adagrad": 1, "rmsprop": 1}
 
@@ -151,7 +158,7 @@ def estimate_training_memory(
     P = parameter_count(V, m, output, classes, word_counts=word_counts, direct=direct)
     k = OPTIMIZER_BUFFERS.get(optimizer, 2)
     if output == "softmax":  # forward_backward's chunks: at most OUTPUT_CHUNK_SCORES scores at once
-        workspace = 2 * min(N, max(1, OUTPUT_CHUNK_SCORES // max(V, 1))) * V * s
+        workspace = 2 * min(N, rows_within(OUTPUT_CHUNK_SCORES, V)) * V * s
     elif output == "class":
         workspace = 2 * int(N * _class_positions_factor(word_counts, classes, V)) * s
     elif output == "hsm":

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bptt.activations import output_activation
-from bptt.resources import OUTPUT_CHUNK_SCORES
+from bptt.resources import OUTPUT_CHUNK_SCORES, rows_within
 from bptt.outputs.direct import direct_backward, direct_forward_
 from bptt.losses import (
     LOSSES,
@@ -123,7 +123,7 @@ class FullOutput:
 
     def chunk_rows(self, vocab_size: int) -> int:
         """Positions per chunk of forward_backward: chunk_scores // V, at least 1."""
-        return max(1, int(self.chunk_scores) // max(int(vocab_size), 1))
+        return rows_within(self.chunk_scores, vocab_size)
 
     def forward_backward(
         self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None,
