@@ -184,3 +184,39 @@ def test_presets_expand_before_the_configs(capsys, monkeypatch):
     assert [r["config"] for r in records] == ["V=40,m=4,B=2,T=3,out=class,C=4", "V=40,m=4,B=2,T=3,out=hsm",
                                               "V=30,m=4,B=2,T=3"]
     assert main(["bench", "--preset", "nope"]) == 2
+
+
+def test_bench_runs_in_plain_fp32_and_restores_the_tf32_flags(capsys, monkeypatch):
+    """Both sides are timed with TF32 off in cuBLAS and cuDNN (issue 5 compares fp32 with fp32); the
+    caller's flags come back afterwards, also when the bench fails."""
+    import bptt.bench as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "_bench_all", lambda *a: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert main(["bench", "--steps", "1"]) == 0
+        assert seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+
+        def fail(*a):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(bench, "_bench_all", fail)
+        with pytest.raises(RuntimeError):
+            bench.run(bench_args(["--steps", "1"]))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def bench_args(argv):
+    import argparse
+
+    import bptt.bench as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)

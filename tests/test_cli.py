@@ -86,3 +86,15 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert "bptt" in main_job and "pytest" in test_job
     assert all("constraints.txt" in c and "venv" in c for c in commands)
     assert test_job in (ROOT / ".ci" / "run").read_text()
+
+
+def test_python_dash_m_runs_the_command():
+    """`python -m bptt` is the `bptt` command (for machines where the console script is not installed)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bptt", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--init-range" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "bptt", "train", "--hidden", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr

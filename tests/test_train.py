@@ -84,6 +84,25 @@ def test_weight_decay_option_shrinks_the_matrices(corpus, tmp_path, capsys):
         assert err.count("\n") == 1 and "--weight-decay" in err
 
 
+def test_init_range_option_sets_the_initial_weights(corpus, tmp_path, capsys):
+    """--init-range R: every weight matrix starts uniform in [-R, R] (it fills the range), recorded in
+    the saved config; a range that is not positive is refused with one line naming the option."""
+    for r in (0.1, 0.03):
+        trainer = Trainer(config(corpus, tmp_path / str(r), init_range=r))
+        for name in ("U", "W", "V"):
+            p = trainer.model.params[name]
+            assert p.abs().max() <= r and p.abs().max() > 0.9 * r, name
+            assert p.std() == pytest.approx(r / 3**0.5, rel=0.15), name  # uniform: std = R / sqrt(3)
+        trainer.run(max_steps=2)
+        _, state = load_checkpoint(tmp_path / str(r) / STATE_DIR)
+        assert state["training"]["init_range"] == r
+    bad = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / "x"), "--init-range"]
+    for value in ("0", "-0.1", "inf"):
+        assert main([*bad, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--init-range" in err
+
+
 def test_same_seed_same_model_different_seed_different(corpus, tmp_path):
     train(config(corpus, tmp_path / "a", epochs=1))
     train(config(corpus, tmp_path / "b", epochs=1))

@@ -412,7 +412,8 @@ def machine_line(info: dict, device: torch.device, threads: int, steps: int, war
         where += f", {info['gpu']}"
     return (
         f"machine: {where}, {info['platform']}; torch {torch.__version__}, {threads} threads, "
-        f"device {device}; {steps} timed steps after {warmup} warm-up steps"
+        f"device {device}{' (fp32, TF32 off)' if device.type == 'cuda' else ''}; {steps} timed steps after "
+        f"{warmup} warm-up steps"
     )
 
 
@@ -492,10 +493,14 @@ def run(args: argparse.Namespace) -> int:
     saved_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # fp32 on both sides: no TF32 in cuBLAS (bptt's products, the peer's Linear) nor in cuDNN (the peer's RNN)
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         _bench_all(configs, args, device)
     finally:
         torch.set_num_threads(saved_threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
     return 0
 
 
