@@ -43,15 +43,29 @@ def test_missing_F_prime_is_rejected(monkeypatch):
     assert_rejected(*errors())
 
 
-def test_missing_recurrent_term_is_rejected(monkeypatch):
-    """Drop W^T δ^{t+1} from ∂L/∂s^t (the recursion through time): only the direct terms remain."""
+def drop_recurrent_term(monkeypatch):
+    """∂L/∂s^t without W^T δ^{t+1}, in both forms the engine uses (full sweep and truncated hops)."""
     monkeypatch.setattr(elman, "recurrent_backward", lambda delta_next, W: torch.zeros_like(delta_next))
-    assert_rejected(*errors())
+    monkeypatch.setattr(elman, "recurrent_backward_add", lambda direct, delta_next, W, out: out.copy_(direct))
+
+
+@pytest.mark.parametrize("truncation", [None, 2])
+def test_missing_recurrent_term_is_rejected(monkeypatch, truncation):
+    """Drop W^T δ^{t+1} from ∂L/∂s^t (the recursion through time): only the direct terms remain."""
+    drop_recurrent_term(monkeypatch)
+    model, x, y, h0 = make_case("tanh", "softmax", "cross_entropy", T=4, B=2, seed=7)
+    _, grads, _ = model.loss_and_grads(x, y, h0, truncation=truncation)
+    monkeypatch.undo()
+    _, intact, _ = model.loss_and_grads(x, y, h0, truncation=truncation)
+    assert max_rel_error(grads, intact) > 1e-3
+    if truncation is None:
+        drop_recurrent_term(monkeypatch)
+        assert_rejected(*errors())
 
 
 def test_missing_recurrent_term_is_invisible_with_one_step(monkeypatch):
     """With T = 1 there is no recurrent term, so the same mutation passes: the checks are specific."""
-    monkeypatch.setattr(elman, "recurrent_backward", lambda delta_next, W: torch.zeros_like(delta_next))
+    drop_recurrent_term(monkeypatch)
     fd_error, autograd_error = errors(T=1)
     assert fd_error <= 1e-6 and autograd_error <= 1e-10
 

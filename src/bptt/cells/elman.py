@@ -72,6 +72,14 @@ def elman_backward(
         grads["b"].add_(flat_delta.sum(dim=0))  # ∂L/∂b = Σ_t δ^t
 
 
+def recurrent_backward_add(direct: Tensor, delta_next: Tensor, W: Tensor, out: Tensor) -> Tensor:
+    """dS^t (B,m), δ^{t+1} (B,m) -> ∂L/∂s^t = dS^t + Wᵀ δ^{t+1}, written into out (B,m): one product.
+
+    forward was a^{t+1} = W s^t + ... and o^t from s^t; so s^t receives its direct error and Wᵀ δ^{t+1}.
+    """
+    return torch.addmm(direct, delta_next, W, out=out)
+
+
 def recurrent_backward(delta_next: Tensor, W: Tensor) -> Tensor:
     """δ^{t+1} (...,m) -> its contribution to ∂L/∂s^t (...,m).
 
@@ -87,13 +95,13 @@ def backward_deltas(
     T = S.shape[0]
     F_prime = F.derivative(S)  # F'(a^t) from s^t, (T,B,m)
     if truncation is None or truncation >= T - 1:
-        # Full BPTT: one reverse sweep, one (B,m)×(m,m) product per step.
+        # Full BPTT: one reverse sweep, two operations per step (one (B,m)×(m,m) product that also adds
+        # the direct error, one product with F'), written in place: no allocation inside the loop.
         delta = torch.empty_like(S)
-        carry = torch.zeros_like(S[0])  # Wᵀ δ^{t+1}; zero after the last step
-        for t in range(T - 1, -1, -1):
-            torch.mul(dS[t].add(carry), F_prime[t], out=delta[t])  # δ^t = (dS^t + Wᵀ δ^{t+1}) ⊙ F'
-            if t > 0:
-                carry = recurrent_backward(delta[t], W)
+        torch.mul(dS[T - 1], F_prime[T - 1], out=delta[T - 1])  # the last step has no δ^{t+1}
+        for t in range(T - 2, -1, -1):
+            recurrent_backward_add(dS[t], delta[t + 1], W, out=delta[t])  # ∂L/∂s^t = dS^t + Wᵀ δ^{t+1}
+            delta[t].mul_(F_prime[t])  # δ^t = ∂L/∂s^t ⊙ F'(a^t)
         return delta
     if truncation < 0:
         raise ValueError(f"truncation must be >= 0 or None, got {truncation}")
