@@ -125,7 +125,9 @@ class ElmanLM:
     # -- inputs --------------------------------------------------------------------------------------
 
     def _tokens(self, name: str, value: Any) -> Tensor:
-        tokens = torch.as_tensor(value, device=self.device)
+        # checked where the ids are (the trainer's blocks are on the CPU), then moved: the range check
+        # of a CPU block costs the GPU no synchronisation
+        tokens = torch.as_tensor(value)
         if tokens.dim() != 2 or tokens.dtype in (torch.bool,) or tokens.is_floating_point():
             raise ValueError(f"{name} must be an integer tensor of shape (T, B), got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.numel() == 0:
@@ -133,7 +135,7 @@ class ElmanLM:
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.vocab_size:
             raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
-        return tokens.long()
+        return tokens.to(device=self.device, dtype=torch.long)
 
     def direct_features(self, inputs: Tensor, context: Tensor | None = None) -> Tensor | None:
         """inputs (T,B) int64, context (K−1,B)|None -> direct-connection offsets (T·B,K), or None without them."""
