@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU session's checks (issue 5, and issue 3's quality target on a GPU), as a single prepared script:
-#   1. the machine and the software;  2. `bptt bench --device $DEVICE --preset $PRESET` (a quiet GPU);
+#   1. the machine and the software;  2. `bptt bench --device cuda --preset gpu`, plain and --graph (a quiet GPU);
 #   3. PTB training runs side by side (one process each, under MPS when it starts) while
 #      tests/test_cuda.py runs; each run is stopped with SIGTERM at TRAIN_UNTIL (it saves its state and
 #      keeps its best-on-valid model), then evaluated on the test set.
-# Env: RUNS_FILE (default benchmarks/gpu_runs/sweep1.txt), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py).
+# Env: RUNS_FILE (default benchmarks/gpu_runs/sweep3.txt, the next one to run), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py).
 # Usage: benchmarks/gpu_check.sh PTB_DIR OUT_DIR [TRAIN_UNTIL]   (run from the repository root)
 # The training runs stop TRAIN_UNTIL seconds (default 470) after the script's start, so that the whole script
 # ends within about TRAIN_UNTIL + 70 s (one device call).
-# Everything lands in OUT_DIR: bench.jsonl, test_cuda.log, summary.txt, runs.tar.gz.
+# Everything lands in OUT_DIR: bench.jsonl, bench_graph.jsonl, test_cuda.log, summary.txt, runs.tar.gz.
 set -u
 PTB=$1; OUT=$2; TRAIN_UNTIL=${3:-470}
 DEVICE=${DEVICE:-cuda}; PRESET=${PRESET:-gpu}  # DEVICE=cpu PRESET=layers: a dry run of the plumbing on a CPU
@@ -20,11 +20,8 @@ mkdir -p "$OUT/runs"
   nproc
 } > "$OUT/summary.txt" 2>&1
 
-if [ -z "${SKIP_BENCH:-}" ]; then
-echo "== bench $(date +%T)" >> "$OUT/summary.txt"
-timeout 120 python3 -m bptt bench --device $DEVICE --preset $PRESET --steps ${BENCH_STEPS:-100} --warmup 5 \
-  --rounds 4 --json > "$OUT/bench.jsonl" 2>&1
-python3 -c "
+table() {  # a bench --json file -> one line per configuration in the summary
+  python3 -c "
 import json, sys
 for line in open(sys.argv[1]):
     if line.startswith('{'):
@@ -32,7 +29,19 @@ for line in open(sys.argv[1]):
         print(f\"{r['config']:<28} bptt {r['bptt_tokens_per_s']:>12,.0f}  peer {r['peer_tokens_per_s']:>12,.0f}  {r['ratio']:.2f}x\")
     else:
         print(line.rstrip()[-300:])
-" "$OUT/bench.jsonl" >> "$OUT/summary.txt" 2>&1
+" "$1" >> "$OUT/summary.txt" 2>&1
+}
+if [ -z "${SKIP_BENCH:-}" ]; then
+  echo "== bench $(date +%T)" >> "$OUT/summary.txt"
+  timeout 120 python3 -m bptt bench --device $DEVICE --preset $PRESET --steps ${BENCH_STEPS:-100} --warmup 5 \
+    --rounds 4 --json > "$OUT/bench.jsonl" 2>&1
+  table "$OUT/bench.jsonl"
+  if [ "$DEVICE" = cuda ]; then
+    echo "== bench --graph $(date +%T)" >> "$OUT/summary.txt"
+    timeout 120 python3 -m bptt bench --device cuda --preset gpu --graph --steps ${BENCH_STEPS:-100} --warmup 5 \
+      --rounds 4 --json > "$OUT/bench_graph.jsonl" 2>&1
+    table "$OUT/bench_graph.jsonl"
+  fi
 fi
 [ -n "${PROFILE:-}" ] && timeout 60 python3 benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
 
@@ -58,7 +67,7 @@ COMMON="--train $PTB/ptb.train.txt --valid $PTB/ptb.valid.txt --device $DEVICE -
 declare -A RUNS=()
 while IFS='|' read -r name options; do  # RUNS_FILE: "name | train options" per line, # comments
   name=$(echo $name); [ -z "$name" ] || [ "${name:0:1}" = "#" ] || RUNS[$name]=$options
-done < "${RUNS_FILE:-benchmarks/gpu_runs/sweep1.txt}"
+done < "${RUNS_FILE:-benchmarks/gpu_runs/sweep3.txt}"
 PIDS=()
 for name in "${!RUNS[@]}"; do
   timeout -s TERM -k 20 "$TRAIN_FOR" python3 -m bptt train $COMMON ${RUNS[$name]} --model "$OUT/runs/$name" \

@@ -220,3 +220,35 @@ def bench_args(argv):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_graphed_step_on_the_cpu_is_the_plain_step():
+    """The --graph trainer's static-buffer step (run eagerly here; captured on a GPU, tests/test_cuda.py)
+    trains exactly like the plain one: warm-up steps leave no trace, the state is carried in place."""
+    from bptt.bench import BenchConfig, BpttTrainer, GraphedBpttTrainer, block, token_stream
+
+    config = BenchConfig(V=60, m=7, B=3, T=4)
+    data = token_stream(config, 6, 0, torch.device("cpu"))
+    plain = BpttTrainer(config, 0, torch.device("cpu"))
+    graphed = GraphedBpttTrainer(config, 0, torch.device("cpu"), capture=False)
+    for i in range(6):
+        a, b = plain.step(*block(data, i, config.T)), graphed.step(*block(data, i, config.T))
+        assert torch.equal(a, b), i
+    for name in plain.model.params:
+        assert torch.equal(plain.model.params[name], graphed.model.params[name]), name
+    assert torch.equal(plain.h0, graphed.h0)
+    with pytest.raises(ValueError, match="captured for"):
+        graphed.step(*block(data, 0, config.T)[0:1], data[:3, :2])
+
+
+def test_graph_option_is_refused_where_it_cannot_run(capsys):
+    from bptt.bench import BenchConfig, GraphedBpttTrainer
+    from bptt.cuda_graph import GraphedStep
+
+    assert main([*TINY, "--graph"]) == 2  # on the CPU
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--graph" in err and "cuda" in err
+    with pytest.raises(ValueError, match="out=softmax"):
+        GraphedBpttTrainer(BenchConfig(V=60, m=7, B=3, T=4, out="class", C=4), 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        GraphedStep(lambda x: x, [torch.zeros(2)], [], capture=True)

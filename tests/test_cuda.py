@@ -122,3 +122,32 @@ def test_bench_runs_on_cuda(capsys):
     assert main(["bench", "--device", "cuda", "--config", "V=500,m=32,B=8,T=5", "--steps", "3", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["device"] == "cuda" and record["bptt_tokens_per_s"] > 0 and record["peer_tokens_per_s"] > 0
+
+
+def test_cuda_graph_replay_trains_like_the_eager_step():
+    """bench --graph: the captured step, replayed, gives the eager step's losses, weights and carried
+    state (the same kernels; tolerance for atomics in the scatter-adds)."""
+    from bptt.bench import BenchConfig, BpttTrainer, GraphedBpttTrainer, block, token_stream
+
+    device = torch.device("cuda")
+    config = BenchConfig(V=300, m=24, B=8, T=6)
+    data = token_stream(config, 8, 0, device)
+    eager = BpttTrainer(config, 0, device)
+    graphed = GraphedBpttTrainer(config, 0, device)
+    for i in range(8):
+        a = eager.step(*block(data, i, config.T))
+        b = graphed.step(*block(data, i, config.T))
+        _close(a, b, 1e-4)
+    assert graphed._graphed.graph is not None  # it was captured, not run eagerly
+    for name in eager.model.params:
+        _close(eager.model.params[name], graphed.model.params[name], 1e-5)
+    _close(eager.h0, graphed.h0, 1e-5)
+
+
+def test_bench_graph_option_runs_on_cuda(capsys):
+    from bptt.cli import main
+
+    assert main(["bench", "--device", "cuda", "--graph", "--config", "V=500,m=32,B=8,T=5", "--steps", "3",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["graph"] is True and record["bptt_tokens_per_s"] > 0

@@ -38,6 +38,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from bptt.cuda_graph import GraphedStep
 from bptt.engine import bptt_loss_and_grads, zeros_like_params
 from bptt.model import ElmanLM, check_device
 from bptt.optim import SGD, clip_grad_norm_
@@ -53,6 +54,7 @@ EXAMPLES = """examples:
   bptt bench --config out=class,C=100,direct=2000000   # + maxent direct connections, 2M weights, order 3
   bptt bench --device cuda --config V=33278,m=650,B=20,T=35 --json
   bptt bench --device cuda --preset gpu --rounds 3     # issue 5's table, side by side with cuDNN
+  bptt bench --device cuda --preset gpu --graph        # the same with bptt's step replayed as a CUDA graph
 """
 
 DEFAULT_CONFIG = "V=10000,m=200,B=32,T=35"
@@ -173,6 +175,39 @@ class BpttTrainer:
         return loss
 
 
+class GraphedBpttTrainer(BpttTrainer):
+    """BpttTrainer's step captured once as a CUDA graph and replayed (`--graph`; cuda_graph.py).
+
+    The same arithmetic; the carried state is updated in place so that every replay reads it from the
+    same buffer. Full softmax without direct connections only: the class layer's per-class shapes
+    depend on the data, and the sampled layers draw their noise on the host.
+    """
+
+    def __init__(self, config: BenchConfig, seed: int, device: torch.device, capture: bool | None = None):
+        if config.out != "softmax" or config.direct:
+            raise ValueError(f"--graph needs out=softmax without direct connections, got {config}")
+        super().__init__(config, seed, device)
+        self.capture = capture
+        self._graphed: GraphedStep | None = None
+
+    @torch.no_grad()
+    def _static_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        model, grads = self.model, self.grads
+        loss, grads, S = bptt_loss_and_grads(
+            model.cell, model.output, model.params, inputs, targets, self.h0, None, None, grads, None
+        )
+        clip_grad_norm_(grads, CLIP)
+        self.optimizer.step(model.params, grads, LR)  # p -= lr * g
+        self.h0.copy_(S[-1])  # after every use of h0 in this step (stream order)
+        return loss
+
+    def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        if self._graphed is None:
+            state = [*self.model.params.values(), self.h0]
+            self._graphed = GraphedStep(self._static_step, (inputs, targets), state, capture=self.capture)
+        return self._graphed(inputs, targets)
+
+
 class PeerRNNLM(torch.nn.Module):
     """PyTorch's word_language_model RNN_TANH, one layer, no dropout: Embedding -> RNN -> Linear."""
 
@@ -276,14 +311,20 @@ class SideResult:
     last_loss_per_token: float
 
 
+def sides_for(graph: bool) -> dict[str, Callable[[BenchConfig, int, torch.device], Trainer]]:
+    """The two sides; with graph=True bptt's step is a replayed CUDA graph (--graph)."""
+    return {**SIDES, "bptt": GraphedBpttTrainer} if graph else SIDES
+
+
 def run_side(
-    side: str, config: BenchConfig, data: Tensor, steps: int, warmup: int, seed: int, device: torch.device
+    side: str, config: BenchConfig, data: Tensor, steps: int, warmup: int, seed: int, device: torch.device,
+    graph: bool = False,
 ) -> SideResult:
     """Build one side's model, warm it up, time `steps` steps, free it."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = SIDES[side](config, seed, device)
+    trainer = sides_for(graph)[side](config, seed, device)
     time_steps(trainer, data, config.T, 0, warmup, device)
     seconds, loss = time_steps(trainer, data, config.T, warmup, steps, device)
     peak_mb = peak_memory_mb(device)
@@ -313,7 +354,8 @@ def split_steps(steps: int, rounds: int) -> list[int]:
 
 
 def bench_config(
-    config: BenchConfig, steps: int, warmup: int, seed: int, device: torch.device, rounds: int = 1
+    config: BenchConfig, steps: int, warmup: int, seed: int, device: torch.device, rounds: int = 1,
+    graph: bool = False,
 ) -> dict:
     """Both sides on one configuration -> one result record (the JSON line).
 
@@ -324,10 +366,10 @@ def bench_config(
     """
     data = token_stream(config, warmup + steps, seed, device)
     if rounds <= 1:
-        sides = {side: run_side(side, config, data, steps, warmup, seed, device) for side in SIDES}
+        sides = {side: run_side(side, config, data, steps, warmup, seed, device, graph) for side in SIDES}
         round_ratios = [sides["bptt"].tokens_per_s / sides["peer"].tokens_per_s]
     else:
-        sides, round_ratios = _alternating_rounds(config, data, steps, warmup, seed, device, rounds)
+        sides, round_ratios = _alternating_rounds(config, data, steps, warmup, seed, device, rounds, graph)
     bptt, peer = sides["bptt"], sides["peer"]
     memory = memory_field(device)
     return {
@@ -346,13 +388,15 @@ def bench_config(
         f"peer_{memory}_mb": peer.peak_mb,
         "bptt_last_loss_per_token": bptt.last_loss_per_token,
         "peer_last_loss_per_token": peer.last_loss_per_token,
+        "graph": graph,
     }
 
 
 def _alternating_rounds(
-    config: BenchConfig, data: Tensor, steps: int, warmup: int, seed: int, device: torch.device, rounds: int
+    config: BenchConfig, data: Tensor, steps: int, warmup: int, seed: int, device: torch.device, rounds: int,
+    graph: bool = False,
 ) -> tuple[dict[str, SideResult], list[float]]:
-    trainers = {side: SIDES[side](config, seed, device) for side in SIDES}
+    trainers = {side: factory(config, seed, device) for side, factory in sides_for(graph).items()}
     for trainer in trainers.values():
         time_steps(trainer, data, config.T, 0, warmup, device)
     seconds = dict.fromkeys(trainers, 0.0)
@@ -465,6 +509,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"torch.set_num_threads(N) (default: torch's default, here {torch.get_num_threads()})",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (default: cpu)")
+    parser.add_argument(
+        "--graph", action="store_true",
+        help="with --device cuda: capture bptt's training step once as a CUDA graph and replay it (one launch "
+        "instead of ≈ 300 per step; full softmax without direct connections); the peer is unchanged",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of both models' weights and of the token stream")
     parser.add_argument(
         "--json", action="store_true",
@@ -483,7 +532,10 @@ def _check_options(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--warmup must be a non-negative integer, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    return check_device(args.device)
+    device = check_device(args.device)
+    if args.graph and device.type != "cuda":
+        raise ValueError("--graph needs --device cuda (CUDA graphs)")
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -509,10 +561,11 @@ def _bench_all(configs: list[BenchConfig], args: argparse.Namespace, device: tor
     threads = torch.get_num_threads()
     width = max(len("config"), *(len(str(c)) for c in configs))
     if not args.json:
-        print(machine_line(machine, device, threads, args.steps, args.warmup))
+        print(machine_line(machine, device, threads, args.steps, args.warmup)
+              + ("; bptt's step replayed as a CUDA graph" if args.graph else ""))
         print(table_header(width, device), flush=True)
     for config in configs:
-        record = bench_config(config, args.steps, args.warmup, args.seed, device, args.rounds)
+        record = bench_config(config, args.steps, args.warmup, args.seed, device, args.rounds, args.graph)
         if args.json:
             record.update(
                 device=str(device), threads=threads, steps=args.steps, warmup=args.warmup, seed=args.seed,
