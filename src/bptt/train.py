@@ -69,7 +69,7 @@ EXAMPLES = """examples:
   # PTB in under a minute on 2 cores (test perplexity 148.6): class softmax, the last epoch at half the rate
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --output class --classes 100 \\
              --hidden 150 --batch 160 --lr 0.0055 --epochs 3 --min-improvement 1.5
-  # the best full-softmax model so far (test perplexity 126.7 after 13 epochs; 3 minutes on a GPU)
+  # the best full-softmax model so far (test perplexity 126.7 after 13 epochs; 3 minutes on one GPU)
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --hidden 400 --batch 20 \\
              --weight-decay 0.1 --min-improvement 1.001 --seed 1 --device cuda
 
@@ -654,7 +654,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
     parser.add_argument("--init-range", type=float, default=0.1, metavar="R",
                         help="weight matrices start uniform in [-R, R] (default 0.1, rnnlm's); the recurrent "
-                        "W's spectral radius grows like R·sqrt(m/3), so wide layers want a smaller R")
+                        "W's spectral radius grows like R·sqrt(m/3), so wide layers may want a smaller R (docs/results.md)")
     parser.add_argument("--keep-epochs", action="store_true",
                         help="also keep every accepted epoch's weights as a model in DIR/epochs/epoch-N, for "
                         "bptt average (checkpoint averaging) or to evaluate any epoch")
