@@ -170,7 +170,9 @@ class BpttTrainer:
         )
         clip_grad_norm_(grads, CLIP)
         self.optimizer.step(model.params, grads, LR)  # p -= lr * g
-        self.h0 = S[-1].clone()
+        # the state is carried in place, after every use of h0 in the step: a captured step (--graph)
+        # reads it from the same buffer at every replay
+        self.h0.copy_(S[-1])
         self.context = model.next_context(inputs, self.context)
         return loss
 
@@ -178,9 +180,10 @@ class BpttTrainer:
 class GraphedBpttTrainer(BpttTrainer):
     """BpttTrainer's step captured once as a CUDA graph and replayed (`--graph`; cuda_graph.py).
 
-    The same arithmetic; the carried state is updated in place so that every replay reads it from the
-    same buffer. Full softmax without direct connections only: the class layer's per-class shapes
-    depend on the data, and the sampled layers draw their noise on the host.
+    BpttTrainer's step itself (it carries the state in place, so every replay reads it from the same
+    buffer). Full softmax without direct connections only: the class layer's per-class shapes depend
+    on the data, the sampled layers draw their noise on the host, and the direct connections' context
+    is rebound each step.
     """
 
     def __init__(self, config: BenchConfig, seed: int, device: torch.device, capture: bool | None = None):
@@ -190,21 +193,10 @@ class GraphedBpttTrainer(BpttTrainer):
         self.capture = capture
         self._graphed: GraphedStep | None = None
 
-    @torch.no_grad()
-    def _static_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        model, grads = self.model, self.grads
-        loss, grads, S = bptt_loss_and_grads(
-            model.cell, model.output, model.params, inputs, targets, self.h0, None, None, grads, None
-        )
-        clip_grad_norm_(grads, CLIP)
-        self.optimizer.step(model.params, grads, LR)  # p -= lr * g
-        self.h0.copy_(S[-1])  # after every use of h0 in this step (stream order)
-        return loss
-
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         if self._graphed is None:
             state = [*self.model.params.values(), self.h0]
-            self._graphed = GraphedStep(self._static_step, (inputs, targets), state, capture=self.capture)
+            self._graphed = GraphedStep(super().step, (inputs, targets), state, capture=self.capture)
         return self._graphed(inputs, targets)
 
 
