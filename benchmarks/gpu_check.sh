@@ -97,7 +97,7 @@ for line in (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.json
         t += r["seconds"]
         print(f"  epoch {r['epoch']:2d} lr {r['lr']:.3g} valid {r['valid_perplexity']:.2f} "
               f"{'ok ' if r['accepted'] else 'rej'} {r['seconds']:.1f}s (sum {t:.0f}s) {r['tokens_per_s']:.0f} tok/s")
-p = d.with_suffix(".test.json") if False else pathlib.Path(str(d) + ".test.json")
+p = pathlib.Path(str(d) + ".test.json")
 print("  test:", p.read_text().strip()[-300:] if p.exists() else "none")
 PY
   tail -2 "$OUT/runs/$name.log" | cut -c1-300 >> "$OUT/summary.txt"

@@ -16,7 +16,7 @@ from bptt.bench import (
     parse_config,
     token_stream,
 )
-from bptt.cli import main
+from bptt.cli import build_parser, main
 
 TINY = ["bench", "--config", "V=50,m=8,B=4,T=5", "--steps", "2", "--warmup", "1"]
 REQUIRED_KEYS = {
@@ -206,20 +206,11 @@ def test_bench_runs_in_plain_fp32_and_restores_the_tf32_flags(capsys, monkeypatc
 
         monkeypatch.setattr(bench, "_bench_all", fail)
         with pytest.raises(RuntimeError):
-            bench.run(bench_args(["--steps", "1"]))
+            bench.run(build_parser().parse_args(["bench", "--steps", "1"]))
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-
-def bench_args(argv):
-    import argparse
-
-    import bptt.bench as bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def test_graphed_step_on_the_cpu_is_the_plain_step():
