@@ -337,6 +337,9 @@ BAD_OPTIONS = [
     (TRAIN + ["--min-improvement", "-inf"], "--min-improvement"),
     (TRAIN + ["--min-improvement", "0"], "--min-improvement"),
     (TRAIN + ["--min-improvement", "0.001"], "--min-improvement"),  # a percentage given where a ratio is asked
+    (TRAIN + ["--halving-factor", "1"], "--halving-factor"),
+    (TRAIN + ["--halving-factor", "0"], "--halving-factor"),
+    (TRAIN + ["--tie", "--output", "nce"], "--tie"),
     (TRAIN + ["--lr", "1e9"], "--lr"),
     (TRAIN + ["--clip", "-1"], "--clip"),
     (TRAIN + ["--l2", "-0.1"], "--l2"),

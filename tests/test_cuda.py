@@ -46,8 +46,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> None:
     "kw",
     [dict(), dict(output="class", classes=4), dict(output="hsm"), dict(direct=200, direct_order=3),
      dict(output="class", classes=4, direct=200, direct_order=2), dict(hidden_activation="sigmoid"),
-     dict(output_activation="sigmoid", loss="quadratic"), dict(output="nce"), dict(output="sampled")],
-    ids=["softmax", "class", "hsm", "direct", "class-direct", "sigmoid", "quadratic", "nce", "sampled"],
+     dict(output_activation="sigmoid", loss="quadratic"), dict(output="nce"), dict(output="sampled"),
+     dict(tied=True)],
+    ids=["softmax", "class", "hsm", "direct", "class-direct", "sigmoid", "quadratic", "nce", "sampled", "tied"],
 )
 @pytest.mark.parametrize("truncation", [None, 2])
 def test_loss_and_gradients_match_the_cpu(kw, truncation):

@@ -211,6 +211,31 @@ def test_mikolov_halving_then_stop():
     assert s.update(7.99) == Decision(1.0, True, True)  # small again: stop
 
 
+def test_mikolov_with_a_slower_factor():
+    s = MikolovSchedule(min_improvement=1.01, factor=0.7)
+    assert s.update(10.0) == Decision(1.0, False, True)
+    assert s.update(9.0) == Decision(1.0, False, True)
+    assert s.update(8.95) == Decision(0.7, False, True)  # annealing starts with the given factor
+    assert s.update(8.0) == Decision(0.7, False, True)
+    assert s.update(7.99) == Decision(1.0, True, True)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="factor"):
+            MikolovSchedule(factor=bad)
+
+
+def test_mikolov_state_keeps_the_factor_and_reads_states_without_it():
+    s = MikolovSchedule(1.002, factor=0.6)
+    s.update(6.0)
+    s.update(5.999)  # annealing
+    t = MikolovSchedule()
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert t.factor == 0.6 and t.update(5.0) == Decision(0.6, False, True)
+    old = {k: v for k, v in s.state_dict().items() if k != "factor"}  # a checkpoint of an earlier version
+    u = MikolovSchedule(factor=0.9)
+    u.load_state_dict(old)
+    assert u.factor == 0.5
+
+
 def test_mikolov_rejects_worse_epoch():
     s = MikolovSchedule()
     s.update(5.0)

@@ -200,6 +200,13 @@ def test_plateau_schedule_stops_early(corpus, tmp_path):
     assert lrs[0] == 3.0 and min(lrs) == pytest.approx(0.75)
 
 
+def test_halving_factor_sets_the_annealing_rate(corpus, tmp_path):
+    # min_improvement 1.5: every epoch counts as stalled, so annealing starts after epoch 2 and stops
+    # after epoch 3; the rate of epoch 3 is lr × factor
+    result = train(config(corpus, tmp_path / "m", epochs=10, lr=1.0, min_improvement=1.5, halving_factor=0.7))
+    assert [r["lr"] for r in result.history] == pytest.approx([1.0, 1.0, 0.7])
+
+
 @pytest.mark.parametrize("independent", [False, True])
 def test_truncation_option_reaches_the_engine(corpus, tmp_path, independent):
     full = Trainer(config(corpus, tmp_path / "a", independent=independent))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bptt.cells.elman import ElmanCell
+from bptt.cells.elman_tied import TiedElmanCell
 from bptt.engine import bptt_loss_and_grads, sequence_loss, zeros_like_params
 from bptt.outputs import make_output
 from bptt.outputs.direct import check_direct, ngram_offsets, next_context
@@ -52,6 +53,7 @@ class ElmanLM:
     """Elman recurrent language model with explicit BPTT and RTRL gradients.
 
     params: "U" (m,V), "W" (m,m), "V" (V,m), and with bias=True "b" (m,), "c" (V,).
+    tied=True ties the input weights to the output layer's (U ≡ Vᵀ, cells/elman_tied.py): no "U".
     output="class" (with `classes` C and the training `word_counts` for frequency binning) factorizes
     the softmax: P(w|h) = P(class(w)|h) P(w|class(w),h), adding "Vc" (C,m) and "cc" (C,).
     Weights start uniform in [-init_range, init_range] from a generator seeded with `seed` (drawn on
@@ -79,6 +81,7 @@ class ElmanLM:
         word_counts: Any = None,
         direct: int = 0,
         direct_order: int = 3,
+        tied: bool = False,
     ):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
@@ -88,7 +91,10 @@ class ElmanLM:
         self.hidden_activation = hidden_activation
         self.output_activation = output_activation
         self.loss_name = loss
-        self.cell = ElmanCell(hidden_activation)
+        if not isinstance(tied, bool):
+            raise ValueError(f"tied must be true or false, got {tied!r}")
+        self.tied = tied
+        self.cell = TiedElmanCell(hidden_activation) if tied else ElmanCell(hidden_activation)
         self.output_name = output
         self.classes = (classes or 100) if output == "class" else classes  # as asked; layers may use fewer
         self.output = make_output(
@@ -100,6 +106,10 @@ class ElmanLM:
             if not hasattr(self.output, "direct_span"):
                 raise ValueError(f"direct connections need output 'softmax' or 'class', not {output!r}")
             check_direct(self.direct, self.direct_order, self.output.direct_span(self.vocab_size))
+        if tied and self.output.param_shapes(self.vocab_size, self.hidden_size, self.bias).get("V") != (
+            self.vocab_size, self.hidden_size
+        ):
+            raise ValueError(f"tied input and output weights need output 'softmax' or 'class', not {output!r}")
         self.params = self._init_params(seed, init_range)
 
     def _init_params(self, seed: int, init_range: float) -> dict[str, Tensor]:
@@ -119,7 +129,8 @@ class ElmanLM:
             params[name] = value.to(dtype=self.dtype, device=self.device)
         # U (m,V) is held as the transpose of a contiguous (V,m) tensor: column U[:, w] is contiguous,
         # so U x^t is a row gather and its gradient a row scatter-add.
-        params["U"] = params["U"].t().contiguous().t()
+        if "U" in params:  # a tied cell has none: it reads Vᵀ, which has this layout already
+            params["U"] = params["U"].t().contiguous().t()
         return params
 
     # -- inputs --------------------------------------------------------------------------------------
@@ -241,6 +252,8 @@ class ElmanLM:
         h0 = self._h0(h0, inputs.shape[1])
         features = self.direct_features(inputs, context)
         if method == "rtrl":
+            if self.tied:
+                raise ValueError("method='rtrl' is for untied models; a tied model's gradients come from 'bptt'")
             return elman_rtrl(self.params, self.cell, self.output, inputs, targets, h0, weights, features)
         loss, grads, S = bptt_loss_and_grads(
             self.cell, self.output, self.params, inputs, targets, h0, truncation, weights, features=features
@@ -268,5 +281,5 @@ class ElmanLM:
             f"hidden_activation={self.hidden_activation!r}, output_activation={self.output_activation!r}, "
             f"loss={self.loss_name!r}, bias={self.bias}, dtype={self.dtype}, device={str(self.device)!r}, "
             f"output={self.output_name!r}, classes={self.classes}, direct={self.direct}, "
-            f"direct_order={self.direct_order})"
+            f"direct_order={self.direct_order}, tied={self.tied})"
         )

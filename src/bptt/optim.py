@@ -244,13 +244,17 @@ class MikolovSchedule:
     - An epoch whose entropy is worse than prev (new > prev) is rejected (accept=False): the caller
       restores the previous weights. prev then stays the accepted entropy (rnnlm overwrites it with
       the rejected value; keeping the entropy of the weights actually kept is the consistent choice).
-    - Not yet halving: if ratio < min_improvement, halving starts (lr_scale=0.5 from this epoch on).
-    - Halving: lr_scale=0.5 every epoch; if ratio < min_improvement again, stop=True.
+    - Not yet halving: if ratio < min_improvement, halving starts (lr_scale=factor from this epoch on).
+    - Halving: lr_scale=factor every epoch; if ratio < min_improvement again, stop=True.
+    factor is rnnlm's 0.5; a larger one (0.6, 0.7) anneals more slowly, over more epochs.
     The first call only records the entropy (accept, lr_scale=1, no stop).
     """
 
-    def __init__(self, min_improvement: float = 1.003):
+    def __init__(self, min_improvement: float = 1.003, factor: float = 0.5):
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
         self.min_improvement = float(min_improvement)
+        self.factor = float(factor)
         self.prev: float | None = None
         self.halving = False
 
@@ -267,13 +271,15 @@ class MikolovSchedule:
             if self.halving:
                 return Decision(1.0, True, accept)
             self.halving = True
-        return Decision(0.5 if self.halving else 1.0, False, accept)
+        return Decision(self.factor if self.halving else 1.0, False, accept)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"min_improvement": self.min_improvement, "prev": self.prev, "halving": self.halving}
+        return {"min_improvement": self.min_improvement, "factor": self.factor, "prev": self.prev,
+                "halving": self.halving}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.min_improvement = float(d["min_improvement"])
+        self.factor = float(d.get("factor", 0.5))  # states saved before the factor was an option: rnnlm's
         self.prev = None if d["prev"] is None else float(d["prev"])
         self.halving = bool(d["halving"])
 

@@ -18,7 +18,8 @@ _f = {"softmax": lambda g: torch.softmax(g, dim=-1), "sigmoid": torch.sigmoid, "
 
 
 def _step(params: dict[str, Tensor], F, s_prev: Tensor, x_onehot: Tensor) -> Tensor:
-    a = s_prev @ params["W"].T + x_onehot @ params["U"].T  # a^t = W s^{t-1} + U x^t
+    U = params["U"] if "U" in params else params["V"].T  # a tied model has no U: U = Vᵀ
+    a = s_prev @ params["W"].T + x_onehot @ U.T  # a^t = W s^{t-1} + U x^t
     if "b" in params:
         a = a + params["b"]
     return F(a)

@@ -54,6 +54,7 @@ def model_config(model: ElmanLM) -> dict:
         "classes": model.classes,
         "direct": model.direct,
         "direct_order": model.direct_order,
+        "tied": model.tied,
     }
 
 
@@ -145,6 +146,7 @@ _MODEL_FIELDS: dict[str, tuple[Any, str]] = {
     "classes": (lambda v: v is None or (_is_int(v) and v >= 1), "null or a positive integer"),
     "direct": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "direct_order": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "tied": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -238,8 +240,8 @@ def load_model(directory: str | Path, device: str = "cpu") -> tuple[ElmanLM, Voc
     V, m = section["vocab_size"], section["hidden_size"]
     if len(vocab) != V:
         raise CheckpointError(f"{vocab_path}: {len(vocab)} words, the model in {where} has vocab_size {V}")
-    # W (m,m), U (m,V) and D (H,) pin the sizes to the file's before anything of the model's size is allocated
-    pinned = [("W", (m, m)), ("U", (m, V))] + ([("D", (section["direct"],))] if section.get("direct") else [])
+    # W (m,m), U (m,V) (tied: V (V,m)) and D (H,) pin the sizes to the file's before anything of the model's size is allocated
+    pinned = [("W", (m, m)), ("V", (V, m)) if section.get("tied") else ("U", (m, V))] + ([("D", (section["direct"],))] if section.get("direct") else [])
     for name, shape in pinned:
         if name not in tensors:
             raise CheckpointError(f"{weights}: no tensor {name!r}")

@@ -98,6 +98,7 @@ class TrainConfig:
     classes: int = 100
     direct: int = 0  # maxent direct connections: hash size in weights (rnnlm -direct, in millions there); 0: none
     direct_order: int = 3  # n-gram features of orders 0 .. direct_order−1
+    tie: bool = False  # input weights tied to the output layer's: U ≡ Vᵀ (cells/elman_tied.py)
     batch: int = 32
     bptt: int = 35
     bptt_block: int | None = None
@@ -113,6 +114,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW-style): p *= 1 − lr·λ on weight matrices every step
     keep_epochs: bool = False  # also keep each accepted epoch's weights in DIR/epochs/epoch-N (bptt average)
     min_improvement: float = 1.003
+    halving_factor: float = 0.5  # Mikolov's schedule: the rate's factor per epoch once it anneals
     schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs
     lr_decay: float = 0.25
     patience: int = 0
@@ -132,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"--bptt-block must be a positive integer, got {self.bptt_block}")
         if self.direct < 0 or self.direct_order < 1:
             raise ValueError(f"--direct must be >= 0 and --direct-order >= 1, got {self.direct} and {self.direct_order}")
+        if self.tie and self.output not in ("softmax", "class"):
+            raise ValueError(f"--tie needs --output softmax or class (a matrix V with a row per word), got {self.output!r}")
         if self.lr is not None and not 0 < self.lr <= MAX_LR:
             raise ValueError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
         if not 0 <= self.clip < math.inf:
@@ -151,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"--optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.halving_factor < 1:
+            raise ValueError(f"--halving-factor must be in (0, 1), got {self.halving_factor}")
         if not 0 < self.lr_decay < 1:
             raise ValueError(f"--lr-decay must be in (0, 1), got {self.lr_decay}")
         if self.patience < 0 or self.max_decays < 0:
@@ -223,12 +229,12 @@ class Trainer:
         self.model = ElmanLM(
             len(vocab), config.hidden, config.activation, seed=config.seed, device=config.device,
             output=config.output, classes=config.classes, word_counts=vocab.counts,
-            direct=config.direct, direct_order=config.direct_order, init_range=config.init_range,
+            direct=config.direct, direct_order=config.direct_order, init_range=config.init_range, tied=config.tie,
         )
         self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2,
                                         decoupled_weight_decay=config.weight_decay)
         self.schedule = (
-            MikolovSchedule(config.min_improvement)
+            MikolovSchedule(config.min_improvement, config.halving_factor)
             if config.schedule == "mikolov"
             else PlateauSchedule(config.lr_decay, config.patience, config.min_improvement, config.max_decays)
         )
@@ -635,6 +641,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--output softmax or class; default 0: none)")
     parser.add_argument("--direct-order", type=int, default=3, metavar="N",
                         help="n-gram order of the direct connections' features (default 3)")
+    parser.add_argument("--tie", action="store_true",
+                        help="tie the input weights to the output layer's (U = Vᵀ: a word's input vector is its "
+                        "output vector; half the weights; --output softmax or class)")
     parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
     parser.add_argument("--bptt", type=int, default=35, help="BPTT steps (default 35)")
     parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps, rnnlm style")
@@ -665,6 +674,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-improvement", type=float, default=1.003,
                         help="Mikolov's schedule: halve the rate when the ratio old/new valid entropy falls under "
                         "this, a ratio >= 1 (default 1.003: 0.3 %%)")
+    parser.add_argument("--halving-factor", type=float, default=0.5, metavar="F",
+                        help="Mikolov's schedule: once it anneals, multiply the rate by F every epoch (default "
+                        "0.5, rnnlm's halving; 0.6-0.7 anneal over more epochs)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="mikolov",
                         help="mikolov: halve every epoch once valid stalls, stop when it stalls again; "
                         "plateau: multiply by --lr-decay after --patience stalled epochs, stop after --max-decays")
@@ -702,13 +714,13 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig(
             train=args.train, valid=args.valid, model=args.model, unit=args.unit, min_count=args.min_count,
             max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, output=args.output,
-            classes=args.classes, direct=_direct_weights(args.direct), direct_order=args.direct_order, batch=args.batch,
+            classes=args.classes, direct=_direct_weights(args.direct), direct_order=args.direct_order, tie=args.tie, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, truncation=args.truncation,
             independent=args.independent, epochs=args.epochs,
             lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2, init_range=args.init_range, weight_decay=args.weight_decay,
             keep_epochs=args.keep_epochs,
             max_grad_norm=args.max_grad_norm,
-            min_improvement=args.min_improvement, schedule=args.schedule, lr_decay=args.lr_decay,
+            min_improvement=args.min_improvement, halving_factor=args.halving_factor, schedule=args.schedule, lr_decay=args.lr_decay,
             patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, progress=not args.quiet,
         )
         trainer = Trainer(config)

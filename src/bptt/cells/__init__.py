@@ -8,5 +8,6 @@ A cell is a class with
 """
 
 from bptt.cells.elman import ElmanCell
+from bptt.cells.elman_tied import TiedElmanCell
 
-__all__ = ["ElmanCell"]
+__all__ = ["ElmanCell", "TiedElmanCell"]
