@@ -22,9 +22,11 @@ def test_gradcheck_prints_the_table_and_passes(capsys):
     out = capsys.readouterr().out
     assert "finite diff" in out and "autograd" in out and "RTRL" in out and "trunc k=2" in out
     rows = [line for line in out.splitlines() if line.startswith("F=")]
-    # every (F, f, loss) × U, W, V, b, c; class, hsm, nce, sampled; softmax and class with direct connections
-    assert len(rows) == 16 * 5 + 7 + 3 * 5 + 6 + 8
-    assert "all 392 checks passed" in out
+    # every (F, f, loss) × U, W, V, b, c; class, hsm, nce, sampled; softmax and class with direct
+    # connections; the tied model (W, b, V, c: fd, autograd, trunc, no RTRL)
+    assert len(rows) == 16 * 5 + 7 + 3 * 5 + 6 + 8 + 4
+    assert "all 404 checks passed" in out
+    assert [line.split()[5] for line in rows if " tied " in line] == ["W", "b", "V", "c"]
     names = ("class", "hsm", "nce", "sampled", "softmax+direct", "class+direct")
     assert {f"output={name}" for name in names} <= set(out.split())
 
@@ -32,7 +34,7 @@ def test_gradcheck_prints_the_table_and_passes(capsys):
 def test_gradcheck_float32_without_bias(capsys):
     assert main(["gradcheck", *SMALL, "--dtype", "float32", "--bias", "off", "--truncation", "-1"]) == 0
     out = capsys.readouterr().out
-    assert len([line for line in out.splitlines() if line.startswith("F=")]) == 16 * 3 + 4 + 3 * 3 + 4 + 5
+    assert len([line for line in out.splitlines() if line.startswith("F=")]) == 16 * 3 + 4 + 3 * 3 + 4 + 5 + 2
     assert "trunc" not in out.splitlines()[2]
 
 
@@ -41,7 +43,7 @@ def test_gradcheck_exits_non_zero_when_a_gradient_is_wrong(monkeypatch, capsys):
     monkeypatch.setitem(activations.HIDDEN_ACTIVATIONS, "sigmoid", broken)
     assert main(["gradcheck", *SMALL, "--bias", "on"]) == 1
     out = capsys.readouterr().out
-    assert re.search(r"FAILED: \d+ of 392 checks", out)
+    assert re.search(r"FAILED: \d+ of 404 checks", out)
     flagged = [line for line in out.splitlines() if line.endswith("!") or "! " in line]
     assert flagged and all("F=sigmoid" in line for line in flagged)
 

@@ -94,10 +94,13 @@ class CheckRow:
 
 def check_combination(
     F: str, f: str, loss: str, *, vocab: int, hidden: int, steps: int, batch: int, bias: bool,
-    dtype: torch.dtype, seed: int, truncation: int | None,
+    dtype: torch.dtype, seed: int, truncation: int | None, tied: bool = False,
 ) -> list[CheckRow]:
-    """All checks of one combination -> one row per parameter with its errors per reference."""
-    model = random_model(F, f, loss, vocab, hidden, bias, dtype, seed)
+    """All checks of one combination -> one row per parameter with its errors per reference.
+
+    tied=True: the input weights tied to the output layer's (U ≡ Vᵀ); no RTRL reference for it.
+    """
+    model = random_model(F, f, loss, vocab, hidden, bias, dtype, seed, tied=tied)
     generator = torch.Generator().manual_seed(seed + 2)
     inputs = torch.randint(0, vocab, (steps, batch), generator=generator)
     targets = torch.randint(0, vocab, (steps, batch), generator=generator)
@@ -106,19 +109,20 @@ def check_combination(
     _, grads, _ = model.loss_and_grads(inputs, targets, h0)
     references = {}
     # Finite differences always in float64 (a float32 difference quotient is all rounding noise).
-    model64 = random_model(F, f, loss, vocab, hidden, bias, torch.float64, seed)
+    model64 = random_model(F, f, loss, vocab, hidden, bias, torch.float64, seed, tied=tied)
     for name, p in model.params.items():
         model64.params[name].copy_(p.double())
     references["fd"] = finite_difference_grads(model64, inputs, targets, h0.double())
     references["autograd"] = autograd_loss_and_grads(model.params, F, f, loss, inputs, targets, h0)[1]
-    references["rtrl"] = model.loss_and_grads(inputs, targets, h0, method="rtrl")[1]
+    if not tied:
+        references["rtrl"] = model.loss_and_grads(inputs, targets, h0, method="rtrl")[1]
     truncated = None
     if truncation is not None:
         truncated = model.loss_and_grads(inputs, targets, h0, truncation=truncation)[1]
         references["trunc"] = autograd_loss_and_grads(
             model.params, F, f, loss, inputs, targets, h0, truncation=truncation
         )[1]
-    label = f"F={F} f={f} loss={loss} bias={'on' if bias else 'off'}"
+    label = f"F={F} f={f} loss={loss}{' tied' if tied else ''} bias={'on' if bias else 'off'}"
     rows = []
     for name in model.params:
         row = CheckRow(label, name)
@@ -227,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
     for bias in biases:
         for F, f, loss in combinations():
             rows += check_combination(F, f, loss, bias=bias, truncation=truncation, **sizes)
+        rows += check_combination("tanh", "softmax", "cross_entropy", bias=bias, truncation=truncation, tied=True,
+                                  **sizes)  # U ≡ Vᵀ (--tie)
         for output in FACTORIZED_OUTPUTS:
             rows += check_output_layer(output, bias=bias, **sizes)
         for output in DIRECT_OUTPUTS:
