@@ -24,8 +24,6 @@ Tensor = torch.Tensor
 class TiedElmanCell(ElmanCell):
     """Elman recurrence whose input weights are the output layer's V, transposed; parameters W, b."""
 
-    tied = True
-
     @staticmethod
     def param_shapes(vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
         shapes = ElmanCell.param_shapes(vocab_size, hidden_size, bias)
