@@ -61,25 +61,7 @@ def test_tied_gradients_with_a_mask_and_the_class_output():
     x, y, h0 = random_data(4, 3, V, M, 4)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
     _, grads, _ = model.loss_and_grads(x, y, h0, mask=mask)
-    assert max_rel_error(grads, _masked_fd(model, x, y, h0, mask)) <= 1e-6
-
-
-def _masked_fd(model, x, y, h0, mask, eps=1e-6):
-    """Central differences of the masked loss, one weight at a time."""
-    out = {}
-    for name, p in model.params.items():
-        g = torch.zeros_like(p)
-        for i in range(p.numel()):
-            where = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), p.shape))
-            original = p[where].item()
-            p[where] = original + eps
-            up = float(model.loss(x, y, h0, mask=mask))
-            p[where] = original - eps
-            down = float(model.loss(x, y, h0, mask=mask))
-            p[where] = original
-            g[where] = (up - down) / (2 * eps)
-        out[name] = g
-    return out
+    assert max_rel_error(grads, finite_difference_grads(model, x, y, h0, mask=mask)) <= 1e-6
 
 
 def test_a_tied_backward_without_the_input_path_is_rejected(monkeypatch):

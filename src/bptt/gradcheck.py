@@ -51,9 +51,9 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def finite_difference_grads(
     model: ElmanLM, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor, eps: float = 1e-6,
-    context: torch.Tensor | None = None,
+    context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Central differences (L(θ + ε) − L(θ − ε)) / 2ε of the model's loss, one element at a time."""
+    """Central differences (L(θ + ε) − L(θ − ε)) / 2ε of the model's loss (masked if given), one element at a time."""
     grads = {}
     for name, p in model.params.items():
         g = torch.zeros(p.shape, dtype=torch.float64)
@@ -61,9 +61,9 @@ def finite_difference_grads(
             where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), p.shape))
             original = p[where].item()
             p[where] = original + eps
-            up = float(model.loss(inputs, targets, h0, context=context))
+            up = float(model.loss(inputs, targets, h0, mask=mask, context=context))
             p[where] = original - eps
-            down = float(model.loss(inputs, targets, h0, context=context))
+            down = float(model.loss(inputs, targets, h0, mask=mask, context=context))
             p[where] = original
             g[where] = (up - down) / (2 * eps)
         grads[name] = g
