@@ -366,6 +366,8 @@ BAD_OPTIONS = [
     (["train", "--resume", "{new}"], "{new}"),
     (["eval", "--model", "{m}"], "--test"),
     (["eval", "--model", "{new}", "--test", "{t}"], "{new}"),
+    (["eval", "--model", "{m}", "--test", "{t}", "--dynamic", "-0.1"], "--dynamic"),
+    (["eval", "--model", "{m}", "--test", "{t}", "--dynamic", "0.1", "--dynamic-block", "0"], "--dynamic-block"),
     (["score", "--model", "{m}", "--text", "{t}", "--device", "gpu"], "--device"),
     (["generate", "--model", "{m}", "--words", "-1"], "--words"),
     (["generate", "--model", "{m}", "--words", str(10**12)], "--words"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bptt import ElmanLM
-from bptt.evaluate import stream_nats
+from bptt.evaluate import dynamic_stream_nats, stream_nats
 
 COUNTS = [40, 20, 10, 8, 6, 5, 3, 2, 1, 1, 1, 1]
 
@@ -44,3 +44,46 @@ def test_eval_block_bounds():
     assert eval_block(10_000) == EVAL_SCORES // 10_000  # the (block, V) scores stay under EVAL_SCORES
     assert eval_block(10_000) * 10_000 <= EVAL_SCORES
     assert eval_block(10_000_000) == EVAL_BLOCK_MIN
+
+
+# -- dynamic evaluation (rnnlm -dynamic) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output", ["softmax", "class", "hsm"])
+def test_dynamic_evaluation_at_rate_zero_is_the_static_one(output):
+    model = ElmanLM(12, 6, output=output, classes=3, word_counts=COUNTS, dtype=torch.float64, init_range=0.5)
+    ids = np.random.default_rng(3).integers(0, 12, size=400).astype(np.int32)
+    before = {k: p.clone() for k, p in model.params.items()}
+    assert dynamic_stream_nats(model, ids, eos_id=0, lr=0.0, block=9) == pytest.approx(
+        stream_nats(model, ids, eos_id=0), rel=1e-12)
+    assert all(torch.equal(before[k], model.params[k]) for k in before)
+
+
+def test_dynamic_evaluation_learns_from_the_text_and_never_scores_a_word_it_has_seen():
+    model = ElmanLM(12, 8, dtype=torch.float64, seed=1)
+    phrase = np.random.default_rng(4).integers(0, 12, size=20).astype(np.int32)
+    ids = np.tile(phrase, 30)  # a text that repeats itself: a model that adapts must gain
+    static = stream_nats(model, ids, eos_id=0)
+    dynamic = dynamic_stream_nats(ElmanLM(12, 8, dtype=torch.float64, seed=1), ids, eos_id=0, lr=0.1, block=10)
+    assert dynamic < 0.8 * static
+    # the first block is scored before any update: a text of one block scores the same at any rate
+    short = ids[:10]
+    fresh = [ElmanLM(12, 8, dtype=torch.float64, seed=1) for _ in range(2)]
+    assert dynamic_stream_nats(fresh[0], short, 0, lr=5.0, block=10) == pytest.approx(
+        dynamic_stream_nats(fresh[1], short, 0, lr=0.0, block=10), rel=1e-12)
+    # ... and the second block by weights that took one step on the first (an update after scoring)
+    two = ids[:20]
+    a, b = (ElmanLM(12, 8, dtype=torch.float64, seed=1) for _ in range(2))
+    assert dynamic_stream_nats(a, two, 0, lr=0.05, block=10) != pytest.approx(
+        dynamic_stream_nats(b, two, 0, lr=0.0, block=10), rel=1e-9)
+
+
+def test_dynamic_evaluation_refuses_sampled_objectives_and_bad_rates():
+    ids = np.arange(10, dtype=np.int32) % 12
+    with pytest.raises(ValueError, match="exact log-likelihood"):
+        dynamic_stream_nats(ElmanLM(12, 4, output="nce", word_counts=COUNTS), ids, 0, lr=0.1)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="--dynamic"):
+            dynamic_stream_nats(ElmanLM(12, 4), ids, 0, lr=bad)
+    with pytest.raises(ValueError, match="--dynamic-block"):
+        dynamic_stream_nats(ElmanLM(12, 4), ids, 0, lr=0.1, block=0)

@@ -132,6 +132,21 @@ def test_train_and_eval_commands(corpus, tmp_path, capsys):
     assert result["tokens"] == sum(len(line.split()) + 1 for line in open(corpus[1]))
 
 
+def test_eval_dynamic_adapts_without_changing_the_saved_model(corpus, tmp_path, capsys):
+    model_dir = tmp_path / "m"
+    train(config(corpus, model_dir, epochs=1))
+    saved = (model_dir / "model.safetensors").read_bytes()
+    results = []
+    for extra in ([], ["--dynamic", "0.0"], ["--dynamic", "0.05", "--dynamic-block", "5"]):
+        assert main(["eval", "--model", str(model_dir), "--test", corpus[1], "--json", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    static, zero, dynamic = results
+    assert "dynamic_lr" not in static and zero["dynamic_lr"] == 0.0 and dynamic["dynamic_block"] == 5
+    assert zero["perplexity"] == pytest.approx(static["perplexity"], rel=1e-5)
+    assert dynamic["perplexity"] != pytest.approx(static["perplexity"], rel=1e-5)  # the rate reached the model
+    assert (model_dir / "model.safetensors").read_bytes() == saved
+
+
 def test_resume_command_continues(corpus, tmp_path, capsys):
     model_dir = str(tmp_path / "m")
     argv = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", model_dir, "--hidden", "8",

@@ -74,14 +74,56 @@ def stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, block: int | None 
     return total
 
 
-def evaluate_corpus(model: ElmanLM, corpus, vocab) -> Evaluation:
-    """An encoded corpus (bptt.data.Corpus) as one stream -> its Evaluation (nats, tokens, OOV)."""
-    return Evaluation(corpus.tokens, stream_nats(model, corpus.ids, vocab.id(EOS)), corpus.oov, corpus.path)
+@torch.no_grad()
+def dynamic_stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, lr: float, block: int = 35) -> float:
+    """Dynamic evaluation (rnnlm's -dynamic): −Σ ln P over a token array, one stream from <eos>, the
+    model learning from the text as it reads it.
+
+    Each block of `block` tokens is scored with the weights as they stand, then — its words now being
+    history — the weights take one SGD step down that block's BPTT gradient: p −= lr · Σ_t ∂(−ln P(w_t))/∂p,
+    a rate per token as in rnnlm (BPTT within the block, the carried state s a constant). No word is
+    ever scored by weights that have seen it. Changes model.params in place (the eval command loads a
+    fresh model). Needs an output layer whose training loss is exactly −Σ ln P (softmax, class, hsm).
+    """
+    if not getattr(model.output, "forward_is_nll", False):
+        raise ValueError(f"--dynamic needs an output layer trained on the exact log-likelihood (softmax, class, "
+                         f"hsm), not {model.output_name!r}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"--dynamic must be a learning rate >= 0, got {lr}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"--dynamic-block must be a positive integer, got {block!r}")
+    tokens = torch.from_numpy(np.concatenate(([eos_id], ids)).astype(np.int64))
+    h = model.initial_state(1)
+    context = None
+    total = 0.0
+    for start in range(0, tokens.numel() - 1, block):
+        y = tokens[start + 1 : start + block + 1].unsqueeze(1)  # (T,1)
+        x = tokens[start : start + y.shape[0]].unsqueeze(1)
+        loss, grads, h = model.loss_and_grads(x, y, h0=h, context=context)  # scored before the update
+        total += float(loss)
+        context = model.next_context(x, context)
+        if lr:
+            for name, p in model.params.items():
+                p.sub_(grads[name], alpha=lr)
+    return total
+
+
+def evaluate_corpus(model: ElmanLM, corpus, vocab, dynamic: float | None = None, block: int = 35) -> Evaluation:
+    """An encoded corpus (bptt.data.Corpus) as one stream -> its Evaluation (nats, tokens, OOV).
+
+    dynamic=lr: dynamic evaluation (dynamic_stream_nats, blocks of `block` tokens; changes the model).
+    """
+    if dynamic is None:
+        nats = stream_nats(model, corpus.ids, vocab.id(EOS))
+    else:
+        nats = dynamic_stream_nats(model, corpus.ids, vocab.id(EOS), dynamic, block)
+    return Evaluation(corpus.tokens, nats, corpus.oov, corpus.path)
 
 
 EXAMPLES = """examples:
   bptt eval --model m --test ptb.test.txt
   bptt eval --model m --test ptb.test.txt --json
+  bptt eval --model m --test ptb.test.txt --dynamic 0.01    # rnnlm -dynamic: learn from the text as it is read
 """
 
 
@@ -90,6 +132,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test", required=True, help="text to evaluate, one sentence per line (.txt or .gz)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dynamic", type=float, default=None, metavar="LR",
+                        help="dynamic evaluation (rnnlm -dynamic): after scoring each block, one SGD step on it "
+                        "with rate LR per token; the saved model is not changed")
+    parser.add_argument("--dynamic-block", type=int, default=35, metavar="K",
+                        help="tokens per dynamic update, back-propagated through (default 35)")
 
 
 def run(args) -> int:
@@ -98,14 +145,20 @@ def run(args) -> int:
     from bptt.data import encode
     from bptt.saved_model import load_model, saved_unit
 
+    if args.dynamic is not None and not (math.isfinite(args.dynamic) and args.dynamic >= 0):
+        raise ValueError(f"--dynamic must be a learning rate >= 0, got {args.dynamic}")
+    if args.dynamic_block < 1:
+        raise ValueError(f"--dynamic-block must be a positive integer, got {args.dynamic_block}")
     model, vocab, config = load_model(args.model, args.device)
     corpus = encode(args.test, vocab, saved_unit(config, vocab))
-    result = evaluate_corpus(model, corpus, vocab)
+    result = evaluate_corpus(model, corpus, vocab, args.dynamic, args.dynamic_block)
+    dynamic = {} if args.dynamic is None else {"dynamic_lr": args.dynamic, "dynamic_block": args.dynamic_block}
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), **dynamic}))
     else:
         print(
             f"{corpus.path}: perplexity {result.perplexity:.2f}, entropy {result.entropy_bits:.4f} bits/token, "
             f"{result.tokens} tokens, {result.oov} OOV ({100 * result.oov / result.tokens:.2f} %)"
+            + (f"; dynamic evaluation, rate {args.dynamic:g}, blocks of {args.dynamic_block}" if dynamic else "")
         )
     return 0
