@@ -145,10 +145,6 @@ def run(args) -> int:
     from bptt.data import encode
     from bptt.saved_model import load_model, saved_unit
 
-    if args.dynamic is not None and not (math.isfinite(args.dynamic) and args.dynamic >= 0):
-        raise ValueError(f"--dynamic must be a learning rate >= 0, got {args.dynamic}")
-    if args.dynamic_block < 1:
-        raise ValueError(f"--dynamic-block must be a positive integer, got {args.dynamic_block}")
     model, vocab, config = load_model(args.model, args.device)
     corpus = encode(args.test, vocab, saved_unit(config, vocab))
     result = evaluate_corpus(model, corpus, vocab, args.dynamic, args.dynamic_block)
