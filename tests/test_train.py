@@ -222,6 +222,27 @@ def test_halving_factor_sets_the_annealing_rate(corpus, tmp_path):
     assert [r["lr"] for r in result.history] == pytest.approx([1.0, 1.0, 0.7])
 
 
+def test_resume_with_a_new_threshold_continues_a_finished_run(corpus, tmp_path, capsys):
+    model_dir = tmp_path / "m"
+    first = train(config(corpus, model_dir, epochs=10, lr=1.0, min_improvement=1.5))  # stops after epoch 3
+    assert first.finished and len(first.history) == 3
+    state_files = {p.name: p.read_bytes() for p in (model_dir / STATE_DIR).iterdir()}
+    # a finished run resumed as it is stays finished: nothing is trained
+    assert main(["train", "--resume", str(model_dir), "--quiet"]) == 0
+    assert len(Trainer.resume(model_dir, progress=False).history) == 3
+    # a bad new threshold: one line, exit 2, the state untouched
+    assert main(["train", "--resume", str(model_dir), "--min-improvement", "0.5", "--quiet"]) == 2
+    assert "--min-improvement" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (model_dir / STATE_DIR).iterdir()} == state_files
+    # stop only when valid gets worse, at most 5 epochs in all: it goes on at the rate it had reached
+    assert main(["train", "--resume", str(model_dir), "--min-improvement", "1.0", "--epochs", "5", "--quiet"]) == 0
+    history = Trainer.resume(model_dir, progress=False).history
+    assert 4 <= len(history) <= 5 and history[:3] == first.history
+    assert history[3]["lr"] == history[2]["lr"]
+    saved = json.loads((model_dir / STATE_DIR / "config.json").read_text())
+    assert saved["training"]["min_improvement"] == 1.0 and saved["training"]["epochs"] == 5
+
+
 @pytest.mark.parametrize("independent", [False, True])
 def test_truncation_option_reaches_the_engine(corpus, tmp_path, independent):
     full = Trainer(config(corpus, tmp_path / "a", independent=independent))

@@ -111,7 +111,7 @@ def _check_before_deleting(args: argparse.Namespace) -> None:
             raise UsageError(f"bptt train needs --{option} (or --resume DIR)")
         _check_input_file(getattr(args, option))
     known = {f.name for f in fields(TrainConfig)} - {"direct"}  # --direct is converted by bptt.train.run
-    TrainConfig(**{k: v for k, v in vars(args).items() if k in known}).validate()
+    TrainConfig(**{k: v for k, v in vars(args).items() if k in known and v is not None}).validate()
 
 
 def check_train_directory(args: argparse.Namespace) -> None:

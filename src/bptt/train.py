@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -607,6 +607,18 @@ class Trainer:
         trainer._snapshot = (tensors, state)
         return trainer
 
+    def extend(self, epochs: int | None = None, min_improvement: float | None = None) -> None:
+        """Let a resumed run go past its end: a new epoch limit and/or a new stopping threshold for the
+        schedule. A run that had ended (its schedule stopped it, or its epochs ran out) goes on at the
+        rate it had reached; run() stops it again by the new rules."""
+        c = self.config
+        new = replace(c, epochs=c.epochs if epochs is None else epochs,
+                      min_improvement=c.min_improvement if min_improvement is None else min_improvement)
+        new.validate()  # before anything changes
+        c.epochs, c.min_improvement = new.epochs, new.min_improvement
+        self.schedule.min_improvement = float(new.min_improvement)
+        self.done = False
+
 
 def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
     """Train as configured; the best model on valid ends up in config.model. Returns the metrics.
@@ -650,7 +662,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncation", type=int, default=None, metavar="K",
                         help="send every error back through at most K recurrent connections (0: no BPTT at all)")
     parser.add_argument("--independent", action="store_true", help="reset the state at every sentence")
-    parser.add_argument("--epochs", type=int, default=20, help="at most N epochs (default 20)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"at most N epochs (default {TrainConfig.epochs}; with --resume: a new limit)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: adam 0.002, sgd 5, "
                         "adagrad 0.1, rmsprop 0.001)")
     parser.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="adam",
@@ -671,9 +684,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoupled weight decay on weight matrices (AdamW with adam): w *= 1 - lr*LAMBDA "
                         "every step; unlike --l2 it is not divided by Adam's sqrt(v), so rare words' rows "
                         "shrink no faster than frequent ones (default 0)")
-    parser.add_argument("--min-improvement", type=float, default=1.003,
+    parser.add_argument("--min-improvement", type=float, default=None,
                         help="Mikolov's schedule: halve the rate when the ratio old/new valid entropy falls under "
-                        "this, a ratio >= 1 (default 1.003: 0.3 %%)")
+                        f"this, a ratio >= 1 (default {TrainConfig.min_improvement}: 0.3 %%); with --resume: a new "
+                        "threshold, and a run the schedule had stopped goes on (1.0: until valid gets worse)")
     parser.add_argument("--halving-factor", type=float, default=0.5, metavar="F",
                         help="Mikolov's schedule: once it anneals, multiply the rate by F every epoch (default "
                         "0.5, rnnlm's halving; 0.6-0.7 anneal over more epochs)")
@@ -707,6 +721,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     if args.resume:
         trainer = Trainer.resume(args.resume, progress=not args.quiet)
+        if args.epochs is not None or args.min_improvement is not None:
+            trainer.extend(args.epochs, args.min_improvement)
     else:
         missing = [f"--{name}" for name in ("train", "valid", "model") if not getattr(args, name)]
         if missing:
@@ -716,11 +732,12 @@ def run(args: argparse.Namespace) -> int:
             max_vocab=args.max_vocab, hidden=args.hidden, activation=args.activation, output=args.output,
             classes=args.classes, direct=_direct_weights(args.direct), direct_order=args.direct_order, tie=args.tie, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, truncation=args.truncation,
-            independent=args.independent, epochs=args.epochs,
+            independent=args.independent, epochs=TrainConfig.epochs if args.epochs is None else args.epochs,
             lr=args.lr, optimizer=args.optimizer, clip=args.clip, l2=args.l2, init_range=args.init_range, weight_decay=args.weight_decay,
             keep_epochs=args.keep_epochs,
             max_grad_norm=args.max_grad_norm,
-            min_improvement=args.min_improvement, halving_factor=args.halving_factor, schedule=args.schedule, lr_decay=args.lr_decay,
+            min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
+            halving_factor=args.halving_factor, schedule=args.schedule, lr_decay=args.lr_decay,
             patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, progress=not args.quiet,
         )
         trainer = Trainer(config)
