@@ -240,8 +240,10 @@ def load_model(directory: str | Path, device: str = "cpu") -> tuple[ElmanLM, Voc
     V, m = section["vocab_size"], section["hidden_size"]
     if len(vocab) != V:
         raise CheckpointError(f"{vocab_path}: {len(vocab)} words, the model in {where} has vocab_size {V}")
-    # W (m,m), U (m,V) (tied: V (V,m)) and D (H,) pin the sizes to the file's before anything of the model's size is allocated
-    pinned = [("W", (m, m)), ("V", (V, m)) if section.get("tied") else ("U", (m, V))] + ([("D", (section["direct"],))] if section.get("direct") else [])
+    # W (m,m), U (m,V) (a tied model: V (V,m)) and D (H,) pin the sizes to the file's before anything of
+    # the model's size is allocated
+    pinned = [("W", (m, m)), ("V", (V, m)) if section.get("tied") else ("U", (m, V))]
+    pinned += [("D", (section["direct"],))] if section.get("direct") else []
     for name, shape in pinned:
         if name not in tensors:
             raise CheckpointError(f"{weights}: no tensor {name!r}")
