@@ -3,7 +3,7 @@
 #   1. the machine and the software;  2. `bptt bench --device cuda --preset gpu`, plain and --graph (a quiet GPU);
 #   3. PTB training runs side by side (one process each, under MPS when it starts) while
 #      tests/test_cuda.py runs; each run is stopped with SIGTERM at TRAIN_UNTIL (it saves its state and
-#      keeps its best-on-valid model), then evaluated on the test set.
+#      keeps its best-on-valid model), then evaluated on the test set (static, and dynamic at 5e-5).
 # Env: RUNS_FILE (default benchmarks/gpu_runs/sweep3.txt, the next one to run), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py).
 # Usage: benchmarks/gpu_check.sh PTB_DIR OUT_DIR [TRAIN_UNTIL]   (run from the repository root)
 # The training runs stop TRAIN_UNTIL seconds (default 470) after the script's start, so that the whole script
@@ -85,6 +85,11 @@ for name in "${!RUNS[@]}"; do
     > "$OUT/runs/$name.test.json" 2>&1 &
 done
 wait
+for name in "${!RUNS[@]}"; do  # rnnlm-style dynamic evaluation at the rate chosen on PTB valid (docs/results.md)
+  timeout 120 python3 -m bptt eval --model "$OUT/runs/$name" --test "$PTB/ptb.test.txt" --device $DEVICE --json \
+    --dynamic 5e-5 > "$OUT/runs/$name.dynamic.json" 2>&1 &
+done
+wait
 for name in "${!RUNS[@]}"; do
   echo "-- $name: ${RUNS[$name]}" >> "$OUT/summary.txt"
   python3 - "$OUT/runs/$name" >> "$OUT/summary.txt" 2>&1 <<'PY'
@@ -99,6 +104,8 @@ for line in (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.json
               f"{'ok ' if r['accepted'] else 'rej'} {r['seconds']:.1f}s (sum {t:.0f}s) {r['tokens_per_s']:.0f} tok/s")
 p = pathlib.Path(str(d) + ".test.json")
 print("  test:", p.read_text().strip()[-300:] if p.exists() else "none")
+p = pathlib.Path(str(d) + ".dynamic.json")
+print("  test, dynamic:", p.read_text().strip()[-300:] if p.exists() else "none")
 PY
   tail -2 "$OUT/runs/$name.log" | cut -c1-300 >> "$OUT/summary.txt"
 done
