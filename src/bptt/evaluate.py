@@ -15,6 +15,7 @@ import torch
 
 from bptt.data import EOS
 from bptt.model import ElmanLM
+from bptt.optim import SGD
 from bptt.resources import eval_block
 
 
@@ -96,6 +97,7 @@ def dynamic_stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, lr: float,
     h = model.initial_state(1)
     context = None
     total = 0.0
+    sgd = SGD()
     for start in range(0, tokens.numel() - 1, block):
         y = tokens[start + 1 : start + block + 1].unsqueeze(1)  # (T,1)
         x = tokens[start : start + y.shape[0]].unsqueeze(1)
@@ -103,8 +105,7 @@ def dynamic_stream_nats(model: ElmanLM, ids: np.ndarray, eos_id: int, lr: float,
         total += float(loss)
         context = model.next_context(x, context)
         if lr:
-            for name, p in model.params.items():
-                p.sub_(grads[name], alpha=lr)
+            sgd.step(model.params, grads, lr)  # p −= lr · g
     return total
 
 
