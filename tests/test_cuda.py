@@ -152,3 +152,19 @@ def test_bench_graph_option_runs_on_cuda(capsys):
                  "--json"]) == 0
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert record["graph"] is True and record["bptt_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(output="class", classes=4)], ids=["softmax", "class"])
+def test_dynamic_evaluation_matches_the_cpu(kw):
+    """`bptt eval --dynamic`: the same score and the same updated weights on both devices."""
+    import numpy as np
+
+    from bptt.evaluate import dynamic_stream_nats
+
+    ids = np.random.default_rng(6).integers(0, V, 40).astype(np.int32)
+    models = _both(**kw)
+    nats = [dynamic_stream_nats(m, ids, eos_id=0, lr=0.05, block=6) for m in models]
+    assert nats[1] == pytest.approx(nats[0], rel=1e-10)
+    assert nats[0] != pytest.approx(dynamic_stream_nats(_both(**kw)[0], ids, eos_id=0, lr=0.0, block=6), rel=1e-6)
+    for key in models[0].params:
+        _close(models[0].params[key], models[1].params[key])
