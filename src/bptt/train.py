@@ -622,7 +622,6 @@ class Trainer:
         self.schedule.min_improvement = float(new.min_improvement)
         self.done = False
 
-
     def set_clip(self, clip: float) -> None:
         """A new gradient-norm clipping threshold (0: off) for the steps from here on; saved with the
         state, so a later resume keeps it. Nothing else changes: the run goes on where it stood."""
