@@ -342,6 +342,8 @@ BAD_OPTIONS = [
     (TRAIN + ["--tie", "--output", "nce"], "--tie"),
     (TRAIN + ["--lr", "1e9"], "--lr"),
     (TRAIN + ["--clip", "-1"], "--clip"),
+    (TRAIN + ["--ar", "-0.5"], "--ar"),
+    (TRAIN + ["--tar", "inf"], "--tar"),
     (TRAIN + ["--l2", "-0.1"], "--l2"),
     (TRAIN + ["--direct", "-1"], "--direct"),
     (TRAIN + ["--direct", "1", "--output", "hsm"], "direct"),

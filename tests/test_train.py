@@ -269,27 +269,29 @@ def test_cuda_without_cuda_is_one_line_and_exit_2(corpus, tmp_path, capsys, comm
     assert len(err.strip().splitlines()) == 1 and "--device cuda" in err and "Traceback" not in err
 
 
-def test_resume_with_a_new_clip_applies_it_from_there_on(corpus, tmp_path, capsys):
-    """`bptt train --resume DIR --clip X`: the steps after the resume are clipped at X — a run stopped
-    before its first step and resumed with --clip 0 computes what a run with --clip 0 computes."""
+@pytest.mark.parametrize("option, before, after", [("clip", "0.25", "0"), ("ar", "0", "2"), ("tar", "0", "2")])
+def test_resume_with_a_new_setting_applies_it_from_there_on(corpus, tmp_path, capsys, option, before, after):
+    """`bptt train --resume DIR --clip X` (or --ar, --tar): the steps after the resume use X — a run
+    stopped before its first step and resumed with `--clip 0` computes what a run with --clip 0 computes."""
     base = ["train", "--train", corpus[0], "--valid", corpus[1], "--hidden", "8", "--batch", "4", "--bptt", "5",
             "--optimizer", "sgd", "--lr", "1.0", "--epochs", "3", "--quiet"]
+    flag = f"--{option}"
     weights = {}
-    for name, extra in (("clipped", ["--clip", "0.25"]), ("unclipped", ["--clip", "0"])):
-        assert main([*base, "--model", str(tmp_path / name), *extra, "--max-steps", "40"]) == 0
+    for name, value in (("before", before), ("after", after)):
+        assert main([*base, "--model", str(tmp_path / name), flag, value, "--max-steps", "40"]) == 0
         weights[name] = load_checkpoint(tmp_path / name / STATE_DIR)[0]
     switched = tmp_path / "switched"
-    assert main([*base, "--model", str(switched), "--max-steps", "0"]) == 0  # default clip 0.25, no step taken
+    assert main([*base, "--model", str(switched), flag, before, "--max-steps", "0"]) == 0  # no step taken
     state_files = {p.name: p.read_bytes() for p in (switched / STATE_DIR).iterdir()}
-    assert main(["train", "--resume", str(switched), "--clip", "-1", "--quiet"]) == 2  # bad: one line, nothing changed
+    assert main(["train", "--resume", str(switched), flag, "-1", "--quiet"]) == 2  # bad: one line, nothing changed
     err = capsys.readouterr().err
-    assert "--clip" in err and len(err.strip().splitlines()) == 1
+    assert flag in err and len(err.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in (switched / STATE_DIR).iterdir()} == state_files
-    assert main(["train", "--resume", str(switched), "--clip", "0", "--max-steps", "25", "--quiet"]) == 0
-    assert main(["train", "--resume", str(switched), "--max-steps", "40", "--quiet"]) == 0  # the new clip is kept
+    assert main(["train", "--resume", str(switched), flag, after, "--max-steps", "25", "--quiet"]) == 0
+    assert main(["train", "--resume", str(switched), "--max-steps", "40", "--quiet"]) == 0  # the new value is kept
     got = load_checkpoint(switched / STATE_DIR)[0]
-    assert any(not torch.equal(weights["clipped"][k], weights["unclipped"][k]) for k in got)  # clipping acted
+    assert any(not torch.equal(weights["before"][k], weights["after"][k]) for k in got)  # the setting acted
     for key in got:
-        torch.testing.assert_close(got[key], weights["unclipped"][key], rtol=0, atol=0)
+        torch.testing.assert_close(got[key], weights["after"][key], rtol=0, atol=0)
     saved = json.loads((switched / STATE_DIR / "config.json").read_text())
-    assert saved["training"]["clip"] == 0.0
+    assert saved["training"][option] == float(after)

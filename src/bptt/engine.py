@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from bptt.regularizers import activation_penalty_backward
+
 Tensor = torch.Tensor
 
 
@@ -66,10 +68,13 @@ def bptt_loss_and_grads(
     weights: Tensor | None = None,
     grads: dict[str, Tensor] | None = None,
     features: Tensor | None = None,
+    ar: float = 0.0,
+    tar: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """One forward and one backward sweep -> (loss summed over positions, grads, S (T,B,m)).
 
-    grads, if given, are zeroed and filled in place (buffers reused across calls).
+    grads, if given, are zeroed and filled in place (buffers reused across calls). ar, tar > 0 add
+    the activation penalties of regularizers.py to the gradients (not to the loss returned).
     """
     if grads is None:
         grads = zeros_like_params(params)
@@ -78,5 +83,7 @@ def bptt_loss_and_grads(
             g.zero_()
     S = cell.forward(params, inputs, h0)
     loss, dS = output_errors(output, params, S, targets, weights, grads, features)
+    if ar or tar:
+        activation_penalty_backward(S, weights, ar, tar, dS)
     cell.backward(params, inputs, h0, S, dS, grads, truncation)
     return loss, grads, S

@@ -233,13 +233,16 @@ class ElmanLM:
         truncation: int | None = None,
         mask: Tensor | None = None,
         context: Tensor | None = None,
+        ar: float = 0.0,
+        tar: float = 0.0,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """inputs, targets (T,B) int; h0 (B,m)|None -> (loss 0-d, grads {name: like params}, s^T (B,m)).
 
         loss is the sum over all T·B positions (quadratic: ½ Σ over positions and vocabulary;
         cross-entropy: −Σ ln o_target). method="bptt" (reverse mode, optional truncation=k) or
         "rtrl" (forward mode, exact, small models only). mask (T,B): positions with 0/False count
-        no loss and send no gradient. h0 is a constant: no gradient flows into it.
+        no loss and send no gradient. h0 is a constant: no gradient flows into it. ar, tar: AR and
+        TAR penalties on the states (regularizers.py; in the gradients, not in the loss; bptt only).
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -254,9 +257,12 @@ class ElmanLM:
         if method == "rtrl":
             if self.tied:
                 raise ValueError("method='rtrl' is for untied models; a tied model's gradients come from 'bptt'")
+            if ar or tar:
+                raise ValueError("ar and tar apply to method='bptt' only")
             return elman_rtrl(self.params, self.cell, self.output, inputs, targets, h0, weights, features)
         loss, grads, S = bptt_loss_and_grads(
-            self.cell, self.output, self.params, inputs, targets, h0, truncation, weights, features=features
+            self.cell, self.output, self.params, inputs, targets, h0, truncation, weights, features=features,
+            ar=ar, tar=tar,
         )
         return loss, grads, S[-1].clone()
 

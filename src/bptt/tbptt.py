@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from bptt.engine import output_errors, zeros_like_params
+from bptt.regularizers import activation_penalty_backward
 
 Tensor = torch.Tensor
 
@@ -25,7 +26,8 @@ Tensor = torch.Tensor
 class TruncatedBPTT:
     """BPTT(k1, k2) over a model's cell and output layer; `step` returns the block's loss and grads."""
 
-    def __init__(self, model, k1: int, k2: int | None = None, truncation: int | None = None):
+    def __init__(self, model, k1: int, k2: int | None = None, truncation: int | None = None,
+                 ar: float = 0.0, tar: float = 0.0):
         if isinstance(k1, bool) or not isinstance(k1, int) or k1 < 1:
             raise ValueError(f"k1 (block length) must be a positive integer, got {k1!r}")
         k2 = k1 if k2 is None else k2
@@ -34,6 +36,7 @@ class TruncatedBPTT:
         if truncation is not None and (not isinstance(truncation, int) or truncation < 0):
             raise ValueError(f"truncation must be a non-negative integer or None, got {truncation!r}")
         self.model, self.k1, self.k2, self.truncation = model, k1, k2, truncation
+        self.ar, self.tar = _penalty_strengths(ar, tar)  # AR/TAR on each block's states (regularizers.py)
         self.grads = zeros_like_params(model.params)  # reused buffers, refilled by every step
         self.reset()
 
@@ -77,6 +80,8 @@ class TruncatedBPTT:
         S = cell.forward(params, inputs, self.state)
         features = model.direct_features(inputs, self.context)  # None without direct connections
         loss, dS = output_errors(model.output, params, S, targets, weights, self.grads, features)
+        if self.ar or self.tar:  # the block's own states only; the carried history has no new errors
+            activation_penalty_backward(S, weights, self.ar, self.tar, dS)
         self.context = model.next_context(inputs, self.context)
         if self._hist_S is not None:
             win_inputs = torch.cat((self._hist_inputs, inputs))
@@ -94,3 +99,10 @@ class TruncatedBPTT:
             self._hist_start = S[-1]
         self.state = S[-1]
         return loss, self.grads
+
+
+def _penalty_strengths(ar: float, tar: float) -> tuple[float, float]:
+    for name, value in (("ar", ar), ("tar", tar)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(ar), float(tar)

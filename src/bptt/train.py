@@ -115,6 +115,8 @@ class TrainConfig:
     l2: float = 0.0
     init_range: float = 0.1  # weight matrices start uniform in [-init_range, init_range]
     weight_decay: float = 0.0  # decoupled (AdamW-style): p *= 1 − lr·λ on weight matrices every step
+    ar: float = 0.0  # activation regularization: α · mean s² on the hidden states (regularizers.py)
+    tar: float = 0.0  # temporal activation regularization: β · mean (s^t − s^{t−1})²
     keep_epochs: bool = False  # also keep each accepted epoch's weights in DIR/epochs/epoch-N (bptt average)
     min_improvement: float = 1.003
     halving_factor: float = 0.5  # Mikolov's schedule: the rate's factor per epoch once it anneals
@@ -143,6 +145,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive and at most {MAX_LR:g}, got {self.lr}")
         if not 0 <= self.clip < math.inf:
             raise ValueError(f"--clip must be >= 0 (0: off), got {self.clip}")
+        for option in ("ar", "tar"):
+            if not 0 <= getattr(self, option) < math.inf:
+                raise ValueError(f"--{option} must be >= 0 (0: off), got {getattr(self, option)}")
         if not 0 < self.init_range < math.inf:
             raise ValueError(f"--init-range must be positive, got {self.init_range}")
         if not 0 <= self.l2 < 1:
@@ -241,7 +246,7 @@ class Trainer:
             if config.schedule == "mikolov"
             else PlateauSchedule(config.lr_decay, config.patience, config.min_improvement, config.max_decays)
         )
-        self.engine = TruncatedBPTT(self.model, config.k1, config.k2, config.truncation)
+        self.engine = TruncatedBPTT(self.model, config.k1, config.k2, config.truncation, config.ar, config.tar)
         self.lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
         self.best = {k: p.clone() for k, p in self.model.params.items()}
         self.best_eval: Evaluation | None = None
@@ -285,7 +290,8 @@ class Trainer:
         if self._snapshot is None:  # called outside run(): the state before the first step
             self._snapshot = self._copy_state(*self._state())
         if self.config.independent:  # every sentence starts from s^0 = 0; padding is masked out
-            loss, grads, _ = model.loss_and_grads(x, y, mask=mask, truncation=self.config.truncation)
+            c = self.config
+            loss, grads, _ = model.loss_and_grads(x, y, mask=mask, truncation=c.truncation, ar=c.ar, tar=c.tar)
             tokens = int(mask.sum())
         else:
             loss, grads = self.engine.step(x, y)
@@ -622,12 +628,20 @@ class Trainer:
         self.schedule.min_improvement = float(new.min_improvement)
         self.done = False
 
-    def set_clip(self, clip: float) -> None:
-        """A new gradient-norm clipping threshold (0: off) for the steps from here on; saved with the
-        state, so a later resume keeps it. Nothing else changes: the run goes on where it stood."""
-        new = replace(self.config, clip=clip)
+    ADJUSTABLE = ("clip", "ar", "tar")
+
+    def adjust(self, **options: float) -> None:
+        """New values of the options in ADJUSTABLE (clipping threshold, AR and TAR strengths) for the
+        steps from here on, e.g. adjust(clip=0); saved with the state, so a later resume keeps them.
+        Nothing else changes: the run goes on where it stood."""
+        unknown = sorted(set(options) - set(self.ADJUSTABLE))
+        if unknown:
+            raise ValueError(f"a resumed run can change only {list(self.ADJUSTABLE)}, not {unknown}")
+        new = replace(self.config, **options)
         new.validate()  # before anything changes
-        self.config.clip = new.clip
+        for name in options:
+            setattr(self.config, name, getattr(new, name))
+        self.engine.ar, self.engine.tar = self.config.ar, self.config.tar
 
 
 def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
@@ -696,6 +710,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoupled weight decay on weight matrices (AdamW with adam): w *= 1 - lr*LAMBDA "
                         "every step; unlike --l2 it is not divided by Adam's sqrt(v), so rare words' rows "
                         "shrink no faster than frequent ones (default 0)")
+    parser.add_argument("--ar", type=float, default=None, metavar="ALPHA",
+                        help="activation regularization (AWD-LSTM's AR): adds ALPHA * mean(s^2) over the hidden "
+                        "states to the objective's gradient (default 0; with --resume: a new value from here on)")
+    parser.add_argument("--tar", type=float, default=None, metavar="BETA",
+                        help="temporal activation regularization (TAR): adds BETA * mean((s^t - s^(t-1))^2) "
+                        "within each block (default 0; with --resume: a new value from here on)")
     parser.add_argument("--min-improvement", type=float, default=None,
                         help="Mikolov's schedule: halve the rate when the ratio old/new valid entropy falls under "
                         f"this, a ratio >= 1 (default {TrainConfig.min_improvement}: 0.3 %%); with --resume: a new "
@@ -734,8 +754,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     if args.resume:
         trainer = Trainer.resume(args.resume, progress=not args.quiet)
-        if args.clip is not None:
-            trainer.set_clip(args.clip)
+        changes = {name: getattr(args, name) for name in Trainer.ADJUSTABLE if getattr(args, name) is not None}
+        if changes:
+            trainer.adjust(**changes)
         if args.epochs is not None or args.min_improvement is not None:
             trainer.extend(args.epochs, args.min_improvement)
     else:
@@ -748,7 +769,8 @@ def run(args: argparse.Namespace) -> int:
             classes=args.classes, direct=_direct_weights(args.direct), direct_order=args.direct_order, tie=args.tie, batch=args.batch,
             bptt=args.bptt, bptt_block=args.bptt_block, truncation=args.truncation,
             independent=args.independent, epochs=TrainConfig.epochs if args.epochs is None else args.epochs,
-            lr=args.lr, optimizer=args.optimizer, clip=TrainConfig.clip if args.clip is None else args.clip, l2=args.l2, init_range=args.init_range, weight_decay=args.weight_decay,
+            lr=args.lr, optimizer=args.optimizer, clip=TrainConfig.clip if args.clip is None else args.clip,
+            ar=args.ar or 0.0, tar=args.tar or 0.0, l2=args.l2, init_range=args.init_range, weight_decay=args.weight_decay,
             keep_epochs=args.keep_epochs,
             max_grad_norm=args.max_grad_norm,
             min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
