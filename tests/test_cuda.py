@@ -64,6 +64,24 @@ def test_loss_and_gradients_match_the_cpu(kw, truncation):
         _close(out[0][1][name], out[1][1][name])
 
 
+def test_activation_penalties_match_the_cpu():
+    """AR and TAR (regularizers.py) on CUDA: the masked one-sequence gradients and two stream blocks."""
+    cpu, cuda = _both()
+    x, y = _tokens(3)
+    mask = torch.ones(7, 3)
+    mask[4:, 2] = 0
+    out = [m.loss_and_grads(x.to(m.device), y.to(m.device), mask=mask.to(m.device), ar=1.5, tar=0.7)
+           for m in (cpu, cuda)]
+    for name in out[0][1]:
+        _close(out[0][1][name], out[1][1][name])
+    engines = [TruncatedBPTT(m, k1=4, ar=2.0, tar=1.0) for m in (cpu, cuda)]
+    for lo in (0, 4):
+        grads = [e.step(x[lo:lo + 4].to(m.device), y[lo:lo + 4].to(m.device))[1]
+                 for e, m in zip(engines, (cpu, cuda))]
+        for name in grads[0]:
+            _close(grads[0][name], grads[1][name])
+
+
 def test_log_probs_are_normalized_and_match_the_cpu():
     for kw in (dict(), dict(output="class", classes=4), dict(output="hsm")):
         cpu, cuda = _both(**kw)
