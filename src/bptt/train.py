@@ -6,7 +6,8 @@ block is given (rnnlm's -bptt/-bptt-block), else k2 = --bptt (PyTorch's word_lan
 Sentence mode (--independent, rnnlm's -independent): the state is reset at every sentence; sentences
 are batched with padding masked out of the loss and the gradient.
 
-Gradients are averaged over the block's counted tokens, clipped to --clip (global norm), and applied
+Gradients (with the AR/TAR penalties of --ar/--tar on the hidden states, regularizers.py, if
+given) are averaged over the block's counted tokens, clipped to --clip (global norm), and applied
 by an explicit update rule (--optimizer; Adam by default: on Penn Treebank it reaches in one epoch
 what SGD at lr 5 needs many for, see docs/results.md). The learning rate follows Mikolov's schedule: after every
 epoch the valid entropy is measured; once its relative improvement drops under --min-improvement
