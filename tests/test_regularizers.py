@@ -126,3 +126,6 @@ def test_bad_strengths_are_refused(bad):
     model, *_ = make_case("tanh", "softmax", "cross_entropy")
     with pytest.raises(ValueError, match="ar must be"):
         TruncatedBPTT(model, k1=3, ar=bad)
+    x, y = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="tar must be"):
+        model.loss_and_grads(x, y, tar=bad)

@@ -18,6 +18,7 @@ from bptt.cells.elman_tied import TiedElmanCell
 from bptt.engine import bptt_loss_and_grads, sequence_loss, zeros_like_params
 from bptt.outputs import make_output
 from bptt.outputs.direct import check_direct, ngram_offsets, next_context
+from bptt.regularizers import check_strengths
 from bptt.rtrl import elman_rtrl
 
 Tensor = torch.Tensor
@@ -251,6 +252,7 @@ class ElmanLM:
                 raise ValueError("truncation applies to method='bptt' only; RTRL is always exact")
             if isinstance(truncation, bool) or not isinstance(truncation, int) or truncation < 0:
                 raise ValueError(f"truncation must be a non-negative integer or None, got {truncation!r}")
+        ar, tar = check_strengths(ar, tar)
         inputs, targets, weights = self.prepare(inputs, targets, mask)
         h0 = self._h0(h0, inputs.shape[1])
         features = self.direct_features(inputs, context)

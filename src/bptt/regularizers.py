@@ -22,6 +22,14 @@ import torch
 Tensor = torch.Tensor
 
 
+def check_strengths(ar: float, tar: float) -> tuple[float, float]:
+    """-> (α, β) as floats; ValueError unless both are finite numbers >= 0."""
+    for name, value in (("ar", ar), ("tar", tar)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(ar), float(tar)
+
+
 def _weights(S: Tensor, weights: Tensor | None) -> tuple[Tensor | None, float, float]:
     """-> (w (T,B,1)|None, N, P): position weights, counted positions and counted consecutive pairs."""
     T, B, _ = S.shape

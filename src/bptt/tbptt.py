@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from bptt.engine import output_errors, zeros_like_params
-from bptt.regularizers import activation_penalty_backward
+from bptt.regularizers import activation_penalty_backward, check_strengths
 
 Tensor = torch.Tensor
 
@@ -36,7 +36,7 @@ class TruncatedBPTT:
         if truncation is not None and (not isinstance(truncation, int) or truncation < 0):
             raise ValueError(f"truncation must be a non-negative integer or None, got {truncation!r}")
         self.model, self.k1, self.k2, self.truncation = model, k1, k2, truncation
-        self.ar, self.tar = _penalty_strengths(ar, tar)  # AR/TAR on each block's states (regularizers.py)
+        self.ar, self.tar = check_strengths(ar, tar)  # AR/TAR on each block's states (regularizers.py)
         self.grads = zeros_like_params(model.params)  # reused buffers, refilled by every step
         self.reset()
 
@@ -99,10 +99,3 @@ class TruncatedBPTT:
             self._hist_start = S[-1]
         self.state = S[-1]
         return loss, self.grads
-
-
-def _penalty_strengths(ar: float, tar: float) -> tuple[float, float]:
-    for name, value in (("ar", ar), ("tar", tar)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(ar), float(tar)
