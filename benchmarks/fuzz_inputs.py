@@ -486,7 +486,7 @@ def campaign(seed: int, minutes: float, big_line_mb: int) -> tuple[Tally, list[s
         corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
                                     for _ in range(80)) + "\n")
         model_dir = root / "model"
-        train(TrainConfig(train=str(corpus), valid=str(corpus), model=str(model_dir), hidden=8, batch=4, bptt=5,
+        train(TrainConfig.from_options(train=str(corpus), valid=str(corpus), model=str(model_dir), hidden_size=8, batch=4, bptt=5,
                           epochs=1, progress=False))
         before = snapshot(model_dir)
         good_vocab = json.loads((model_dir / "vocab.json").read_text())

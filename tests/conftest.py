@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from bptt.gradcheck import combinations, random_model, relative_error
+from bptt.verify import combinations, random_model, relative_error
 
 torch.set_default_dtype(torch.float64)
 
@@ -87,11 +87,11 @@ def write_corpus(path, lines: int, seed: int) -> str:
 
 def train_tiny_model(root: Path, words: list[str], seed: int) -> Path:
     """root/t.txt (60 random lines over `words`) and a model trained on it for one epoch in root/m."""
-    from bptt.train import TrainConfig, train
+    from bptt.training.trainer import TrainConfig, train
 
     rng = random.Random(seed)
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 7))) for _ in range(60)]
     (root / "t.txt").write_text("\n".join(lines) + "\n")
-    train(TrainConfig(train=str(root / "t.txt"), valid=str(root / "t.txt"), model=str(root / "m"), hidden=8,
+    train(TrainConfig.from_options(train=str(root / "t.txt"), valid=str(root / "t.txt"), model=str(root / "m"), hidden_size=8,
                       batch=4, bptt=5, epochs=1, progress=False))
     return root / "m"

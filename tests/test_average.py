@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from bptt.average import epoch_dir, kept_epochs
+from bptt.training.run_dir import epoch_dir, kept_epochs
 from bptt.cli import main
-from bptt.saved_model import load_model
+from bptt.storage.saved_model import load_model
 from conftest import write_corpus
 
 

@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bptt.data as data
-import bptt.score as score_module
+import bptt.scoring as score_module
 from bptt.cli import main
 from bptt.data import EOS, UNK, CorpusError, Vocab, encode, read_lines
-from bptt.saved_model import load_model
-from bptt.score import score_file
+from bptt.storage.saved_model import load_model
+from bptt.scoring import score_file
 from conftest import train_tiny_model
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -305,7 +305,7 @@ def test_score_long_lines_in_pieces(model_dir, tmp_path, monkeypatch):
     pieces = score_file(model, vocab, path).ln_probs
     np.testing.assert_allclose(pieces, whole, rtol=1e-5)
     corpus = encode(path, vocab)  # and the reference: one stream per sentence
-    from bptt.evaluate import stream_nats
+    from bptt.evaluation import stream_nats
 
     for i, (start, n) in enumerate(zip(corpus.sentence_starts, corpus.sentence_lengths)):
         assert -stream_nats(model, corpus.ids[start : start + n], 0) == pytest.approx(whole[i], rel=1e-5)
@@ -462,7 +462,7 @@ def test_train_into_an_empty_or_unrelated_directory_is_fine(corpus_file, tmp_pat
 
 
 def test_unexpected_errors_are_one_line_and_exit_1(monkeypatch, capsys):
-    import bptt.generate as generate
+    import bptt.commands.generate as generate
 
     def boom(args):
         raise KeyError("a bug")
@@ -478,7 +478,7 @@ def test_unexpected_errors_are_one_line_and_exit_1(monkeypatch, capsys):
 def test_generate_refuses_non_finite_probabilities(model_dir):
     model, vocab, _ = load_model(model_dir)
     model.params["V"][0, 0] = float("inf")
-    from bptt.generate import sample
+    from bptt.sampling import sample
 
     with pytest.raises(ValueError, match="not finite"):
         sample(model, vocab, words=3)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bptt.bench import (
+from bptt.benchmark import (
     BenchConfig,
     BpttTrainer,
     PeerTrainer,
@@ -148,7 +148,7 @@ def test_peer_step_is_real_training():
 
 
 def test_split_steps():
-    from bptt.bench import split_steps
+    from bptt.benchmark import split_steps
 
     assert split_steps(10, 3) == [4, 3, 3]
     assert split_steps(2, 5) == [1, 1]
@@ -174,7 +174,7 @@ def test_rounds_alternate_without_changing_what_is_trained(capsys):
 
 def test_presets_expand_before_the_configs(capsys, monkeypatch):
     """--preset layers benches the five output layers (then any --config); the gpu preset is issue 5's table."""
-    import bptt.bench as bench
+    import bptt.benchmark as bench
 
     assert [str(parse_config(t)).split(",")[0] for t in bench.PRESETS["gpu"]] == ["V=10000"] * 4 + ["V=100000", "V=10000"]
     monkeypatch.setitem(bench.PRESETS, "layers", ["V=40,m=4,B=2,T=3,out=class,C=4", "V=40,m=4,B=2,T=3,out=hsm"])
@@ -189,7 +189,7 @@ def test_presets_expand_before_the_configs(capsys, monkeypatch):
 def test_bench_runs_in_plain_fp32_and_restores_the_tf32_flags(capsys, monkeypatch):
     """Both sides are timed with TF32 off in cuBLAS and cuDNN (issue 5 compares fp32 with fp32); the
     caller's flags come back afterwards, also when the bench fails."""
-    import bptt.bench as bench
+    import bptt.commands.bench as bench
 
     seen = []
     monkeypatch.setattr(bench, "_bench_all", lambda *a: seen.append(
@@ -216,7 +216,7 @@ def test_bench_runs_in_plain_fp32_and_restores_the_tf32_flags(capsys, monkeypatc
 def test_graphed_step_on_the_cpu_is_the_plain_step():
     """The --graph trainer's static-buffer step (run eagerly here; captured on a GPU, tests/test_cuda.py)
     trains exactly like the plain one: warm-up steps leave no trace, the state is carried in place."""
-    from bptt.bench import BenchConfig, BpttTrainer, GraphedBpttTrainer, block, token_stream
+    from bptt.benchmark import BenchConfig, BpttTrainer, GraphedBpttTrainer, block, token_stream
 
     config = BenchConfig(V=60, m=7, B=3, T=4)
     data = token_stream(config, 6, 0, torch.device("cpu"))
@@ -233,8 +233,8 @@ def test_graphed_step_on_the_cpu_is_the_plain_step():
 
 
 def test_graph_option_is_refused_where_it_cannot_run(capsys):
-    from bptt.bench import BenchConfig, GraphedBpttTrainer
-    from bptt.cuda_graph import GraphedStep
+    from bptt.benchmark import BenchConfig, GraphedBpttTrainer
+    from bptt.training.cuda_graph import GraphedStep
 
     assert main([*TINY, "--graph"]) == 2  # on the CPU
     err = capsys.readouterr().err

@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-import bptt.checkpoint as ckpt
-from bptt.checkpoint import (
+import bptt.storage.checkpoint as ckpt
+from bptt.storage.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     atomic_write_json,
@@ -22,7 +22,7 @@ from bptt.checkpoint import (
     unpack_state,
 )
 from bptt.model import ElmanLM
-from bptt.optim import Adam
+from bptt.training.optim import Adam
 
 
 def _model(seed=0):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bptt.activations as activations
-import bptt.cells.elman as elman
-import bptt.outputs.full as full
-from bptt.gradcheck import finite_difference_grads
+import bptt.engine.activations as activations
+import bptt.engine.cells.elman as elman
+import bptt.engine.outputs.full as full
+from bptt.verify import finite_difference_grads
 from bptt.oracle import autograd_loss_and_grads
 from conftest import make_case, max_rel_error
 
@@ -103,8 +103,8 @@ def test_truncation_off_by_one_is_rejected(monkeypatch, k):
 
 def test_gradcheck_rejects_a_broken_factorized_layer(monkeypatch):
     """The output-layer rows of bptt gradcheck fail when a layer's gradient loses a term."""
-    from bptt.gradcheck import check_output_layer
-    from bptt.outputs.hsm import HierarchicalSoftmaxOutput
+    from bptt.verify import check_output_layer
+    from bptt.engine.outputs.hsm import HierarchicalSoftmaxOutput
 
     original = HierarchicalSoftmaxOutput.backward
 

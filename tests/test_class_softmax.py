@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bptt import ElmanLM
-from bptt.gradcheck import finite_difference_grads
-from bptt.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
+from bptt.verify import finite_difference_grads
+from bptt.engine.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
 from conftest import (
     assert_normalized_and_matches_loss,
     check_layer_against_autograd,

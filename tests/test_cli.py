@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bptt.activations as activations
+import bptt.engine.activations as activations
 from bptt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

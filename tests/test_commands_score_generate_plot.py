@@ -14,11 +14,11 @@ import torch
 
 from bptt.cli import main
 from bptt.data import EOS, encode
-from bptt.evaluate import stream_nats
-from bptt.generate import format_text, sample
-from bptt.saved_model import load_model
-from bptt.score import score_file
-from bptt.train import TrainConfig, train
+from bptt.evaluation import stream_nats
+from bptt.sampling import format_text, sample
+from bptt.storage.saved_model import load_model
+from bptt.scoring import score_file
+from bptt.training.trainer import TrainConfig, train
 
 WORDS = "the a cat dog sat ran on under mat rug big small red fast slowly".split()  # 15 words
 
@@ -34,8 +34,8 @@ def model_dir(tmp_path_factory):
     (root / "train.txt").write_text("\n".join(_sentences(rng, 60)) + "\n")
     (root / "valid.txt").write_text("\n".join(_sentences(rng, 10)) + "\n")
     out = root / "model"
-    train(TrainConfig(train=str(root / "train.txt"), valid=str(root / "valid.txt"), model=str(out),
-                      hidden=8, batch=4, bptt=5, epochs=2, progress=False))
+    train(TrainConfig.from_options(train=str(root / "train.txt"), valid=str(root / "valid.txt"), model=str(out),
+                      hidden_size=8, batch=4, bptt=5, epochs=2, progress=False))
     return out
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from bptt.checkpoint import load_checkpoint
-from bptt.saved_model import load_model
+from bptt.storage.checkpoint import load_checkpoint
+from bptt.storage.saved_model import load_model
 from conftest import write_corpus
 
 STATE = "checkpoint"

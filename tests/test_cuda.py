@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bptt import ElmanLM
-from bptt.optim import clip_grad_norm_, make_optimizer
-from bptt.tbptt import TruncatedBPTT
+from bptt.training.optim import clip_grad_norm_, make_optimizer
+from bptt.engine.tbptt import TruncatedBPTT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -146,7 +146,7 @@ def test_bench_runs_on_cuda(capsys):
 def test_cuda_graph_replay_trains_like_the_eager_step():
     """bench --graph: the captured step, replayed, gives the eager step's losses, weights and carried
     state (the same kernels; tolerance for atomics in the scatter-adds)."""
-    from bptt.bench import BenchConfig, BpttTrainer, GraphedBpttTrainer, block, token_stream
+    from bptt.benchmark import BenchConfig, BpttTrainer, GraphedBpttTrainer, block, token_stream
 
     device = torch.device("cuda")
     config = BenchConfig(V=300, m=24, B=8, T=6)
@@ -177,7 +177,7 @@ def test_dynamic_evaluation_matches_the_cpu(kw):
     """`bptt eval --dynamic`: the same score and the same updated weights on both devices."""
     import numpy as np
 
-    from bptt.evaluate import dynamic_stream_nats
+    from bptt.evaluation import dynamic_stream_nats
 
     ids = np.random.default_rng(6).integers(0, V, 40).astype(np.int32)
     models = _both(**kw)

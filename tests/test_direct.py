@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bptt.outputs.class_softmax as class_softmax
-import bptt.outputs.full as full
-from bptt.gradcheck import check_output_layer, direct_size, finite_difference_grads
+import bptt.engine.outputs.class_softmax as class_softmax
+import bptt.engine.outputs.full as full
+from bptt.verify import check_output_layer, direct_size, finite_difference_grads
 from bptt.model import ElmanLM
-from bptt.outputs.direct import (
+from bptt.engine.outputs.direct import (
     direct_backward,
     direct_forward_,
     direct_gather,
@@ -181,7 +181,7 @@ def test_direct_connections_are_refused_where_unsupported():
 
 
 def test_truncated_bptt_carries_the_ngram_context_across_blocks():
-    from bptt.tbptt import TruncatedBPTT
+    from bptt.engine.tbptt import TruncatedBPTT
 
     model = model_with_direct("softmax")
     x, y = tokens(8, 2, 8), tokens(8, 2, 9)
@@ -207,10 +207,10 @@ def test_train_eval_score_generate_with_direct_connections(tmp_path, capsys):
 
     from bptt.cli import main
     from bptt.data import encode
-    from bptt.evaluate import evaluate_corpus
-    from bptt.generate import sample
-    from bptt.saved_model import load_model
-    from bptt.score import sentence_ln_probs
+    from bptt.evaluation import evaluate_corpus
+    from bptt.sampling import sample
+    from bptt.storage.saved_model import load_model
+    from bptt.scoring import sentence_ln_probs
 
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(["a", "b", "c", "d", "e"], size=rng.integers(3, 9))) for _ in range(120)]
@@ -223,7 +223,7 @@ def test_train_eval_score_generate_with_direct_connections(tmp_path, capsys):
                  "--direct", "0.001", "--direct-order", "3", "--quiet"]) == 0
     model, vocab, config = load_model(out)
     assert model.direct == 1000 and model.direct_order == 3 and bool(model.params["D"].abs().sum() > 0)
-    assert config["training"]["direct"] == 1000
+    assert config["training"]["model_config"]["direct"] == 1000 and config["model"]["direct"] == 1000
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--test", str(tmp_path / "one.txt"), "--json"]) == 0
     evaluation = json.loads(capsys.readouterr().out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bptt import ElmanLM
-from bptt.evaluate import dynamic_stream_nats, stream_nats
+from bptt.evaluation import dynamic_stream_nats, stream_nats
 
 COUNTS = [40, 20, 10, 8, 6, 5, 3, 2, 1, 1, 1, 1]
 
@@ -38,7 +38,7 @@ def test_block_size_does_not_change_the_result(output):
 
 
 def test_eval_block_bounds():
-    from bptt.resources import EVAL_BLOCK_MAX, EVAL_BLOCK_MIN, EVAL_SCORES, eval_block
+    from bptt.evaluation import EVAL_BLOCK_MAX, EVAL_BLOCK_MIN, EVAL_SCORES, eval_block
 
     assert eval_block(12) == EVAL_BLOCK_MAX
     assert eval_block(10_000) == EVAL_SCORES // 10_000  # the (block, V) scores stay under EVAL_SCORES

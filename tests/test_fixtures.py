@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from bptt.data import encode
-from bptt.evaluate import dynamic_stream_nats, evaluate_corpus
-from bptt.generate import sample
-from bptt.saved_model import load_model
-from bptt.score import score_file
+from bptt.evaluation import dynamic_stream_nats, evaluate_corpus
+from bptt.sampling import sample
+from bptt.storage.saved_model import load_model
+from bptt.scoring import score_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -65,7 +65,7 @@ def test_format_0_models_load_as_their_format_1_twins(name):
 
 
 def test_a_run_stopped_by_the_old_code_resumes_to_the_same_end(tmp_path):
-    from bptt.train import Trainer
+    from bptt.training.trainer import Trainer
 
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "run-stopped", run)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bptt.gradcheck import finite_difference_grads
+from bptt.verify import finite_difference_grads
 from bptt.oracle import autograd_loss_and_grads
 from conftest import COMBINATIONS, COMBO_IDS, make_case, max_rel_error
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bptt import ElmanLM
-from bptt.gradcheck import finite_difference_grads
-from bptt.outputs.hsm import HierarchicalSoftmaxOutput, huffman_tree
+from bptt.verify import finite_difference_grads
+from bptt.engine.outputs.hsm import HierarchicalSoftmaxOutput, huffman_tree
 from conftest import (
     assert_normalized_and_matches_loss,
     check_layer_against_autograd,

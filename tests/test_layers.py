@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bptt.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
-from bptt.cells.elman import ElmanCell
-from bptt.gradcheck import OUTPUT_LOSSES, relative_error
-from bptt.outputs.full import FullOutput
+from bptt.engine.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
+from bptt.engine.cells.elman import ElmanCell
+from bptt.engine.inputs import embed_backward, embed_forward
+from bptt.verify import OUTPUT_LOSSES, relative_error
+from bptt.engine.outputs.full import FullOutput
 
 gen = torch.Generator().manual_seed(0)
 
@@ -76,9 +77,13 @@ def test_elman_cell_pair(name, truncation):
     params = {"U": rand(m, V), "W": rand(m, m), "b": rand(m)}
     inputs, h0 = torch.randint(0, V, (T, B), generator=gen), rand(B, m)
     dS = rand(T, B, m)  # arbitrary upstream errors ∂L/∂s^t
-    S = cell.forward(params, inputs, h0)
+    # the cell between the input term's pair: A = U x^t (a gather), then ∂L/∂A back into ∂L/∂U
+    S, (s_last,), cache = cell.forward(params, embed_forward(params["U"], inputs), (h0,))
+    assert torch.equal(s_last, S[-1]) and torch.equal(cell.state_at(cache, 2)[0], S[2])
     grads = {k: torch.zeros_like(p) for k, p in params.items()}
-    cell.backward(params, inputs, h0, S, dS, grads, truncation)
+    dA = cell.backward(params, cache, dS, grads, truncation)
+    assert torch.equal(grads["U"], torch.zeros_like(grads["U"]))  # the input weights are not the cell's job
+    embed_backward(inputs, dA, grads["U"])
     F = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda v: v}[name]
     leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad():
@@ -106,7 +111,7 @@ def test_elman_cell_pair(name, truncation):
 def test_cross_entropy_loss_is_exact_for_extreme_logits(dtype):
     """The fused loss reads the row sum back from the softmax (1 / max o): it must stay exact where
     o_y underflows to 0 (target logit 200 below the maximum) and for logits of size 1e4."""
-    from bptt.losses import softmax_cross_entropy_forward_
+    from bptt.engine.losses import softmax_cross_entropy_forward_
 
     g = torch.randn(6, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     g[0, 3] = -200.0  # target of row 0: o_y = e^-200 is 0 in float32
@@ -128,7 +133,7 @@ def test_cross_entropy_loss_is_exact_for_extreme_logits(dtype):
 def test_chunked_forward_backward_equals_the_pair(loss, f, weighted, direct):
     """forward_backward over chunks of 3 positions (N = 10: chunks 3, 3, 3, 1) gives the loss, dS, dV,
     dc (and dD) of forward + backward over all 10 at once, and never holds more than 3 rows of scores."""
-    from bptt.outputs.direct import ngram_offsets
+    from bptt.engine.outputs.direct import ngram_offsets
 
     V, m, N = 9, 4, 10
     gen = torch.Generator().manual_seed(7)
@@ -158,17 +163,17 @@ def test_chunked_forward_backward_equals_the_pair(loss, f, weighted, direct):
 
 
 def test_engine_uses_the_chunks_and_training_is_unchanged():
-    """bptt_loss_and_grads through a model whose full softmax runs in chunks of 2 positions equals the
+    """The engine's sweep through a model whose full softmax runs in chunks of 2 positions equals the
     unchunked one (the engine calls forward_backward)."""
     from bptt import ElmanLM
-    from bptt.engine import bptt_loss_and_grads
+    from bptt.engine.sweep import loss_and_grads
 
     def run(chunk_scores):
         model = ElmanLM(11, 5, dtype=torch.float64, seed=1, bias=True)
         model.output.chunk_scores = chunk_scores
         x = torch.randint(0, 11, (4, 3), generator=torch.Generator().manual_seed(2))
         y = torch.randint(0, 11, (4, 3), generator=torch.Generator().manual_seed(3))
-        loss, grads, _ = bptt_loss_and_grads(model.cell, model.output, model.params, x, y, model.initial_state(3))
+        loss, grads, _ = loss_and_grads(model.net, model.params, x, y, model.zero_state(3))
         return loss, grads, model.output._workspace.shape
 
     (loss_a, grads_a, shape_a), (loss_b, grads_b, shape_b) = run(1 << 24), run(2 * 11)

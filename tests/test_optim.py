@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from bptt.model import ElmanLM
-from bptt.optim import (
-    SGD,
-    Adagrad,
-    Adam,
-    Decision,
-    MikolovSchedule,
-    PlateauSchedule,
-    RMSProp,
-    clip_grad_norm_,
-    make_optimizer,
-)
+from bptt.training.optim import SGD, Adagrad, Adam, RMSProp, clip_grad_norm_, make_optimizer
+from bptt.training.schedules import Decision, MikolovSchedule, PlateauSchedule
 
 STEPS = 5
 LR = 0.05

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bptt.gradcheck import relative_error
+from bptt.verify import relative_error
 from conftest import make_case
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-import bptt.engine as engine
-from bptt.regularizers import activation_penalty_backward, activation_penalty_forward
-from bptt.tbptt import TruncatedBPTT
+import bptt.engine.sweep as engine
+from bptt.engine.regularizers import activation_penalty_backward, activation_penalty_forward
+from bptt.engine.tbptt import TruncatedBPTT
 from conftest import make_case, max_rel_error
 
 

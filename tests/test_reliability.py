@@ -16,12 +16,12 @@ import signal
 import pytest
 import torch
 
-from bptt.checkpoint import load_checkpoint, save_checkpoint
+from bptt.storage.checkpoint import load_checkpoint, save_checkpoint
 from bptt.cli import main
-from bptt.plot import read_metrics
-from bptt.saved_model import load_model
-from bptt.tbptt import TruncatedBPTT
-from bptt.train import MAX_ROLLBACKS, STATE_DIR, Trainer, TrainConfig, TrainingDiverged
+from bptt.commands.plot import read_metrics
+from bptt.storage.saved_model import load_model
+from bptt.engine.tbptt import TruncatedBPTT
+from bptt.training.trainer import MAX_ROLLBACKS, STATE_DIR, Trainer, TrainConfig, TrainingDiverged
 from conftest import write_corpus
 
 
@@ -31,9 +31,9 @@ def corpus(tmp_path):
 
 
 def config(corpus, model_dir, **kw) -> TrainConfig:
-    base = dict(train=corpus[0], valid=corpus[1], model=str(model_dir), hidden=6, batch=2, bptt=4,
+    base = dict(train=corpus[0], valid=corpus[1], model=str(model_dir), hidden_size=6, batch=2, bptt=4,
                 optimizer="sgd", epochs=2, lr=1.0, progress=False)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_options(**{**base, **kw})
 
 
 def inject(trainer: Trainer, faulty_calls, fault: str = "nan") -> list[int]:
@@ -124,17 +124,17 @@ def test_max_grad_norm_option(corpus, tmp_path, capsys):
 
 def test_independent_mode_fault_is_rolled_back(corpus, tmp_path):
     trainer = Trainer(config(corpus, tmp_path / "m", epochs=1, independent=True))
-    real = trainer.model.loss_and_grads
+    real = trainer.stepper.gradients
     calls = []
 
-    def loss_and_grads(*args, **kwargs):
-        loss, grads, h = real(*args, **kwargs)
+    def gradients(*args, **kwargs):
+        loss, tokens = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == 3:
-            grads["U"].fill_(math.nan)
-        return loss, grads, h
+            trainer.stepper.grads["U"].fill_(math.nan)
+        return loss, tokens
 
-    trainer.model.loss_and_grads = loss_and_grads
+    trainer.stepper.gradients = gradients
     result = trainer.run(checkpoint_every=2)
     assert [(e["global_step"], e["restored_step"]) for e in result.events] == [(3, 2)]
     assert all_finite(load_checkpoint(tmp_path / "m" / STATE_DIR)[0])
@@ -270,7 +270,7 @@ def test_second_sigint_raises_at_once(corpus, tmp_path):
 
 def test_train_function_raises_keyboard_interrupt_after_saving(corpus, tmp_path, monkeypatch):
     """train() (the demo's entry) does not carry on after a signal: it saves, then raises."""
-    from bptt.train import train
+    from bptt.training.trainer import train
 
     real = Trainer.train_step
 

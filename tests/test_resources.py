@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-import bptt.resources as resources
+import bptt.training.resources as resources
 from bptt.cli import main
 from bptt.model import ElmanLM
-from bptt.resources import (
+from bptt.training.resources import (
     GIB,
     MemoryEstimate,
     ResourceError,
@@ -26,7 +26,8 @@ from bptt.resources import (
     estimate_training_memory,
     parameter_count,
 )
-from bptt.train import TrainConfig, Trainer
+from bptt.model import ModelConfig
+from bptt.training.trainer import TrainConfig, Trainer
 
 OUTPUTS = ["softmax", "class", "hsm", "nce", "sampled"]
 
@@ -42,10 +43,10 @@ def corpus(tmp_path_factory):
 
 
 def _config(corpus, directory, **kw):
-    settings = dict(train=corpus, valid=corpus, model=str(directory), hidden=16, batch=8, bptt=6, epochs=1,
+    settings = dict(train=corpus, valid=corpus, model=str(directory), hidden_size=16, batch=8, bptt=6, epochs=1,
                     progress=False)
     settings.update(kw)
-    return TrainConfig(**settings)
+    return TrainConfig.from_options(**settings)
 
 
 @pytest.mark.parametrize("output", OUTPUTS)
@@ -53,20 +54,23 @@ def _config(corpus, directory, **kw):
 def test_parameter_count_matches_the_model(output, bias):
     counts = [50, 0] + [random.Random(i).randint(1, 100) for i in range(38)]
     model = ElmanLM(40, 7, output=output, classes=6, word_counts=counts, bias=bias)
-    count = parameter_count(40, 7, output, classes=6, bias=bias, word_counts=counts)
-    assert count == sum(p.numel() for p in model.params.values())
+    config = ModelConfig(vocab_size=40, hidden_size=7, output=output, classes=6, bias=bias)
+    assert parameter_count(config, counts) == sum(p.numel() for p in model.params.values())
     skewed = [10_000, 0] + [1] * 38  # one word holds most of the mass: frequency binning drops empty bins
     model = ElmanLM(40, 7, output=output, classes=6, word_counts=skewed, bias=bias)
-    count = parameter_count(40, 7, output, classes=6, bias=bias, word_counts=skewed)
-    assert count == sum(p.numel() for p in model.params.values())
+    assert parameter_count(config, skewed) == sum(p.numel() for p in model.params.values())
+    if output == "class":
+        assert parameter_count(config, skewed) < parameter_count(config, counts)  # fewer classes
 
 
 @pytest.mark.parametrize("output", ["softmax", "class"])
 def test_parameter_count_with_direct_connections(output):
     counts = [50, 0] + [random.Random(i).randint(1, 100) for i in range(38)]
     model = ElmanLM(40, 7, output=output, classes=6, word_counts=counts, direct=500, direct_order=2)
-    count = parameter_count(40, 7, output, classes=6, word_counts=counts, direct=500)
-    assert count == sum(p.numel() for p in model.params.values())
+    config = ModelConfig(vocab_size=40, hidden_size=7, output=output, classes=6, direct=500, direct_order=2)
+    assert parameter_count(config, counts) == sum(p.numel() for p in model.params.values())
+    assert parameter_count(config, counts) == parameter_count(ModelConfig(**{**config.to_json(), "direct": 0}),
+                                                              counts) + 500
 
 
 def test_direct_connections_too_large_are_refused(corpus, tmp_path, capsys):
@@ -90,7 +94,7 @@ def test_estimate_matches_the_tensors_of_a_real_trainer(corpus, tmp_path, optimi
     def nbytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    est = estimate_for_config(config, len(trainer.vocab), trainer.train_corpus.tokens, trainer.valid_corpus.tokens,
+    est = estimate_for_config(config, trainer.model.config, trainer.train_corpus.tokens, trainer.valid_corpus.tokens,
                               word_counts=trainer.vocab.counts)
     params = nbytes(trainer.model.params.values())
     assert est.parts["parameters"] == params
@@ -108,8 +112,9 @@ _MEASURE = textwrap.dedent("""
     import json, random, sys
     import torch
     torch.set_num_threads(1)
-    from bptt.resources import estimate_for_config
-    from bptt.train import TrainConfig, Trainer
+    from bptt.training.resources import estimate_for_config
+    from bptt.model import ModelConfig
+    from bptt.training.trainer import TrainConfig, Trainer
     path, out = sys.argv[1], sys.argv[2]
     rng = random.Random(0)
     words = [f"w{i}" for i in range(8000)]
@@ -121,15 +126,15 @@ _MEASURE = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
-    config = TrainConfig(train=path, valid=path + ".valid", model=out, hidden=200, batch=32, bptt=20, epochs=1,
+    config = TrainConfig.from_options(train=path, valid=path + ".valid", model=out, hidden_size=200, batch=32, bptt=20, epochs=1,
                          progress=False)
-    import bptt.train
+    import bptt.training.trainer
     seen = {}
-    def guard(config, vocab, train, valid):
-        seen["estimate"] = estimate_for_config(config, len(vocab), train.tokens, valid.tokens,
+    def guard(config, model_config, vocab, train, valid):
+        seen["estimate"] = estimate_for_config(config, model_config, train.tokens, valid.tokens,
                                                word_counts=vocab.counts).total
         seen["before"] = status("VmRSS")
-    bptt.train.guard_training = guard
+    bptt.training.trainer.guard_training = guard
     trainer = Trainer(config)
     trainer.run(max_steps=4)
     trainer.save_state()
@@ -150,7 +155,7 @@ def test_estimate_against_the_peak_memory_of_a_real_run(tmp_path):
 
 
 def test_an_absurd_run_is_refused_at_once(corpus, tmp_path):
-    config = _config(corpus, tmp_path / "m", hidden=1_000_000)
+    config = _config(corpus, tmp_path / "m", hidden_size=1_000_000)
     started = time.perf_counter()
     with pytest.raises(ResourceError) as info:
         Trainer(config)
@@ -185,14 +190,15 @@ def test_the_refusal_allocates_nothing_of_the_runs_size(corpus, tmp_path, capsys
 
 
 def test_batch_and_bptt_are_named_when_the_blocks_do_not_fit(corpus, tmp_path):
-    config = _config(corpus, tmp_path / "m", hidden=8, batch=4, bptt=10**9)
+    config = _config(corpus, tmp_path / "m", hidden_size=8, batch=4, bptt=10**9)
     with pytest.raises(ResourceError, match=r"^--batch 4 --bptt 1000000000 \(--output softmax"):
         Trainer(config)
 
 
 def test_check_memory_against_a_given_budget():
-    est = estimate_training_memory(vocab_size=10_000, hidden=100_000, batch=32, k1=35, optimizer="adam")
-    assert est.parts["parameters"] == 4 * parameter_count(10_000, 100_000)
+    config = ModelConfig(vocab_size=10_000, hidden_size=100_000)
+    est = estimate_training_memory(config, batch=32, k1=35, optimizer="adam")
+    assert est.parts["parameters"] == 4 * parameter_count(config)
     assert est.parts["optimizer"] == 2 * est.parts["parameters"]
     check_memory(est, "cpu", "--hidden 100000", available=est.total)  # fits exactly
     with pytest.raises(ResourceError) as info:
@@ -204,16 +210,22 @@ def test_check_memory_against_a_given_budget():
 
 
 def test_sgd_needs_less_than_adam_and_hsm_less_than_softmax():
-    common = dict(vocab_size=50_000, hidden=256, batch=64, k1=35)
-    sgd = estimate_training_memory(optimizer="sgd", **common).total
-    adam = estimate_training_memory(optimizer="adam", **common).total
-    hsm = estimate_training_memory(optimizer="adam", output="hsm", **common).total
-    assert sgd < adam and hsm < adam
+    config = ModelConfig(vocab_size=50_000, hidden_size=256)
+    sgd = estimate_training_memory(config, optimizer="sgd", batch=64, k1=35).total
+    adam = estimate_training_memory(config, optimizer="adam", batch=64, k1=35).total
+    hsm = estimate_training_memory(ModelConfig(vocab_size=50_000, hidden_size=256, output="hsm"), optimizer="adam",
+                                   batch=64, k1=35).total
+    two_layers = estimate_training_memory(ModelConfig(vocab_size=50_000, hidden_size=256, layers=2), optimizer="adam",
+                                          batch=64, k1=35)
+    assert sgd < adam and hsm < adam and adam < two_layers.total
+    one_layer = estimate_training_memory(config, optimizer="adam", batch=64, k1=35)
+    assert two_layers.parts["activations"] == 2 * one_layer.parts["activations"]
 
 
 def test_absurd_sizes_do_not_overflow():
-    est = estimate_training_memory(vocab_size=2**62, hidden=2**62, batch=2**62, k1=2**62, optimizer="adam")
-    assert est.total > 2**126 and "GiB" in est.describe()
+    config = ModelConfig(vocab_size=10**6, hidden_size=2**62)
+    est = estimate_training_memory(config, batch=2**62, k1=2**62, optimizer="adam")
+    assert est.total > 2**125 and "GiB" in est.describe()
 
 
 def test_available_memory_is_plausible():
@@ -237,10 +249,11 @@ def test_unknown_available_memory_lets_the_run_go(monkeypatch):
 def test_full_softmax_workspace_is_one_chunk_not_n_times_v():
     """The full softmax trains over chunks of OUTPUT_CHUNK_SCORES scores (outputs/full.py): past one
     chunk, the estimate's output workspace no longer grows with B·T."""
-    from bptt.resources import OUTPUT_CHUNK_SCORES
+    from bptt.training.resources import OUTPUT_CHUNK_SCORES
 
     def workspace(batch, vocab=100_000):
-        return estimate_training_memory(vocab_size=vocab, hidden=512, batch=batch, k1=32).parts["output workspace"]
+        config = ModelConfig(vocab_size=vocab, hidden_size=512)
+        return estimate_training_memory(config, batch=batch, k1=32).parts["output workspace"]
 
     rows = OUTPUT_CHUNK_SCORES // 100_000
     assert workspace(64) == workspace(1024) == 2 * rows * 100_000 * 4

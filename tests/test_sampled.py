@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from bptt import ElmanLM
-from bptt.gradcheck import finite_difference_grads
-from bptt.outputs import OUTPUT_LAYERS
-from bptt.outputs.full import FullOutput
-from bptt.outputs.sampled import NCEOutput, SampledSoftmaxOutput, UnigramNoise
+from bptt.verify import finite_difference_grads
+from bptt.engine.outputs import OUTPUT_LAYERS
+from bptt.engine.outputs.full import FullOutput
+from bptt.engine.outputs.sampled import NCEOutput, SampledSoftmaxOutput, UnigramNoise
 from conftest import check_layer_against_autograd, layer_model, max_rel_error, random_data
 
 COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like

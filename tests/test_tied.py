@@ -1,4 +1,4 @@
-"""Tied input and output weights (U ≡ Vᵀ, cells/elman_tied.py): gradients, the model, the command."""
+"""Tied input and output weights (U ≡ Vᵀ, engine/network.py): gradients, the model, the command."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-import bptt.cells.elman_tied as elman_tied
+import bptt.engine.network as network
 from bptt.cli import main
-from bptt.gradcheck import finite_difference_grads, random_model
+from bptt.verify import finite_difference_grads, random_model
 from bptt.model import ElmanLM
 from bptt.oracle import autograd_loss_and_grads
-from bptt.saved_model import load_model
-from bptt.tbptt import TruncatedBPTT
+from bptt.storage.saved_model import load_model
+from bptt.engine.tbptt import TruncatedBPTT
 from conftest import max_rel_error, random_data, write_corpus
 
 V, M = 7, 5
@@ -65,14 +65,13 @@ def test_tied_gradients_with_a_mask_and_the_class_output():
 
 
 def test_a_tied_backward_without_the_input_path_is_rejected(monkeypatch):
-    """Drop (∂L/∂U)ᵀ from ∂L/∂V (the cell's scatter-add into V's rows): both checks must fail."""
+    """Drop (∂L/∂U)ᵀ from ∂L/∂V (the input term's scatter-add into V's rows): both checks must fail."""
     model, x, y, h0 = tied_case()
-    original = elman_tied.elman_backward
 
-    def without_input_path(U, W, F, inputs, h0, S, dS, grads, truncation=None):
-        original(U, W, F, inputs, h0, S, dS, {**grads, "U": torch.zeros_like(U)}, truncation)
+    def without_input_path(inputs, dA, dU):
+        pass
 
-    monkeypatch.setattr(elman_tied, "elman_backward", without_input_path)
+    monkeypatch.setattr(network, "embed_backward", without_input_path)
     _, broken, _ = model.loss_and_grads(x, y, h0)
     _, ref = autograd_loss_and_grads(model.params, "tanh", "softmax", "cross_entropy", x, y, h0)
     assert max_rel_error(broken, ref) > 1e-3
@@ -85,8 +84,7 @@ def test_a_tied_backward_without_the_input_path_is_rejected(monkeypatch):
 def test_truncated_bptt_stream_with_a_tied_model_matches_autograd():
     model, x, y, h0 = tied_case(T=6, B=2)
     engine = TruncatedBPTT(model, 6)
-    engine.state = h0.clone()
-    engine._hist_start = engine.state
+    engine.load_state_dict({"state.0.0": h0.clone()})  # a carried state
     _, grads = engine.step(x, y)
     _, ref = autograd_loss_and_grads(model.params, "tanh", "softmax", "cross_entropy", x, y, h0)
     assert max_rel_error(grads, ref) <= 1e-10
@@ -111,7 +109,7 @@ def test_train_tie_saves_a_tied_model_that_eval_reads(tmp_path, capsys):
             "--batch", "4", "--bptt", "5", "--epochs", "2", "--lr", "0.01", "--tie", "--quiet", "--seed", "2"]
     assert main(argv) == 0
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["model"]["tied"] is True and config["training"]["tie"] is True
+    assert config["model"]["tied"] is True and config["training"]["model_config"]["tied"] is True
     model, vocab, _ = load_model(model_dir)
     assert model.tied and "U" not in model.params
     capsys.readouterr()

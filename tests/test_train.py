@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from bptt.checkpoint import load_checkpoint
+from bptt.storage.checkpoint import load_checkpoint
 from bptt.cli import main
-from bptt.saved_model import load_model
-from bptt.train import STATE_DIR, Trainer, TrainConfig, train
+from bptt.storage.saved_model import load_model
+from bptt.training.trainer import STATE_DIR, Trainer, TrainConfig, train
 from conftest import write_corpus
 
 
@@ -20,9 +20,9 @@ def corpus(tmp_path):
 
 
 def config(corpus, model_dir, **kw) -> TrainConfig:
-    base = dict(train=corpus[0], valid=corpus[1], model=str(model_dir), hidden=12, batch=4, bptt=5,
+    base = dict(train=corpus[0], valid=corpus[1], model=str(model_dir), hidden_size=12, batch=4, bptt=5,
                 optimizer="sgd", epochs=3, lr=1.0, progress=False)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_options(**{**base, **kw})
 
 
 def test_training_learns_the_toy_language(corpus, tmp_path):
@@ -95,7 +95,7 @@ def test_init_range_option_sets_the_initial_weights(corpus, tmp_path, capsys):
             assert p.std() == pytest.approx(r / 3**0.5, rel=0.15), name  # uniform: std = R / sqrt(3)
         trainer.run(max_steps=2)
         _, state = load_checkpoint(tmp_path / str(r) / STATE_DIR)
-        assert state["training"]["init_range"] == r
+        assert state["training"]["model_config"]["init_range"] == r
     bad = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / "x"), "--init-range"]
     for value in ("0", "-0.1", "inf"):
         assert main([*bad, value]) == 2

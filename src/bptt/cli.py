@@ -12,7 +12,8 @@ Bad input gives one line on stderr naming the option or file, exit code 2, no tr
   BPTT_TRACEBACK=1 for the traceback).
 
 `bptt train --model DIR` refuses a DIR that already holds a model or a training state (suggesting
---resume or a new directory) unless --force is given, which deletes that run's files first.
+--resume or a new directory) unless --force is given, which deletes that run's files first
+(commands/train.py).
 """
 
 from __future__ import annotations
@@ -22,20 +23,8 @@ import importlib
 import math
 import os
 import sys
-from pathlib import Path
 
-# subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("bptt.train", "train a language model on a text corpus"),
-    "eval": ("bptt.evaluate", "perplexity, entropy (bits/token), tokens and OOV rate of a text under a model"),
-    "gradcheck": ("bptt.gradcheck", "check the explicit gradients against finite differences, autograd and RTRL"),
-    "bench": ("bptt.bench", "training tokens/s of bptt next to torch.nn.RNN + autograd, same shapes, same run"),
-    "demo": ("bptt.demo", "learn a grammar with a known entropy rate; full BPTT vs truncation 0 on its long-range part"),
-    "score": ("bptt.score", "log10 probability of every sentence of a text (rnnlm -nbest style)"),
-    "generate": ("bptt.generate", "sample text from a model: temperature, top-k, prompt"),
-    "plot": ("bptt.plot", "learning curves (perplexity, learning rate per epoch) of a training run as PNG"),
-    "average": ("bptt.average", "average the weights of epochs kept by train --keep-epochs into a new model"),
-}
+from bptt.commands import COMMANDS
 
 
 class UsageError(Exception):
@@ -93,89 +82,35 @@ def _checked_types(parser: argparse.ArgumentParser) -> None:
             action.type = seed if action.dest == "seed" else bounded_int
 
 
-# what `bptt train --model DIR` leaves in DIR: a DIR holding any of RUN_MARKERS holds a model or a state
-RUN_MARKERS = ("model.safetensors", "config.json", "checkpoint")
-RUN_FILES = ("model.safetensors", "config.json", "vocab.json", "metrics.jsonl")
+def _add_command(sub, name: str) -> None:
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=(module.__doc__ or help_text).strip(),
+        epilog=getattr(module, "EXAMPLES", None),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(p)
+    _checked_types(p)
+    p.set_defaults(_run=module.run)
 
 
-def _check_before_deleting(args: argparse.Namespace) -> None:
-    """The cheap checks of a run (its input files exist, its options are valid), so that --force
-    does not delete the previous run for a run that fails at once."""
-    from dataclasses import fields
-
-    from bptt.data import _check_input_file
-    from bptt.train import TrainConfig
-
-    for option in ("train", "valid"):
-        if not getattr(args, option, None):
-            raise UsageError(f"bptt train needs --{option} (or --resume DIR)")
-        _check_input_file(getattr(args, option))
-    known = {f.name for f in fields(TrainConfig)} - {"direct"}  # --direct is converted by bptt.train.run
-    TrainConfig(**{k: v for k, v in vars(args).items() if k in known and v is not None}).validate()
-
-
-def check_train_directory(args: argparse.Namespace) -> None:
-    """Refuse `bptt train --model DIR` over an earlier run's DIR unless --force (which deletes that run)."""
-    if getattr(args, "resume", None) or not getattr(args, "model", None):
-        return
-    directory = Path(args.model)
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"--model {directory}: exists and is not a directory")
-    found = [name for name in RUN_MARKERS if (directory / name).exists()]
-    if not found:
-        return
-    if not getattr(args, "force", False):
-        raise UsageError(
-            f"--model {directory}: already holds a model or training state ({found[0]}); continue it with "
-            f"`bptt train --resume {directory}`, choose a new directory, or add --force to overwrite it"
-        )
-    _check_before_deleting(args)
-    for name in RUN_FILES:
-        _unlink(directory / name)
-    _delete_files_and_dir(directory / "checkpoint")
-    epochs = directory / "epochs"  # DIR/epochs/epoch-N of train --keep-epochs: each a model directory
-    if epochs.is_dir():
-        for sub in sorted(epochs.iterdir()):
-            if sub.name.startswith("epoch-"):
-                _delete_files_and_dir(sub)
-        _delete_files_and_dir(epochs)
-
-
-def _unlink(path: Path) -> None:
-    if path.is_file() or path.is_symlink():
-        path.unlink()
-
-
-def _delete_files_and_dir(directory: Path) -> None:
-    """The files directly in `directory`, then the directory itself if that left it empty."""
-    if not directory.is_dir() or directory.is_symlink():
-        _unlink(directory)
-        return
-    for path in sorted(directory.iterdir()):
-        _unlink(path)
-    if not any(directory.iterdir()):
-        directory.rmdir()
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `bptt` parser. With a command name, only that command's module is imported and its options
+    added (the others are listed with their help); without one, every command's."""
     parser = _Parser(
         prog="bptt",
         description="Recurrent neural network language models trained with explicit back-propagation through time.",
     )
     parser.add_argument("--version", action="version", version=f"bptt {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=(module.__doc__ or help_text).strip(),
-            epilog=getattr(module, "EXAMPLES", None),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(p)
-        _checked_types(p)
-        p.set_defaults(_run=module.run)
+    for name, (_, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            _add_command(sub, name)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -190,14 +125,14 @@ def _one_line(message: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        parser = build_parser(command if command in COMMANDS else None)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2
-        if args.command == "train":
-            check_train_directory(args)
         return int(args._run(args) or 0)
     except UsageError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bptt.checkpoint import atomic_write_json
+from bptt import checks
+from bptt.files import atomic_write_json
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -53,16 +54,10 @@ class CorpusError(ValueError):
         self.line = line
 
 
-def _check_unit(unit: str) -> str:
+def check_unit(unit: str) -> str:
     if unit not in UNITS:
         raise ValueError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
     return unit
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def read_lines(path: str | os.PathLike, unit: str = "word") -> Iterator[list[str]]:
@@ -78,8 +73,8 @@ def read_lines(path: str | os.PathLike, unit: str = "word") -> Iterator[list[str
     decoding errors surface while iterating. Lines are read in pieces of at most _CHUNK bytes, so a
     line of any length is tokenized without holding more than one piece of its text at a time.
     """
-    _check_unit(unit)
-    name = _check_input_file(path)
+    check_unit(unit)
+    name = check_input_file(path)
 
     def lines() -> Iterator[list[str]]:
         line: list[str] = []
@@ -97,7 +92,7 @@ _CHUNK = 1 << 20  # bytes read at a time; a longer line is decoded and tokenized
 _BOM = "\ufeff"  # a UTF-8 byte-order mark opening the file is skipped
 
 
-def _check_input_file(path: str | os.PathLike) -> str:
+def check_input_file(path: str | os.PathLike) -> str:
     """os.fspath(path), or CorpusError "FILE: no such file" / "FILE: is a directory"."""
     name = os.fspath(path)
     if os.path.isdir(name):
@@ -243,7 +238,7 @@ class Vocab:
         self.words = words
         self.index = index
         self.counts = counts
-        self.unit = _check_unit(unit)
+        self.unit = check_unit(unit)
 
     @classmethod
     def build(
@@ -254,11 +249,11 @@ class Vocab:
         Words with count < min_count, and words beyond the first `max_vocab` entries (max_vocab counts
         every entry, `<eos>` and `<unk>` included, so it must be >= 2), map to `<unk>`.
         """
-        min_count = _positive_int("--min-count", min_count)
-        if max_vocab is not None and (_positive_int("--max-vocab", max_vocab) < 2):
+        min_count = checks.positive_int("--min-count", min_count)
+        if max_vocab is not None and (checks.positive_int("--max-vocab", max_vocab) < 2):
             raise ValueError(f"--max-vocab must be at least 2 (<eos> and <unk>), got {max_vocab}")
-        _check_unit(unit)
-        name = _check_input_file(path)
+        check_unit(unit)
+        name = check_input_file(path)
         counter: Counter[str] = Counter()
         lines = 0
         in_line = False  # the line being read has a token
@@ -374,8 +369,8 @@ class Corpus:
 
 def encode(path: str | os.PathLike, vocab: Vocab, unit: str = "word") -> Corpus:
     """Map every token of `path` to its id in `vocab` (OOV -> `<unk>`), appending `<eos>` to each line."""
-    _check_unit(unit)
-    name = _check_input_file(path)
+    check_unit(unit)
+    name = check_input_file(path)
     index = vocab.index
     ids = array("i")
     starts = array("q")
@@ -422,8 +417,8 @@ class StreamBatches:
     """
 
     def __init__(self, corpus_ids: np.ndarray, batch_size: int, block: int):
-        self.batch_size = B = _positive_int("--batch", batch_size)
-        self.block_size = T = _positive_int("block length", block)
+        self.batch_size = B = checks.positive_int("--batch", batch_size)
+        self.block_size = T = checks.positive_int("block length", block)
         ids = np.asarray(corpus_ids, dtype=np.int64).reshape(-1)
         self.stream_length = L = stream_length(len(ids), B)
         # (L, B): column b is stream b without / shifted by its first token.
@@ -462,7 +457,7 @@ class SentenceBatches:
     """
 
     def __init__(self, corpus: Corpus, batch_size: int, shuffle: bool = False, seed: int = 0):
-        self.batch_size = _positive_int("--batch", batch_size)
+        self.batch_size = checks.positive_int("--batch", batch_size)
         self._ids = np.asarray(corpus.ids, dtype=np.int64)
         self._starts = np.asarray(corpus.sentence_starts, dtype=np.int64)
         self._lengths = np.diff(np.append(self._starts, len(self._ids)))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bptt.data import EOS
+from bptt.engine.stream import Stream, token_blocks
 
 __all__ = ["Grammar", "ClosingStats", "closing_stats", "token_log_probs"]
 
@@ -195,18 +196,12 @@ class Grammar:
 
 @torch.no_grad()
 def token_log_probs(model, ids: np.ndarray, eos_id: int, block: int = 256) -> torch.Tensor:
-    """log P(w_t | w_<t) (nats) of every token of a stream (history starting from <eos>), like stream_nats."""
-    tokens = torch.from_numpy(np.concatenate(([eos_id], np.asarray(ids))).astype(np.int64)).to(model.device)
-    h = model.initial_state(1)
-    out = []
-    for start in range(0, tokens.numel() - 1, block):
-        y = tokens[start + 1 : start + block + 1].unsqueeze(1)
-        x = tokens[start : start + y.shape[0]].unsqueeze(1)
-        S = model.forward(x, h)
-        log_p = model.output.log_probs(model.params, S[:, 0])  # (T,V)
-        out.append(log_p.double().cpu())
-        h = S[-1]
-    return torch.cat(out)  # (N,V): row t = distribution of token t
+    """log P(w | w_<t) (nats) over the vocabulary at every token of a stream (history starting from
+    <eos>), with the model run by the engine's streaming helper like evaluation's stream_nats (direct
+    connections included) -> (N,V) float64 on the CPU: row t is the distribution of token t."""
+    stream = Stream(model, 1)
+    out = [stream.log_probs(x)[:, 0].double().cpu() for x, _ in token_blocks(ids, eos_id, block, model.device)]
+    return torch.cat(out)
 
 
 @dataclass

@@ -1,0 +1,262 @@
+"""`bptt train`: train a language model on a text corpus with the explicit-BPTT engine.
+
+Continuous mode (default): B parallel streams over the corpus, the state carried from block to block,
+BPTT(k1, k2) with k1 = --bptt-block (default --bptt) and k2 = --bptt + --bptt-block when a block is
+given (rnnlm's -bptt/-bptt-block), else k2 = --bptt (PyTorch's word_language_model). Sentence mode
+(--independent, rnnlm's -independent): the state is reset at every sentence; sentences are batched
+with padding masked out of the loss and the gradient.
+
+Gradients (with the AR/TAR penalties of --ar/--tar, if given) are averaged over the block's counted
+tokens, clipped to --clip (global norm) and applied by --optimizer (Adam by default). After every
+epoch the valid entropy drives Mikolov's schedule: once its relative improvement drops under
+--min-improvement the rate is multiplied by --halving-factor every epoch, and training stops when it
+drops under it again (or --schedule plateau). The best model on valid is kept in DIR
+(model.safetensors, config.json, vocab.json); metrics.jsonl logs every epoch.
+
+The model's options (--hidden, --cell, --layers, --activation, --output, --classes, --direct,
+--direct-order, --tie, --init-range) are the fields of bptt.ModelConfig; the loop is
+bptt.training.Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from bptt.data import check_input_file
+from bptt.model.config import ModelConfig
+from bptt.training.config import DEFAULT_LR, SCHEDULES, TrainConfig
+from bptt.training.divergence import TrainingDiverged
+from bptt.training.run_dir import EPOCHS_DIR, METRICS_FILE, STATE_DIR
+from bptt.training.trainer import Trainer
+
+EXAMPLES = """examples:
+  bptt train --train ptb.train.txt --valid ptb.valid.txt --model m
+  bptt train --train a.txt --valid b.txt --model m --hidden 300 --bptt 4 --bptt-block 10 --lr 5
+  bptt train --train a.txt --valid b.txt --model m --independent --optimizer sgd --lr 5
+  bptt train --resume m      # after a kill, Ctrl-C (exit 130) or SIGTERM (exit 143): same weights in the end
+  # PTB in under a minute on 2 cores (test perplexity 148.6): class softmax, the last epoch at half the rate
+  bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --output class --classes 100 \\
+             --hidden 150 --batch 160 --lr 0.0055 --epochs 3 --min-improvement 1.5
+  # the best full-softmax model so far (test perplexity 120.9 after 10 epochs, 120.8 after 13): four at the full
+  # rate, clipped (the 4th is rejected and the halving starts), then the annealing unclipped, with AR/TAR
+  bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --hidden 400 --batch 20 \\
+             --weight-decay 0.1 --min-improvement 1.001 --halving-factor 0.3 --seed 1 --epochs 4
+  bptt train --resume m --clip 0 --ar 2 --tar 2 --epochs 40
+  bptt train --resume m --min-improvement 1.0 --epochs 13      # a few more epochs of the annealing
+
+reliability: a kill at any instant leaves m/ and m/checkpoint/ loadable; Ctrl-C or SIGTERM saves the
+state at the next step and exits; a step with a non-finite loss or gradient, or a gradient norm above
+--max-grad-norm, is undone (back to the last checkpoint, learning rate halved; logged on stderr and in
+metrics.jsonl as "event": "rollback"), and 5 rollbacks in a row stop the run with exit code 1.
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per ModelConfig field with "cli" metadata (model/config.py)."""
+    for f in dataclasses.fields(ModelConfig):
+        meta = f.metadata
+        if "cli" not in meta:
+            continue
+        kwargs = {"dest": f.name, "default": None, "help": meta["help"]}
+        if meta.get("action"):
+            kwargs["action"] = meta["action"]
+        else:
+            kwargs["type"] = meta.get("type", type(f.default))
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]()
+            if "metavar" in meta:
+                kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(meta["cli"], **kwargs)
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig of the options given (the dataclass's defaults for the others)."""
+    given = {}
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(args, f.name, None) if "cli" in f.metadata else None
+        if value is None or (f.metadata.get("action") == "store_true" and value is False):
+            continue
+        convert = f.metadata.get("convert")
+        given[f.name] = convert(value) if convert else value
+    return ModelConfig(**given)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", help="training text, one sentence per line (.txt or .gz)")
+    parser.add_argument("--valid", help="validation text for the schedule and model selection")
+    parser.add_argument("--model", help="output directory")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
+    parser.add_argument("--unit", choices=("word", "char"), default="word", help="tokens: words or characters")
+    parser.add_argument("--min-count", type=int, default=1, help="rarer words map to <unk>")
+    parser.add_argument("--max-vocab", type=int, default=None, help="keep at most N entries (incl. <eos>, <unk>)")
+    add_model_arguments(parser)
+    parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
+    parser.add_argument("--bptt", type=int, default=35, help="BPTT steps (default 35)")
+    parser.add_argument("--bptt-block", type=int, default=None, help="update every K1 steps, rnnlm style")
+    parser.add_argument("--truncation", type=int, default=None, metavar="K",
+                        help="send every error back through at most K recurrent connections (0: no BPTT at all)")
+    parser.add_argument("--independent", action="store_true", help="reset the state at every sentence")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"at most N epochs (default {TrainConfig.epochs}; with --resume: a new limit)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: adam 0.002, sgd 5, "
+                        "adagrad 0.1, rmsprop 0.001)")
+    parser.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default="adam",
+                        help="update rule (default adam; sgd is rnnlm's and PyTorch's classic)")
+    parser.add_argument("--clip", type=float, default=None, metavar="X",
+                        help=f"gradient-norm clipping, 0 = off (default {TrainConfig.clip}); with --resume: a new "
+                             "threshold from here on (e.g. --clip 0 once the rate is being halved)")
+    parser.add_argument("--max-grad-norm", type=float, default=1e3, metavar="X",
+                        help="a step whose gradient norm (per-token mean, before clipping) exceeds X, or "
+                        "whose loss or gradients are not finite, is undone: back to the last checkpoint, "
+                        "rate halved; 0 = no norm bound (default 1000)")
+    parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
+    parser.add_argument("--keep-epochs", action="store_true",
+                        help="also keep every accepted epoch's weights as a model in DIR/epochs/epoch-N, for "
+                        "bptt average (checkpoint averaging) or to evaluate any epoch")
+    parser.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
+                        help="decoupled weight decay on weight matrices (AdamW with adam): w *= 1 - lr*LAMBDA "
+                        "every step; unlike --l2 it is not divided by Adam's sqrt(v), so rare words' rows "
+                        "shrink no faster than frequent ones (default 0)")
+    parser.add_argument("--ar", type=float, default=None, metavar="ALPHA",
+                        help="activation regularization (AWD-LSTM's AR): adds ALPHA * mean(s^2) over the hidden "
+                        "states to the objective's gradient (default 0; with --resume: a new value from here on)")
+    parser.add_argument("--tar", type=float, default=None, metavar="BETA",
+                        help="temporal activation regularization (TAR): adds BETA * mean((s^t - s^(t-1))^2) "
+                        "within each block (default 0; with --resume: a new value from here on)")
+    parser.add_argument("--min-improvement", type=float, default=None,
+                        help="Mikolov's schedule: halve the rate when the ratio old/new valid entropy falls under "
+                        f"this, a ratio >= 1 (default {TrainConfig.min_improvement}: 0.3 %%); with --resume: a new "
+                        "threshold, and a run the schedule had stopped goes on (1.0: until valid gets worse)")
+    parser.add_argument("--halving-factor", type=float, default=0.5, metavar="F",
+                        help="Mikolov's schedule: once it anneals, multiply the rate by F every epoch (default "
+                        "0.5, rnnlm's halving; on PTB 0.3-0.4 end as well in fewer epochs and 0.7 overfits: "
+                        "docs/results.md)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="mikolov",
+                        help="mikolov: halve every epoch once valid stalls, stop when it stalls again; "
+                        "plateau: multiply by --lr-decay after --patience stalled epochs, stop after --max-decays")
+    parser.add_argument("--lr-decay", type=float, default=0.25, help="plateau schedule factor (default 0.25)")
+    parser.add_argument("--patience", type=int, default=0, help="plateau schedule patience in epochs (default 0)")
+    parser.add_argument("--max-decays", type=int, default=3, help="plateau schedule: early stop after N decays")
+    parser.add_argument("--seed", type=int, default=0, help="seed: a CPU run is reproducible bit for bit")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="save the training state every N steps (it is always saved at each epoch's end)")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
+                        help="stop after N steps in all (resumable with --resume)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--force", action="store_true", help="train into a --model DIR that holds a model or training state: its model, vocabulary, metrics and state are deleted first")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a new run's options (validated)."""
+    return TrainConfig(
+        train=args.train, valid=args.valid, model=args.model, model_config=model_config_from_args(args),
+        unit=args.unit, min_count=args.min_count, max_vocab=args.max_vocab, batch=args.batch, bptt=args.bptt,
+        bptt_block=args.bptt_block, truncation=args.truncation, independent=args.independent,
+        epochs=TrainConfig.epochs if args.epochs is None else args.epochs, lr=args.lr, optimizer=args.optimizer,
+        clip=TrainConfig.clip if args.clip is None else args.clip, ar=args.ar or 0.0, tar=args.tar or 0.0,
+        l2=args.l2, weight_decay=args.weight_decay, keep_epochs=args.keep_epochs,
+        max_grad_norm=args.max_grad_norm,
+        min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
+        halving_factor=args.halving_factor, schedule=args.schedule, lr_decay=args.lr_decay,
+        patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device,
+        progress=not args.quiet,
+    ).validate()
+
+
+# what `bptt train --model DIR` leaves in DIR: a DIR holding any of RUN_MARKERS holds a model or a state
+RUN_MARKERS = ("model.safetensors", "config.json", STATE_DIR)
+RUN_FILES = ("model.safetensors", "config.json", "vocab.json", METRICS_FILE)
+
+
+def check_train_directory(args: argparse.Namespace) -> None:
+    """Refuse `bptt train --model DIR` over an earlier run's DIR unless --force (which deletes that run,
+    after the cheap checks of the new one: its input files exist, its options are valid)."""
+    if getattr(args, "resume", None) or not getattr(args, "model", None):
+        return
+    directory = Path(args.model)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--model {directory}: exists and is not a directory")
+    found = [name for name in RUN_MARKERS if (directory / name).exists()]
+    if not found:
+        return
+    if not getattr(args, "force", False):
+        raise ValueError(
+            f"--model {directory}: already holds a model or training state ({found[0]}); continue it with "
+            f"`bptt train --resume {directory}`, choose a new directory, or add --force to overwrite it"
+        )
+    for option in ("train", "valid"):
+        if not getattr(args, option, None):
+            raise ValueError(f"bptt train needs --{option} (or --resume DIR)")
+        check_input_file(getattr(args, option))
+    config_from_args(args)
+    for name in RUN_FILES:
+        _unlink(directory / name)
+    _delete_files_and_dir(directory / STATE_DIR)
+    epochs = directory / EPOCHS_DIR  # DIR/epochs/epoch-N of train --keep-epochs: each a model directory
+    if epochs.is_dir():
+        for sub in sorted(epochs.iterdir()):
+            if sub.name.startswith("epoch-"):
+                _delete_files_and_dir(sub)
+        _delete_files_and_dir(epochs)
+
+
+def _unlink(path: Path) -> None:
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+
+
+def _delete_files_and_dir(directory: Path) -> None:
+    """The files directly in `directory`, then the directory itself if that left it empty."""
+    if not directory.is_dir() or directory.is_symlink():
+        _unlink(directory)
+        return
+    for path in sorted(directory.iterdir()):
+        _unlink(path)
+    if not any(directory.iterdir()):
+        directory.rmdir()
+
+
+def run(args: argparse.Namespace) -> int:
+    check_train_directory(args)
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    if args.resume:
+        trainer = Trainer.resume(args.resume, progress=not args.quiet)
+        changes = {name: getattr(args, name) for name in Trainer.ADJUSTABLE if getattr(args, name) is not None}
+        if changes:
+            trainer.adjust(**changes)
+        if args.epochs is not None or args.min_improvement is not None:
+            trainer.extend(args.epochs, args.min_improvement)
+    else:
+        missing = [f"--{name}" for name in ("train", "valid", "model") if not getattr(args, name)]
+        if missing:
+            raise ValueError(f"bptt train needs {', '.join(missing)} (or --resume DIR)")
+        config = config_from_args(args)
+        trainer = Trainer(config)
+        trainer.run_dir.start_metrics()
+    try:
+        result = trainer.run(args.max_steps, args.checkpoint_every)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: nothing saved since the last checkpoint
+        print(f"interrupted at once; the last checkpoint in {trainer.run_dir.state_dir} stands: "
+              f"bptt train --resume {trainer.out}", file=sys.stderr)
+        return 130
+    if result.interrupted is not None:
+        print(f"interrupted: training state saved in {trainer.run_dir.state_dir}; "
+              f"continue with bptt train --resume {trainer.out}", file=sys.stderr)
+        return 128 + int(result.interrupted)
+    best = result.best_valid
+    status = "finished" if result.finished else f"stopped at step {trainer.global_step} (--resume {trainer.out})"
+    print(
+        f"{status}: best valid perplexity {best.perplexity:.2f} ({best.entropy_bits:.4f} bits/token), "
+        f"{result.seconds:.1f} s; model in {trainer.out}"
+    )
+    return 0

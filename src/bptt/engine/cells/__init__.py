@@ -1,0 +1,111 @@
+"""Recurrent cells: the interface every cell implements, and the registry `CELLS` (name -> class).
+
+A cell maps an input term A and the previous state to the next state, step by step, and back.
+Shapes: T = time, B = streams, m = hidden, G = the cell's gates (1 for Elman, 4 for an LSTM), n = the
+size of the layer's input (V for the first layer, the hidden size of the layer below otherwise).
+
+    A (T,B,G·m)  the input term U x^t for every step, computed *outside* the cell (engine/inputs.py):
+                 a row gather of U for the first layer (x^t one-hot: U x^t is a column of U), a product
+                 X Uᵀ for a layer that reads the one below. A is the cell's to overwrite: the forward
+                 may turn it into its own output in place (Elman does), so callers hand over a fresh A.
+    state        a tuple of (B,m) tensors: (h,) for Elman, (h, c) for an LSTM.
+    H (T,B,m)    the output h^1..h^T, which the next layer or the output layer reads.
+
+A cell class has
+    name, gates, options       its registry name; G; the ModelConfig fields its constructor takes
+    param_shapes(input_size, hidden_size, bias) -> {name: shape}, the input weights named "U"
+                               (G·m, input_size), read by the input term, not by the cell
+    initial_state(params, B) -> the zero state, a tuple of (B,m) tensors
+    forward(params, A, state0) -> (H, final state, cache)
+    backward(params, cache, dH, grads, truncation) -> dA (T,B,G·m)
+                               dH = ∂L/∂h^t from above (the output layer, the next layer); the cell
+                               accumulates (+=) the gradients of its own parameters (all but "U")
+                               into grads and returns ∂L/∂A, from which the input term makes ∂L/∂U
+                               and the error of the layer below. truncation=k keeps, for each error,
+                               only the paths through at most k recurrent connections (None: full)
+    state_at(cache, t) -> the state after step t (0-based) of the cache: what a window cut before
+                               step t+1 starts from (truncated BPTT keeps such windows, tbptt.py)
+
+The cache is a CellCache: the state the forward started from and the time-major tensors the backward
+reads (step t at index t), always including the output "H". Because every cached tensor is
+time-major, caches of consecutive blocks join along time and cut at any step (join_caches,
+tail_cache), whatever the cell.
+
+New cells are one file plus one entry here (or register_cell), with their gradient tests; the
+network, the engine and the trainer stay as they are (docs/architecture.md, "how to add a cell").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+Tensor = torch.Tensor
+CellState = tuple[Tensor, ...]
+INPUT_WEIGHT = "U"  # every cell's input weights: (G·m, input_size), applied by the input term
+
+
+@dataclass
+class CellCache:
+    """What a cell's backward needs from its forward: the state before the first step and time-major
+    tensors (index t = step t), "H" (T,B,m) among them."""
+
+    state0: CellState
+    steps: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.steps["H"].shape[0]
+
+
+class Cell(Protocol):
+    name: ClassVar[str]
+    gates: ClassVar[int]
+    options: ClassVar[tuple[str, ...]]
+
+    def param_shapes(self, input_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]: ...
+
+    def initial_state(self, params: dict[str, Tensor], batch_size: int) -> CellState: ...
+
+    def forward(self, params: dict[str, Tensor], A: Tensor, state0: CellState) -> tuple[Tensor, CellState, CellCache]:
+        ...
+
+    def backward(self, params: dict[str, Tensor], cache: CellCache, dH: Tensor, grads: dict[str, Tensor],
+                 truncation: int | None = None) -> Tensor: ...
+
+    def state_at(self, cache: CellCache, t: int) -> CellState: ...
+
+
+def join_caches(first: CellCache, second: CellCache) -> CellCache:
+    """The cache of two consecutive runs of a cell as one: second started where first ended."""
+    return CellCache(first.state0, {k: torch.cat((first.steps[k], second.steps[k])) for k in first.steps})
+
+
+def tail_cache(cell: Cell, cache: CellCache, keep: int) -> CellCache:
+    """The last `keep` steps of a cache, starting from the state after the step before them."""
+    cut = cache.length - keep
+    if cut <= 0:
+        return cache
+    return CellCache(cell.state_at(cache, cut - 1), {k: v[cut:] for k, v in cache.steps.items()})
+
+
+from bptt.engine.cells.elman import ElmanCell  # noqa: E402  (the registry's entries, after the interface)
+
+CELLS: dict[str, type] = {"elman": ElmanCell}
+
+
+def register_cell(cls: type) -> type:
+    """Add a cell class to CELLS under cls.name (a decorator); refuses a name already taken by another class."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a cell class needs a non-empty string attribute 'name', {cls!r} has {name!r}")
+    if CELLS.get(name, cls) is not cls:
+        raise ValueError(f"a cell named {name!r} is registered already ({CELLS[name]!r})")
+    CELLS[name] = cls
+    return cls
+
+
+__all__ = ["CELLS", "INPUT_WEIGHT", "Cell", "CellCache", "CellState", "ElmanCell", "join_caches", "register_cell",
+           "tail_cache"]

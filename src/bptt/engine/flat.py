@@ -1,0 +1,82 @@
+"""Parameters (and gradients, and optimizer buffers) as named views into one flat buffer.
+
+A `Flat` is a dict {name: tensor} — what every forward and backward of the engine reads and writes —
+whose tensors are views into one contiguous 1-D tensor `data` of one dtype on one device. Whatever
+touches all of them at once does it once on `data`: zeroing the gradients, scaling them for
+clipping, an all-reduce across processes, a fused optimizer update.
+
+Layout: the tensors of two or more dimensions (weight matrices) first, then the 1-D ones (biases, the
+direct connections' D), each group in the order the shapes were given; `matrices` is the slice of
+`data` that holds the first group (weight decay applies to it alone). Every view starts at a multiple
+of ALIGN_BYTES, as a tensor of its own would: matrix products read aligned rows, and their results do
+not depend on where a matrix happens to sit in the buffer (BLAS kernels take other paths for
+unaligned data, which can change the last bit of a sum). The few elements of padding between views
+are zero and stay zero (their gradients are zero; no update rule moves a zero weight with a zero
+gradient: SGD, Adam and its relatives, decay). A name listed in
+`column_major` is stored as the transpose of a contiguous tensor (its columns are contiguous: the
+first layer's U, whose columns the input term gathers). Views keep their layout from buffer to
+buffer: gradients and optimizer buffers made by `like()` have the parameters' strides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+Tensor = torch.Tensor
+
+ALIGN_BYTES = 64  # where PyTorch's CPU allocator puts a new tensor, and a cache line
+
+
+class Flat(dict):
+    """{name: view into self.data}; see the module docstring."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], *, dtype: torch.dtype, device: torch.device | str,
+                 column_major: Iterable[str] = (), data: Tensor | None = None):
+        super().__init__()
+        self.shapes = {name: tuple(int(n) for n in shape) for name, shape in shapes.items()}
+        self.column_major = tuple(name for name in column_major if name in self.shapes)
+        order = [n for n, s in self.shapes.items() if len(s) >= 2] + [n for n, s in self.shapes.items() if len(s) < 2]
+        align = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        offsets, start, matrices_end = {}, 0, 0
+        for name in order:
+            start = -(-start // align) * align  # the next aligned element
+            size = math.prod(self.shapes[name])
+            offsets[name] = (start, start + size)
+            start += size
+            if len(self.shapes[name]) >= 2:
+                matrices_end = start
+        self.offsets = offsets
+        self.numel = start
+        self.matrices = slice(0, matrices_end)
+        if data is None:
+            data = torch.zeros(self.numel, dtype=dtype, device=device)
+        elif data.dim() != 1 or data.numel() != self.numel or not data.is_contiguous():
+            raise ValueError(f"a flat buffer for these shapes is a contiguous 1-D tensor of {self.numel} elements")
+        if data.data_ptr() % ALIGN_BYTES:  # e.g. a slice of another buffer: copy to an aligned one
+            raise ValueError(f"a flat buffer must start at a multiple of {ALIGN_BYTES} bytes")
+        self.data = data
+        for name, shape in self.shapes.items():  # the dict keeps the order of `shapes`
+            a, b = offsets[name]
+            piece = data[a:b]
+            if name in self.column_major:
+                self[name] = piece.view(tuple(reversed(shape))).t()
+            else:
+                self[name] = piece.view(shape)
+
+    def like(self, data: Tensor | None = None) -> Flat:
+        """A Flat with the same names, shapes and layout over `data` (default: a new zero buffer)."""
+        return Flat(self.shapes, dtype=self.data.dtype, device=self.data.device, column_major=self.column_major,
+                    data=data)
+
+    def zero_(self) -> Flat:
+        self.data.zero_()
+        return self
+
+    def copy_(self, tensors: dict[str, Tensor]) -> Flat:
+        """Copy tensors of the same names and shapes into the views."""
+        for name, view in self.items():
+            view.copy_(tensors[name])
+        return self

@@ -1,0 +1,54 @@
+"""The input term of a layer, A = U x^t for every step, computed outside the cell, and its backward.
+
+Shapes: T = time, B = streams, n = the layer's input size, G·m = the cell's gates times hidden units.
+  U (G·m, n) the cell's input weights ("U", cells/__init__.py).
+
+* The first layer reads words: x^t is one-hot over the vocabulary (n = V), so U x^t is column x^t of U:
+  a gather of rows of Uᵀ, never a product with a one-hot matrix. U is stored so that its columns are
+  contiguous (U is the transpose of a contiguous (V, G·m) tensor, model/language_model.py), which
+  makes the gather and the scatter of its gradient row operations. A tied model gathers from the
+  output layer's V (V,m) instead: Vᵀ has exactly this layout.
+* A layer above reads the layer below's output X (T,B,n): A = X Uᵀ, one (T·B,n)×(n,G·m) product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def embed_forward(U: Tensor, inputs: Tensor) -> Tensor:
+    """U (G·m, V), inputs (T,B) int64 -> A (T,B,G·m), A[t,b] = U[:, inputs[t,b]]: a row gather of Uᵀ.
+
+    The result is a fresh tensor: the cell may overwrite it."""
+    T, B = inputs.shape
+    return U.t().index_select(0, inputs.reshape(-1)).view(T, B, U.shape[0])
+
+
+def embed_backward(inputs: Tensor, dA: Tensor, dU: Tensor) -> None:
+    """dA (T,B,G·m) -> dU[:, w] += Σ_{t,b: x = w} dA[t,b]: a row scatter-add into dUᵀ.
+
+    forward was A^t = U x^t with x^t one-hot at w = inputs[t]: ∂A^t/∂U_{:,w} is the identity, so column
+    w of ∂L/∂U collects the errors of every position that read w (index_add_ sums repeats)."""
+    T, B = inputs.shape
+    dU.t().index_add_(0, inputs.reshape(-1), dA.view(T * B, dA.shape[2]))
+
+
+def project_forward(U: Tensor, X: Tensor) -> Tensor:
+    """U (G·m, n), X (T,B,n) -> A (T,B,G·m) = X Uᵀ: one product over all T·B positions."""
+    T, B, n = X.shape
+    return torch.mm(X.reshape(T * B, n), U.t()).view(T, B, U.shape[0])
+
+
+def project_backward(U: Tensor, X: Tensor, dA: Tensor, dU: Tensor) -> Tensor:
+    """dA (T,B,G·m) -> dX (T,B,n); accumulates dU (G·m, n).
+
+    forward was A = X Uᵀ, i.e. A_i = Σ_j U_ij x_j at every position; so
+      ∂L/∂U = Σ_positions dA xᵀ  -> dU += dAᵀ X
+      ∂L/∂x = Uᵀ dA              -> dX  = dA U   (the error of the layer below)
+    """
+    T, B, n = X.shape
+    flat_dA = dA.reshape(T * B, dA.shape[2])
+    dU.addmm_(flat_dA.t(), X.reshape(T * B, n))
+    return torch.mm(flat_dA, U).view(T, B, n)

@@ -1,0 +1,214 @@
+"""The network: the input term, a stack of cells, the output layer — forward and backward over a block.
+
+Shapes: T = time, B = streams, m = hidden, V = vocabulary, N = T·B positions, L = layers.
+
+    inputs (T,B) ──embed──> A_0 ──cell 0──> H_0 ──project──> A_1 ──cell 1──> H_1 ... H_{L−1} ──> output layer
+                 (gather of U_0)            (A_k = H_{k−1} U_kᵀ)
+
+Everything here is a pure function of the parameters, passed in as a dict {name: tensor}: the network
+holds the cells' and the output layer's *code*, never weights. Parameter names: a one-layer model
+uses the cells' own names (the seed's U, W, b; the output layer's V, c; D for direct connections);
+layer k of a stack prefixes its cell's names with "layer{k}." (layer0.U, layer1.W, ...). A tied model
+(U_0 ≡ Vᵀ, Press & Wolf 2017) has no U_0: the first input term gathers from the output layer's V, and
+its gradient lands in ∂L/∂V, added to the output layer's own (the product rule), because the
+gradient view handed to the input term is ∂L/∂V transposed.
+
+State (explicit, never "the last row of S"): a `State` holds, per layer, the cell's state tuple ((h,)
+for Elman) and the direct connections' n-gram context (the last K−1 input words, (K−1,B)); forward
+takes one and returns the next. The cache of a forward (`NetCache`) holds the block's inputs, every
+layer's CellCache and the direct connections' features; caches of consecutive blocks join along time
+and cut at any step (join, tail), which is what BPTT(k1, k2) needs (tbptt.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bptt.engine.cells import INPUT_WEIGHT, Cell, CellCache, CellState, join_caches, tail_cache
+from bptt.engine.inputs import embed_backward, embed_forward, project_backward, project_forward
+from bptt.engine.outputs.direct import check_direct, next_context, ngram_offsets
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class State:
+    """The carried state of a network: per layer the cell's state tuple, and the direct-connection
+    context (K−1,B) int64 or None (no direct connections, or the history is <eos>)."""
+
+    layers: tuple[CellState, ...]
+    context: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.layers[0][0].shape[0])
+
+    @property
+    def hidden(self) -> Tensor:
+        """The top layer's output state h^T (B,m)."""
+        return self.layers[-1][0]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> State:
+        """The same state with fn applied to every tensor (e.g. torch.clone, a move to a device)."""
+        layers = tuple(tuple(fn(t) for t in layer) for layer in self.layers)
+        return State(layers, None if self.context is None else fn(self.context))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """{"state.{layer}.{i}": tensor, "context": tensor}: the state as named tensors (checkpoints)."""
+        out = {f"state.{k}.{i}": t for k, layer in enumerate(self.layers) for i, t in enumerate(layer)}
+        if self.context is not None:
+            out["context"] = self.context
+        return out
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, Tensor]) -> State | None:
+        """The inverse of tensors(); None when there is no "state.0.0" (no state saved)."""
+        if "state.0.0" not in tensors:
+            return None
+        layers = []
+        while f"state.{len(layers)}.0" in tensors:
+            k, layer = len(layers), []
+            while f"state.{k}.{len(layer)}" in tensors:
+                layer.append(tensors[f"state.{k}.{len(layer)}"])
+            layers.append(tuple(layer))
+        return State(tuple(layers), tensors.get("context"))
+
+
+@dataclass
+class NetCache:
+    """What a network's backward needs from its forward over a block (or a window of blocks)."""
+
+    inputs: Tensor  # (T,B) int64 token ids
+    layers: list[CellCache]  # one per layer, time-major
+    features: Tensor | None = None  # (T·B,K) direct-connection offsets of the positions, if any
+
+    @property
+    def length(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+class Network:
+    """Input term, cells (one per layer) and output layer, with the names of their parameters."""
+
+    def __init__(self, cells: Sequence[Cell], output, *, vocab_size: int, hidden_size: int, bias: bool = True,
+                 tied: bool = False, direct: int = 0, direct_order: int = 3):
+        if not cells:
+            raise ValueError("a network needs at least one layer")
+        self.cells = list(cells)
+        self.output = output
+        self.vocab_size, self.hidden_size, self.bias, self.tied = vocab_size, hidden_size, bias, tied
+        self.prefixes = [""] if len(self.cells) == 1 else [f"layer{k}." for k in range(len(self.cells))]
+        self.direct, self.direct_order = int(direct), int(direct_order)
+        self.direct_span = 0
+        if self.direct:
+            if not hasattr(output, "direct_span"):
+                raise ValueError(f"direct connections need output 'softmax' or 'class', not {type(output).__name__}")
+            self.direct_span = output.direct_span(vocab_size)
+            check_direct(self.direct, self.direct_order, self.direct_span)
+        if tied:
+            first = self.cells[0].param_shapes(vocab_size, hidden_size, bias)[INPUT_WEIGHT]
+            out = output.param_shapes(vocab_size, hidden_size, bias).get("V")
+            if out is None or tuple(reversed(out)) != tuple(first):
+                raise ValueError("tied input and output weights need output 'softmax' or 'class' (a matrix V with a "
+                                 f"row per word) and a first layer whose input weights are Vᵀ {first}")
+
+    # -- parameters -----------------------------------------------------------------------------------
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's global name and shape, in the order the model draws them."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for k, cell in enumerate(self.cells):
+            input_size = self.vocab_size if k == 0 else self.hidden_size
+            for name, shape in cell.param_shapes(input_size, self.hidden_size, self.bias).items():
+                if not (k == 0 and self.tied and name == INPUT_WEIGHT):
+                    shapes[self.prefixes[k] + name] = tuple(shape)
+        shapes.update(self.output.param_shapes(self.vocab_size, self.hidden_size, self.bias))
+        if self.direct:
+            shapes["D"] = (self.direct,)  # 1-D: starts at zero, never L2-decayed (like a bias)
+        return shapes
+
+    def column_major(self) -> tuple[str, ...]:
+        """Parameters stored as the transpose of a contiguous tensor: the first layer's U, whose columns
+        (one per word) the input term gathers."""
+        return () if self.tied else (self.prefixes[0] + INPUT_WEIGHT,)
+
+    def layer_view(self, tensors: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+        """Layer k's parameters (or gradients) under the cell's own names; for a tied model, layer 0's
+        U is the output layer's V transposed (a view: gradients written to it land in ∂L/∂V)."""
+        prefix = self.prefixes[k]
+        if prefix:
+            view = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        else:
+            view = tensors
+        if k == 0 and self.tied:
+            view = {**view, INPUT_WEIGHT: tensors["V"].t()}
+        return view
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def initial_state(self, params: dict[str, Tensor], batch_size: int) -> State:
+        """Every layer's zero state and no context (the history is <eos>)."""
+        return State(tuple(cell.initial_state(self.layer_view(params, k), batch_size)
+                           for k, cell in enumerate(self.cells)))
+
+    def features(self, inputs: Tensor, context: Tensor | None) -> Tensor | None:
+        """inputs (T,B), context (K−1,B)|None -> direct-connection offsets (T·B,K), or None without them."""
+        if not self.direct:
+            return None
+        return ngram_offsets(inputs, context, self.direct_order, self.direct, self.direct_span)
+
+    def next_context(self, inputs: Tensor, context: Tensor | None) -> Tensor | None:
+        """The context (K−1,B) of the block after `inputs`; None without direct connections."""
+        if not self.direct:
+            return None
+        return next_context(inputs, context, self.direct_order)
+
+    # -- forward and backward -------------------------------------------------------------------------
+
+    def forward(self, params: dict[str, Tensor], inputs: Tensor, state: State) -> tuple[Tensor, State, NetCache]:
+        """inputs (T,B) int64, state -> (H (T,B,m) the top layer's output, the state after the block, cache)."""
+        X: Tensor | None = None
+        states, caches = [], []
+        for k, cell in enumerate(self.cells):
+            p = self.layer_view(params, k)
+            A = embed_forward(p[INPUT_WEIGHT], inputs) if k == 0 else project_forward(p[INPUT_WEIGHT], X)
+            X, s, cache = cell.forward(p, A, state.layers[k])
+            states.append(s)
+            caches.append(cache)
+        features = self.features(inputs, state.context)
+        return X, State(tuple(states), self.next_context(inputs, state.context)), NetCache(inputs, caches, features)
+
+    def backward(self, params: dict[str, Tensor], cache: NetCache, dH: Tensor, grads: dict[str, Tensor],
+                 truncation: int | None = None) -> None:
+        """dH (T,B,m) = ∂L/∂h^t of the top layer -> accumulates every layer's gradients into grads.
+
+        forward was A_0 = embed(U_0, x), H_k = cell_k(A_k), A_k = H_{k−1} U_kᵀ; so from the top down:
+        dA_k = cell_k.backward(dH_k), then dU_k and dH_{k−1} from the input term's backward."""
+        for k in range(len(self.cells) - 1, -1, -1):
+            p, g = self.layer_view(params, k), self.layer_view(grads, k)
+            dA = self.cells[k].backward(p, cache.layers[k], dH, g, truncation)
+            if k == 0:
+                embed_backward(cache.inputs, dA, g[INPUT_WEIGHT])
+            else:
+                dH = project_backward(p[INPUT_WEIGHT], cache.layers[k - 1].steps["H"], dA, g[INPUT_WEIGHT])
+
+    def log_probs(self, params: dict[str, Tensor], H: Tensor, features: Tensor | None = None) -> Tensor:
+        """H (N,m), features (N,K)|None -> log P(w | history) (N,V) in nats, exactly normalized."""
+        direct = {} if features is None else {"features": features}
+        return self.output.log_probs(params, H, **direct)
+
+    # -- windows over time (BPTT(k1, k2)) -------------------------------------------------------------
+
+    def join(self, first: NetCache, second: NetCache) -> NetCache:
+        """The cache of two consecutive blocks as one window (features are per block: dropped)."""
+        return NetCache(torch.cat((first.inputs, second.inputs)),
+                        [join_caches(a, b) for a, b in zip(first.layers, second.layers)])
+
+    def tail(self, cache: NetCache, keep: int) -> NetCache:
+        """The last `keep` steps of a cache (each layer starting from its state before them)."""
+        cut = cache.length - keep
+        return NetCache(cache.inputs[max(cut, 0):],
+                        [tail_cache(cell, c, keep) for cell, c in zip(self.cells, cache.layers)])

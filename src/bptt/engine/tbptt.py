@@ -1,0 +1,177 @@
+"""Truncated BPTT for training on a stream: Williams & Peng's BPTT(k2; k1), rnnlm's bptt/bptt-block.
+
+The stream (B parallel streams) is processed in blocks of k1 steps. After each block, one backward
+sweep runs over the last k2 >= k1 steps: the errors of the block's k1 positions are sent back through
+the block and through the k2 − k1 steps before it, kept from earlier blocks (their caches as they were
+computed, with the weights of the time). The state is carried from block to block.
+
+    k1 = k2 = K            PyTorch's word_language_model (--bptt K): each block back-propagated alone
+    k1 = K, k2 = K + N     rnnlm's `-bptt N -bptt-block K`: every error goes back at least N steps
+    truncation = k         additionally cap every error's path at k recurrent connections
+
+Cost per block: one forward of k1 steps, one output layer over k1·B positions, one backward sweep of
+k2 steps (k products of (k2·B, m)×(m, m) with a truncation cap k instead).
+
+A block is the engine's sweep (sweep.loss_and_grads) with a longer backward: the network's forward,
+the output layer's errors, the AR/TAR penalties, then the network's backward over the window made of
+the kept history and the block (network.join), of which the last k2 − k1 steps are kept (network.tail).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bptt.checks import optional_int, positive_int
+from bptt.engine.cells import CellCache
+from bptt.engine.network import NetCache, State
+from bptt.engine.regularizers import activation_penalty_backward, check_strengths
+from bptt.engine.sweep import output_errors, zero_
+
+Tensor = torch.Tensor
+
+
+class TruncatedBPTT:
+    """BPTT(k1, k2) over a model's network; `step` returns the block's loss and grads.
+
+    model: anything with `net` (engine.network.Network), `params` and `zero_grads()` (a model of
+    bptt.model), and optionally `prepare(inputs, targets, mask)` to check a block.
+    """
+
+    def __init__(self, model, k1: int, k2: int | None = None, truncation: int | None = None,
+                 ar: float = 0.0, tar: float = 0.0):
+        k1 = positive_int("k1 (block length)", k1)
+        k2 = k1 if k2 is None else k2
+        if isinstance(k2, bool) or not isinstance(k2, int) or k2 < k1:
+            raise ValueError(f"k2 (backward window) must be an integer >= k1 = {k1}, got {k2!r}")
+        self.model, self.k1, self.k2 = model, k1, k2
+        self.truncation = optional_int("truncation", truncation)
+        self.ar, self.tar = check_strengths(ar, tar)  # AR/TAR on each block's top-layer states (regularizers.py)
+        self.grads = model.zero_grads()  # reused buffers, refilled by every step
+        self.check_inputs = True  # step() has the model check each block's word ids (model.prepare)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the carried state and the history (start of a new stream)."""
+        if not hasattr(self, "state"):
+            self.state: State | None = None  # the state after the last block
+        self._restart = True  # the next block starts from the zero state
+        self.history: NetCache | None = None  # the last k2 − k1 steps before the next block
+
+    def start(self, batch_size: int) -> State:
+        """The zero state of B parallel streams, as the carried state.
+
+        With k2 = k1 (no history kept) the state is carried *in place*: every block's final state is
+        copied into these same tensors (the context of direct connections included, <eos> at the start),
+        and a new stream of the same width zeroes them, so that a step captured as a CUDA graph reads
+        and writes the state at fixed addresses.
+        """
+        state = self.state
+        if state is not None and self.k2 == self.k1 and state.batch_size == batch_size:
+            self._zero(state)
+        else:
+            net = self.model.net
+            state = net.initial_state(self.model.params, batch_size)
+            if net.direct and self.k2 == self.k1:
+                device = state.hidden.device
+                eos = net.next_context(torch.zeros(0, batch_size, dtype=torch.long, device=device), None)
+                state = State(state.layers, eos)  # the history <eos>, as a tensor to copy into
+        self.state, self._restart = state, False
+        return state
+
+    @staticmethod
+    def _zero(state: State) -> None:
+        for layer in state.layers:
+            for t in layer:
+                t.zero_()
+        if state.context is not None:
+            state.context.fill_(0)  # <eos> (EOS_ID 0)
+
+    def _carry(self, new: State) -> None:
+        """The state after a block becomes the carried state: copied in place with k2 = k1, else rebound."""
+        if self.k2 != self.k1:
+            self.state = new
+            return
+        for old_layer, new_layer in zip(self.state.layers, new.layers):
+            for old, value in zip(old_layer, new_layer):
+                old.copy_(value)
+        if self.state.context is not None:
+            if new.context is None:
+                self.state.context.fill_(0)  # the history <eos> (EOS_ID 0)
+            else:
+                self.state.context.copy_(new.context)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The carried state and history as tensors (empty at the start of a stream), for checkpoints.
+
+        Keys: the state's ("state.{layer}.{i}", "context"), and the history's inputs ("hist.inputs"),
+        and per layer its start state ("hist.{layer}.state0.{i}") and cached steps ("hist.{layer}.{name}")."""
+        carried = self.state is not None and not self._restart
+        out = {k: t.clone() for k, t in self.state.tensors().items()} if carried else {}
+        if self.history is not None:
+            out["hist.inputs"] = self.history.inputs.clone()
+            for k, cache in enumerate(self.history.layers):
+                out.update({f"hist.{k}.state0.{i}": t.clone() for i, t in enumerate(cache.state0)})
+                out.update({f"hist.{k}.{name}": t.clone() for name, t in cache.steps.items()})
+        return out
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None:
+        """Inverse of state_dict; also reads the keys of checkpoints written before the redesign (a
+        one-layer Elman model: "state", "hist_inputs", "hist_S", "hist_start")."""
+        d = _legacy_keys(d)
+        loaded = State.from_tensors(d)
+        self.reset()
+        if loaded is not None:
+            current = self.state
+            if current is not None and self.k2 == self.k1 and current.batch_size == loaded.batch_size:
+                self._carry(loaded)  # into the buffers the state is carried in
+            else:
+                self.state = loaded
+            self._restart = False
+        if "hist.inputs" in d:
+            layers = []
+            for k in range(len(self.model.net.cells)):
+                state0, i = [], 0
+                while f"hist.{k}.state0.{i}" in d:
+                    state0.append(d[f"hist.{k}.state0.{i}"])
+                    i += 1
+                lead = f"hist.{k}."
+                steps = {key[len(lead):]: t for key, t in d.items() if key.startswith(lead) and ".state0." not in key}
+                layers.append(CellCache(tuple(state0), steps))
+            self.history = NetCache(d["hist.inputs"], layers)
+
+    @torch.no_grad()
+    def step(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """inputs, targets (T,B) with T <= k1 -> (loss of the block 0-d, grads). grads is reused."""
+        model = self.model
+        weights = mask
+        if hasattr(model, "prepare"):
+            inputs, targets, weights = model.prepare(inputs, targets, mask, check=self.check_inputs)
+        T, B = inputs.shape
+        if T > self.k1:
+            raise ValueError(f"a block has at most k1 = {self.k1} steps, got {T}")
+        if self.state is None or self._restart:
+            self.start(B)
+        elif self.state.batch_size != B:
+            raise ValueError(f"the stream has {self.state.batch_size} parallel streams, this block has {B}; call reset()")
+        net, params = model.net, model.params
+        zero_(self.grads)
+        H, new_state, cache = net.forward(params, inputs, self.state)
+        loss, dH = output_errors(net.output, params, H, targets, self.grads, weights=weights, features=cache.features)
+        if self.ar or self.tar:  # the block's own states only; the carried history has no new errors
+            activation_penalty_backward(H, weights, self.ar, self.tar, dH)
+        if self.history is not None:
+            window = net.join(self.history, cache)
+            dH = torch.cat((torch.zeros_like(self.history.layers[-1].steps["H"]), dH))  # history: no new errors
+        else:
+            window = cache
+        net.backward(params, window, dH, self.grads, self.truncation)
+        keep = min(self.k2 - self.k1, window.length)
+        self.history = net.tail(window, keep) if keep > 0 else None
+        self._carry(new_state)  # after the backward, which read the state the block started from
+        return loss, self.grads
+
+
+def _legacy_keys(d: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint keys of the one-layer Elman engine before the redesign -> today's."""
+    renames = {"state": "state.0.0", "hist_inputs": "hist.inputs", "hist_S": "hist.0.H", "hist_start": "hist.0.state0.0"}
+    return {renames.get(k, k): t for k, t in d.items()}

@@ -1,0 +1,72 @@
+"""Files written atomically: a reader, or a process killed mid-write, sees the old file or the new one,
+never a torn one. Used for every file bptt writes (vocabularies, models, checkpoints, metrics).
+
+This module imports nothing from bptt: the data layer and the storage layer both use it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove the temp files that earlier writes of path left behind when their process was killed."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write data to path atomically: temp file in the same directory, fsync, os.replace, fsync dir.
+
+    On any exception the temp file is removed and an existing file at path is left untouched. A process
+    killed mid-write leaves path either old or new, and maybe a temp file ".{name}.*.tmp": the next
+    write of the same path removes such leftovers (one writer per path is assumed).
+    """
+    path = Path(path)
+    _remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Serialise obj (indent 2, sorted keys) and write it with atomic_write_bytes.
+
+    Serialisation happens before anything touches the disk, so an unserialisable obj writes nothing.
+    """
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    atomic_write_bytes(path, data)
+
+

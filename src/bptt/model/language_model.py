@@ -1,0 +1,123 @@
+"""LanguageModel: a recurrent language model built from a ModelConfig — its parameters, in one flat
+buffer, and its network (engine.network.Network: input term, cells, output layer).
+
+    a_k^t = cell_k(U_k x_k^t, state_k^{t-1})   x_0^t the word read at t, x_k^t = h_{k-1}^t above it
+    g^t   = V h^t (+ c) (+ Σ_k D[h_k^t + ·])    o^t = f(g^t)     (D: optional maxent direct connections)
+    L     = ½ Σ_t Σ_k (d_k^t − o_k^t)²   or   −Σ_t log o_{y^t}^t
+
+Weights start uniform in [-init_range, init_range] from a CPU generator seeded with `seed`, drawn in
+the order of the network's parameters (so a seed gives the same model on every device); biases and
+D start at zero. The first layer's U is stored column-major (its columns, one per word, are gathered).
+
+Everything the commands, the trainer and the engine need lives here; the methods users call on a
+model with their own tensors (forward, loss, log_probs, loss_and_grads) are those of ElmanLM
+(model/elman.py), the seed's model and the public face of the paper. Internally every caller runs
+the network through the engine (sweep, tbptt, stream) with an explicit State.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bptt import checks
+from bptt.engine.cells import CELLS
+from bptt.engine.flat import Flat
+from bptt.engine.network import Network, State
+from bptt.engine.outputs import make_output
+from bptt.model.config import ModelConfig
+
+Tensor = torch.Tensor
+
+
+def build_network(config: ModelConfig, *, word_counts: Any = None, seed: int = 0) -> Network:
+    """The network of a configuration (its cells and output layer; no parameters are allocated):
+    what LanguageModel runs, and what storage and the memory guard read the parameter shapes from."""
+    cells = [CELLS[config.cell](**config.cell_options()) for _ in range(config.layers)]
+    output = make_output(config.output, config.vocab_size, loss=config.loss, output_activation=config.output_activation,
+                         classes=config.classes, word_counts=word_counts, seed=seed)
+    return Network(cells, output, vocab_size=config.vocab_size, hidden_size=config.hidden_size, bias=config.bias,
+                   tied=config.tied, direct=config.direct, direct_order=config.direct_order)
+
+
+class LanguageModel:
+    """config (ModelConfig, with its vocab_size) -> model; word_counts (V,) for the layers that use
+    frequencies (class binning, the Huffman tree, the noise distribution); seed; device."""
+
+    def __init__(self, config: ModelConfig, *, word_counts: Any = None, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        config.validate()
+        if config.vocab_size == 0:
+            raise ValueError("vocab_size must be an integer, at least 2, got 0")
+        self.config = config
+        self.vocab_size, self.hidden_size = config.vocab_size, config.hidden_size
+        self.dtype = config.torch_dtype
+        self.device = checks.device(device)
+        self.net = build_network(config, word_counts=word_counts, seed=seed)
+        self.output = self.net.output
+        self.flat = Flat(self.net.param_shapes(), dtype=self.dtype, device=self.device,
+                         column_major=self.net.column_major())
+        self.params: dict[str, Tensor] = self.flat  # {name: view into self.flat.data}
+        self._init_params(seed, config.init_range)
+
+    def _init_params(self, seed: int, init_range: float) -> None:
+        generator = torch.Generator().manual_seed(int(seed))
+        for name, p in self.params.items():
+            if p.dim() == 1:
+                continue  # biases and D start at zero (the buffer's)
+            value = (torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1) * init_range
+            p.copy_(value)
+
+    # -- buffers and state ---------------------------------------------------------------------------
+
+    def zero_grads(self) -> Flat:
+        """Gradient buffers: a Flat with the parameters' names, shapes and layout, all zero."""
+        return self.flat.like()
+
+    def zero_state(self, batch_size: int) -> State:
+        """The state of B fresh streams: every layer at zero, the history <eos>."""
+        return self.net.initial_state(self.params, batch_size)
+
+    # -- inputs --------------------------------------------------------------------------------------
+
+    def _tokens(self, name: str, value: Any, check: bool = True) -> Tensor:
+        # checked where the ids are (the trainer's blocks are on the CPU), then moved: the range check
+        # of a CPU block costs the GPU no synchronisation
+        tokens = torch.as_tensor(value)
+        if not check:
+            return tokens.to(device=self.device, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.dtype in (torch.bool,) or tokens.is_floating_point():
+            raise ValueError(f"{name} must be an integer tensor of shape (T, B), got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
+        return tokens.to(device=self.device, dtype=torch.long)
+
+    def _weights(self, mask: Tensor | None, shape: torch.Size) -> Tensor | None:
+        if mask is None:
+            return None
+        weights = torch.as_tensor(mask, device=self.device).to(self.dtype)
+        if weights.shape != shape:
+            raise ValueError(f"mask must have the shape of targets {tuple(shape)}, got {tuple(weights.shape)}")
+        return weights
+
+    def prepare(
+        self, inputs: Any, targets: Any, mask: Any = None, check: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Validate a block -> (inputs (T,B) int64, targets (T,B) int64, weights (T,B) or None) on the device.
+
+        Raises a ValueError naming the argument for a wrong shape, dtype or word id. check=False skips
+        the word-id range check (ids known to be valid, e.g. already on a GPU: the check would read
+        them back to the host).
+        """
+        inputs, targets = self._tokens("inputs", inputs, check), self._tokens("targets", targets, check)
+        if inputs.shape != targets.shape:
+            raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same (T, B) shape")
+        return inputs, targets, self._weights(mask, targets.shape)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_json().items())
+        return f"{type(self).__name__}({fields}, device={str(self.device)!r})"

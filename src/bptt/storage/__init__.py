@@ -1,0 +1,1 @@
+"""Files that hold tensors: checkpoints (safetensors + JSON, atomic, never pickle) and saved models."""

@@ -1,0 +1,133 @@
+"""TrainConfig: how a run trains — the corpora, the batching and BPTT windows, the update rule and its
+schedule — with the model it trains as a nested ModelConfig (model/config.py).
+
+`bptt train` maps its options onto these two dataclasses (commands/train.py); a checkpoint stores
+to_json() and resume reads it back with from_json(), which also reads the flat layout of checkpoints
+written before the model description was its own dataclass (hidden, activation, output, ..., tie).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from bptt import checks
+from bptt.model.config import ModelConfig
+
+SCHEDULES = ("mikolov", "plateau")
+MAX_LR = 1e4  # a larger rate is a typo, not a setting
+DEFAULT_LR = {"sgd": 5.0, "adam": 2e-3, "adagrad": 0.1, "rmsprop": 1e-3}
+
+# the command-line names of the model's fields, for the messages of validate()
+MODEL_LABELS = {f.name: f.metadata["cli"] for f in dataclasses.fields(ModelConfig) if "cli" in f.metadata}
+# keys of the flat "training" sections written before ModelConfig -> ModelConfig fields
+LEGACY_MODEL_KEYS = {"hidden": "hidden_size", "activation": "hidden_activation", "output": "output",
+                     "classes": "classes", "direct": "direct", "direct_order": "direct_order", "tie": "tied",
+                     "init_range": "init_range"}
+
+
+@dataclass
+class TrainConfig:
+    train: str
+    valid: str
+    model: str  # the run directory
+    model_config: ModelConfig = field(default_factory=ModelConfig)  # what is trained (vocab_size from the corpus)
+    unit: str = "word"
+    min_count: int = 1
+    max_vocab: int | None = None
+    batch: int = 32
+    bptt: int = 35
+    bptt_block: int | None = None
+    truncation: int | None = None  # cap every error's path at this many recurrent connections (0: none in time)
+    independent: bool = False
+    epochs: int = 20
+    lr: float | None = None
+    optimizer: str = "adam"
+    clip: float = 0.25
+    max_grad_norm: float = 1e3  # a step with a larger gradient norm (per-token mean) is rolled back; 0: off
+    l2: float = 0.0
+    weight_decay: float = 0.0  # decoupled (AdamW-style): p *= 1 − lr·λ on weight matrices every step
+    ar: float = 0.0  # activation regularization: α · mean s² on the hidden states (regularizers.py)
+    tar: float = 0.0  # temporal activation regularization: β · mean (s^t − s^{t−1})²
+    keep_epochs: bool = False  # also keep each accepted epoch's weights in DIR/epochs/epoch-N (bptt average)
+    min_improvement: float = 1.003
+    halving_factor: float = 0.5  # Mikolov's schedule: the rate's factor per epoch once it anneals
+    schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs
+    lr_decay: float = 0.25
+    patience: int = 0
+    max_decays: int = 3  # plateau: stop early instead of a further decay
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """TrainConfig(...) with the model's fields given alongside the training ones:
+        from_options(train=..., valid=..., model=DIR, hidden_size=8, batch=4)."""
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = {k: options.pop(k) for k in list(options) if k in model_fields}
+        base = options.pop("model_config", ModelConfig())
+        return cls(**options, model_config=dataclasses.replace(base, **model))
+
+    def validate(self) -> TrainConfig:
+        """ValueError naming the command-line option of a bad value."""
+        self.model_config.validate(MODEL_LABELS)
+        for option in ("batch", "bptt", "epochs", "min_count"):
+            checks.positive_int(f"--{option.replace('_', '-')}", getattr(self, option))
+        if self.truncation is not None:
+            checks.integer("--truncation", self.truncation, minimum=0, what="an integer >= 0 (0: no BPTT in time)")
+        if self.bptt_block is not None:
+            checks.positive_int("--bptt-block", self.bptt_block)
+        if self.lr is not None:
+            checks.number("--lr", self.lr, 0, MAX_LR, low_open=True, what=f"positive and at most {MAX_LR:g}")
+        checks.number("--clip", self.clip, 0, what="a finite number >= 0 (0: off)")
+        for option in ("ar", "tar"):
+            checks.number(f"--{option}", getattr(self, option), 0, what="a finite number >= 0 (0: off)")
+        checks.number("--l2", self.l2, 0, 1, high_open=True)
+        checks.choice("--optimizer", self.optimizer, sorted(DEFAULT_LR))
+        lr = self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        if not (0 <= self.weight_decay < math.inf and lr * self.weight_decay < 1):
+            raise ValueError(f"--weight-decay must be >= 0 with lr × decay < 1 (lr {lr:g}), got {self.weight_decay}")
+        # below 1 the schedule would never halve nor stop
+        checks.number("--min-improvement", self.min_improvement, 1,
+                      what="a ratio of entropies, at least 1 (1.003: improve by 0.3 %)")
+        checks.choice("--schedule", self.schedule, SCHEDULES)
+        checks.number("--halving-factor", self.halving_factor, 0, 1, low_open=True, high_open=True)
+        checks.number("--lr-decay", self.lr_decay, 0, 1, low_open=True, high_open=True)
+        checks.non_negative_int("--patience", self.patience)
+        checks.non_negative_int("--max-decays", self.max_decays)
+        checks.number("--max-grad-norm", self.max_grad_norm, 0, what="a finite number >= 0 (0: off)")
+        checks.device(self.device)  # before the corpora are read
+        return self
+
+    @property
+    def k1(self) -> int:
+        """Steps per block (an update every k1 steps)."""
+        return self.bptt_block or self.bptt
+
+    @property
+    def k2(self) -> int:
+        """Steps of each backward sweep (k1 + the history kept from earlier blocks)."""
+        return self.bptt + self.bptt_block if self.bptt_block else self.bptt
+
+    @property
+    def initial_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any) -> TrainConfig:
+        """A checkpoint's "training" section -> TrainConfig; the flat layout of older checkpoints too."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        if "model_config" in d:
+            model = ModelConfig.from_json(d.pop("model_config"))
+        else:
+            legacy = {LEGACY_MODEL_KEYS[k]: d.pop(k) for k in list(d) if k in LEGACY_MODEL_KEYS}
+            model = ModelConfig(**legacy)
+        return cls(**d, model_config=model)

@@ -1,0 +1,264 @@
+"""Resource guard: estimate the memory a training run needs and refuse it, before allocating, when the
+machine does not have it.
+
+The estimate adds up what a run holds at its peak (sizes for float32, s = 4 bytes; N = k1·B positions
+per block; P = number of parameters):
+
+    parameters        P·s            counted from the shapes the model would allocate (the network of
+                                     its ModelConfig: every layer's cell, the output layer, the direct
+                                     connections' D), nothing allocated
+    gradients         P·s            one buffer per parameter (the engine reuses it every block)
+    optimizer         k·P·s          adam k = 2 (m, v), adagrad and rmsprop k = 1, sgd k = 0
+    best model        P·s            the copy of the best weights on valid
+    rollback copy     (2 + k)·P·s    the last training state saved (weights, best, optimizer), kept in
+                                     memory so that a diverging step can be rolled back
+    checkpoint        2·(2 + k)·P·s  that state serialized while it is written (safetensors builds the
+                                     file's bytes, then copies them)
+    activations       a·L·k2·B·m·s   per layer, the cell's cache of the backward window and its errors
+                                     (a = the cell's `cache_floats`, 4 for Elman; --independent: the
+                                     longest sentence instead of k2)
+    output workspace  2·n·V·s        softmax: a chunk's (n,V) scores/probabilities and a temporary,
+                                     n = min(N, 32M / V) positions (outputs/full.py forward_backward);
+                                     class: N·(C + mean class size of a target); hsm: N·depth·m;
+                                     nce/sampled: N·64 + 64·m
+    evaluation        2·b·V·s        the valid set goes through in blocks of b = eval_block(V) positions
+    data              8 bytes/token  the int64 copies of the training stream (inputs, targets) and valid
+
+and compares it with the memory available: /proc/meminfo's MemAvailable (bounded by a cgroup v2 limit
+when there is one; os.sysconf elsewhere), or torch.cuda.mem_get_info for --device cuda. A run that does
+not fit is refused with one line naming the option, the estimate, its largest parts, and what the
+machine has; nothing of the model's size has been allocated by then.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bptt.engine.outputs.class_softmax import frequency_classes
+from bptt.engine.outputs.full import OUTPUT_CHUNK_SCORES, rows_within
+from bptt.data import stream_length
+from bptt.evaluation import eval_block
+from bptt.engine.cells import CELLS
+from bptt.model.config import ModelConfig
+from bptt.model.language_model import build_network
+
+GIB = 1 << 30
+MIB = 1 << 20
+NOISE_SAMPLES = 64  # nce / sampled softmax noise words per block
+OPTIMIZER_BUFFERS = {"sgd": 0, "adam": 2, "adagrad": 1, "rmsprop": 1}
+
+
+class ResourceError(ValueError):
+    """A run that needs more memory than the machine has; the message is one line."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per part of a training run (insertion order: the table in the module docstring)."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+    vocab_size: int = 0
+    hidden: int = 0
+    direct: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self, limit: int = 4) -> str:
+        """'parameters 15.0 GiB, optimizer 30.0 GiB, ...': the largest parts, largest first."""
+        ranked = sorted(self.parts.items(), key=lambda kv: -kv[1])
+        shown = [f"{name} {format_bytes(n)}" for name, n in ranked[:limit] if n > 0]
+        return ", ".join(shown + (["..."] if len([n for _, n in ranked if n > 0]) > limit else []))
+
+
+def format_bytes(n: int | float) -> str:
+    if n >= GIB:
+        return f"{n / GIB:,.1f} GiB"
+    if n >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def parameter_count(config: ModelConfig, word_counts: Any = None) -> int:
+    """Elements of all parameters of the model of `config` (with its vocab_size), from the shapes its
+    network declares (nothing allocated). With the word counts, the class layer's classes are counted as
+    frequency binning makes them (empty bins dropped)."""
+    shapes = build_network(config, word_counts=word_counts).param_shapes()
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def _class_sizes(word_counts: Any, classes: int, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """(words per class, count mass per class) of the class layer's frequency binning."""
+    counts = np.asarray(word_counts, dtype=np.float64)
+    word_class = frequency_classes(counts, min(classes, V))
+    return np.bincount(word_class), np.bincount(word_class, weights=counts)
+
+
+def _class_positions_factor(word_counts: Any, classes: int, V: int) -> float:
+    """C' + the expected size of a target's class under the unigram distribution (class layer cost/position)."""
+    if word_counts is None:
+        return min(classes, V) + V / max(1, min(classes, V))
+    sizes, mass = _class_sizes(word_counts, classes, V)
+    total = mass.sum()
+    expected = float((mass / total * sizes).sum()) if total > 0 else float(sizes.mean())
+    return len(sizes) + expected
+
+
+def estimate_training_memory(
+    config: ModelConfig,
+    *,
+    batch: int,
+    k1: int,
+    k2: int | None = None,
+    optimizer: str = "adam",
+    train_tokens: int = 0,
+    valid_tokens: int = 0,
+    independent: bool = False,
+    longest_sentence: int = 0,
+    word_counts: Any = None,
+) -> MemoryEstimate:
+    """The memory a training run of the model `config` (with its vocab_size) needs at its peak, by part
+    (see the module docstring). Arithmetic on Python integers and the shapes the network declares:
+    nothing of the model's size is allocated, and absurd sizes give absurd (not overflowing) numbers."""
+    V, m, B = int(config.vocab_size), int(config.hidden_size), int(batch)
+    s = torch.empty((), dtype=config.torch_dtype).element_size()
+    k2 = int(k2 if k2 is not None else k1)
+    T = max(1, int(longest_sentence)) if independent else k2  # steps in the backward window
+    N = (max(1, int(longest_sentence)) if independent else int(k1)) * B  # positions per block
+    P = parameter_count(config, word_counts)
+    k = OPTIMIZER_BUFFERS.get(optimizer, 2)
+    output, classes = config.output, config.classes
+    if output == "softmax":  # forward_backward's chunks: at most OUTPUT_CHUNK_SCORES scores at once
+        workspace = 2 * min(N, rows_within(OUTPUT_CHUNK_SCORES, V)) * V * s
+    elif output == "class":
+        workspace = 2 * int(N * _class_positions_factor(word_counts, classes, V)) * s
+    elif output == "hsm":
+        depth = math.ceil(math.log2(max(V, 2))) + 8  # Huffman paths: about log2 V, longer for rare words
+        workspace = 2 * N * depth * m * s
+    else:  # nce, sampled
+        workspace = 2 * (N * (NOISE_SAMPLES + 1) + NOISE_SAMPLES * m) * s
+    if config.direct:  # the (N, order) int64 n-gram offsets and their gather
+        workspace += N * int(config.direct_order) * 8 * 3
+    cache_floats = getattr(CELLS[config.cell], "cache_floats", 4) * config.layers
+    est = MemoryEstimate(vocab_size=V, hidden=m, direct=int(config.direct))
+    est.parts = {
+        "parameters": P * s,
+        "gradients": P * s,
+        "optimizer": k * P * s,
+        "best model": P * s,
+        "rollback copy": (2 + k) * P * s,
+        "checkpoint": 2 * (2 + k) * P * s,
+        "activations": cache_floats * T * B * m * s,
+        "output workspace": workspace,
+        "evaluation": 2 * eval_block(V) * (V + m) * s,
+        "data": 8 * (2 * int(train_tokens) + int(valid_tokens) + 1),
+    }
+    return est
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """memory.max − memory.current of this process's cgroup (v2), or None without a limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+        rel = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+        if rel is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(base, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current")) as f:
+            current = int(f.read().strip())
+        return max(0, int(limit) - current)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def available_memory(device: str | torch.device = "cpu") -> int | None:
+    """Bytes that can still be allocated on `device` (None when unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free)
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    found = [n for n in (_meminfo_available(), _cgroup_available()) if n is not None]
+    if not found:
+        try:
+            found = [os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+def _culprit(est: MemoryEstimate, batch: int, k1: int, output: str) -> str:
+    """The option(s) behind the largest part of the estimate."""
+    p = est.parts
+    weights = sum(p[k] for k in ("parameters", "gradients", "optimizer", "best model", "rollback copy", "checkpoint"))
+    per_block = p["activations"] + p["output workspace"]
+    if weights >= per_block and weights >= p["data"]:
+        if est.direct and est.direct >= est.hidden * (est.hidden + 2 * est.vocab_size):
+            return f"--direct {est.direct / 1e6:g} (million weights)"
+        return f"--hidden {est.hidden} (vocabulary {est.vocab_size:,} words)"
+    if per_block >= p["data"]:
+        return f"--batch {batch} --bptt {k1} (--output {output}, vocabulary {est.vocab_size:,} words)"
+    return "the corpora"
+
+
+def check_memory(est: MemoryEstimate, device: str | torch.device, culprit: str,
+                 available: int | None = None) -> None:
+    """ResourceError (one line) when est.total exceeds the memory available on device."""
+    device = torch.device(device)
+    if available is None:
+        available = available_memory(device)
+    if available is None or est.total <= available:
+        return
+    where = "this machine has" if device.type == "cpu" else f"{device} has"
+    raise ResourceError(
+        f"{culprit}: needs about {format_bytes(est.total)} ({est.describe()}), {where} "
+        f"{format_bytes(available)} available"
+    )
+
+
+def estimate_for_config(config: Any, model_config: ModelConfig, train_tokens: int = 0, valid_tokens: int = 0,
+                        longest_sentence: int = 0, word_counts: Any = None) -> MemoryEstimate:
+    """estimate_training_memory for a bptt.training.TrainConfig and the model it trains (with its vocab_size)."""
+    return estimate_training_memory(
+        model_config, batch=config.batch, k1=config.k1, k2=config.k2, optimizer=config.optimizer,
+        train_tokens=train_tokens, valid_tokens=valid_tokens, independent=config.independent,
+        longest_sentence=longest_sentence, word_counts=word_counts,
+    )
+
+
+def guard_training(config: Any, model_config: ModelConfig, vocab: Any, train_corpus: Any, valid_corpus: Any,
+                   available: int | None = None) -> MemoryEstimate:
+    """Called by the trainer once the corpora are encoded and before the model exists: a ValueError
+    naming --batch if the training corpus cannot fill B streams, a ResourceError if the run does not
+    fit in memory. Returns the estimate."""
+    if not config.independent:
+        stream_length(train_corpus.tokens, config.batch, train_corpus.path)
+    longest = int(train_corpus.sentence_lengths.max()) if config.independent and train_corpus.tokens else 0
+    est = estimate_for_config(config, model_config, train_corpus.tokens, valid_corpus.tokens, longest, vocab.counts)
+    check_memory(est, config.device, _culprit(est, config.batch, config.k1, model_config.output), available)
+    return est

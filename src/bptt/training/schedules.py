@@ -1,0 +1,129 @@
+"""Learning-rate schedules, driven by the validation entropy after each epoch: Mikolov's (rnnlm's
+halving) and a plateau schedule. Each returns a Decision: scale the rate, stop, keep or undo the epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a schedule decides after an epoch's validation.
+
+    lr_scale: multiply the current learning rate by this for the next epoch.
+    stop: end training now.
+    accept: keep this epoch's weights; False means restore the last accepted weights.
+    """
+
+    lr_scale: float
+    stop: bool
+    accept: bool
+
+
+class MikolovSchedule:
+    """rnnlm's (Mikolov's) rule, driven by the validation entropy after each epoch.
+
+    Let ratio = prev / new, where prev is the entropy of the last accepted epoch.
+    - An epoch whose entropy is worse than prev (new > prev) is rejected (accept=False): the caller
+      restores the previous weights. prev then stays the accepted entropy (rnnlm overwrites it with
+      the rejected value; keeping the entropy of the weights actually kept is the consistent choice).
+    - Not yet halving: if ratio < min_improvement, halving starts (lr_scale=factor from this epoch on).
+    - Halving: lr_scale=factor every epoch; if ratio < min_improvement again, stop=True.
+    factor is rnnlm's 0.5; a larger one (0.6, 0.7) anneals more slowly, over more epochs.
+    The first call only records the entropy (accept, lr_scale=1, no stop).
+    """
+
+    def __init__(self, min_improvement: float = 1.003, factor: float = 0.5):
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        self.min_improvement = float(min_improvement)
+        self.factor = float(factor)
+        self.prev: float | None = None
+        self.halving = False
+
+    def update(self, valid_entropy: float) -> Decision:
+        new = float(valid_entropy)
+        if self.prev is None:
+            self.prev = new
+            return Decision(1.0, False, True)
+        accept = new <= self.prev
+        small = new * self.min_improvement > self.prev  # prev/new < min_improvement, without dividing by 0
+        if accept:
+            self.prev = new
+        if small:
+            if self.halving:
+                return Decision(1.0, True, accept)
+            self.halving = True
+        return Decision(self.factor if self.halving else 1.0, False, accept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"min_improvement": self.min_improvement, "factor": self.factor, "prev": self.prev,
+                "halving": self.halving}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.min_improvement = float(d["min_improvement"])
+        self.factor = float(d.get("factor", 0.5))  # states saved before the factor was an option: rnnlm's
+        self.prev = None if d["prev"] is None else float(d["prev"])
+        self.halving = bool(d["halving"])
+
+
+class PlateauSchedule:
+    """Divide the learning rate on a plateau, stop early after max_decays decays.
+
+    An epoch improves when best / new > min_improvement (best: lowest accepted entropy so far);
+    it is accepted when new <= best (otherwise the caller restores the best weights). After more
+    than `patience` consecutive epochs without improvement the learning rate is multiplied by
+    `factor` (lr_scale=factor) and the count restarts. A plateau that would need decay number
+    max_decays + 1 stops training instead (max_decays=None: never stop).
+    """
+
+    def __init__(self, factor: float = 0.25, patience: int = 0, min_improvement: float = 1.0,
+                 max_decays: int | None = None):
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        if patience < 0:
+            raise ValueError(f"patience must be >= 0, got {patience!r}")
+        self.factor = float(factor)
+        self.patience = int(patience)
+        self.min_improvement = float(min_improvement)
+        self.max_decays = None if max_decays is None else int(max_decays)
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.decays = 0
+
+    def update(self, valid_entropy: float) -> Decision:
+        new = float(valid_entropy)
+        if self.best is None:
+            self.best = new
+            return Decision(1.0, False, True)
+        improved = new * self.min_improvement < self.best
+        accept = new <= self.best
+        if accept:
+            self.best = new
+        if improved:
+            self.bad_epochs = 0
+            return Decision(1.0, False, accept)
+        self.bad_epochs += 1
+        if self.bad_epochs <= self.patience:
+            return Decision(1.0, False, accept)
+        self.bad_epochs = 0
+        if self.max_decays is not None and self.decays >= self.max_decays:
+            return Decision(1.0, True, accept)
+        self.decays += 1
+        return Decision(self.factor, False, accept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "patience": self.patience, "min_improvement": self.min_improvement,
+                "max_decays": self.max_decays, "best": self.best, "bad_epochs": self.bad_epochs,
+                "decays": self.decays}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.factor = float(d["factor"])
+        self.patience = int(d["patience"])
+        self.min_improvement = float(d["min_improvement"])
+        self.max_decays = None if d["max_decays"] is None else int(d["max_decays"])
+        self.best = None if d["best"] is None else float(d["best"])
+        self.bad_epochs = int(d["bad_epochs"])
+        self.decays = int(d["decays"])

@@ -1,0 +1,94 @@
+"""One training step on a block, the same for every caller (the trainer, sentence mode, `bptt bench`):
+
+    gradients   the engine: BPTT(k1, k2) with the state carried across blocks (engine/tbptt.py), or,
+                for sentences (--independent), one sweep from the zero state (engine/sweep.py)
+    reduction   the seam where data-parallel training combines the gradients of several processes
+                (identity in one process): one operation on the flat gradient buffer
+    mean        the gradients divided by the block's counted tokens
+    clipping    to a global norm (the norm before clipping is returned, for the divergence checks)
+    update      the optimizer's rule over the flat parameter buffer
+
+compute() does the first four and reads the loss and the norm back to the host (one synchronisation);
+apply(lr) does the update. The trainer checks the two numbers in between (training/divergence.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from bptt.engine.flat import Flat
+from bptt.engine.sweep import loss_and_grads
+from bptt.engine.tbptt import TruncatedBPTT
+from bptt.training.optim import Optimizer, clip_grad_norm_
+
+Tensor = torch.Tensor
+
+# (flat gradients, summed loss, counted tokens) -> (loss, tokens) over every process, gradients summed in place
+Reduction = Callable[[Flat, Tensor, int], tuple[Tensor, int]]
+
+
+def no_reduction(grads: Flat, loss: Tensor, tokens: int) -> tuple[Tensor, int]:
+    """One process: the gradients, the loss and the token count are already the whole batch's."""
+    return loss, tokens
+
+
+class TrainStep:
+    """A model's training step; independent=True for sentence batches (every sentence from the zero
+    state, padding masked), else continuous streams with BPTT(k1, k2) and the state carried."""
+
+    def __init__(self, model, optimizer: Optimizer, *, k1: int, k2: int, truncation: int | None = None,
+                 ar: float = 0.0, tar: float = 0.0, clip: float = 0.0, independent: bool = False,
+                 check_inputs: bool = True, reduce: Reduction = no_reduction):
+        self.model, self.optimizer = model, optimizer
+        self.independent, self.truncation, self.clip = independent, truncation, clip
+        self.check_inputs = check_inputs
+        self.engine = TruncatedBPTT(model, k1, k2, truncation, ar, tar)
+        self.engine.check_inputs = check_inputs
+        self.grads: Flat = self.engine.grads
+        self.reduce = reduce
+
+    @property
+    def ar(self) -> float:
+        return self.engine.ar
+
+    @property
+    def tar(self) -> float:
+        return self.engine.tar
+
+    def set_penalties(self, ar: float, tar: float) -> None:
+        self.engine.ar, self.engine.tar = ar, tar
+
+    def gradients(self, x: Tensor, y: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+        """The block's summed loss (0-d) and its counted tokens; the gradients (sums) in self.grads."""
+        if not self.independent:
+            loss, _ = self.engine.step(x, y)
+            return loss, y.numel()
+        model = self.model
+        x, y, weights = model.prepare(x, y, mask, check=self.check_inputs)
+        state = model.zero_state(x.shape[1])  # every sentence starts from s^0 = 0
+        loss, _, _ = loss_and_grads(model.net, model.params, x, y, state, truncation=self.truncation,
+                                    weights=weights, grads=self.grads, ar=self.ar, tar=self.tar)
+        return loss, int(mask.sum())
+
+    def forward_backward(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+        """Gradients, reduction, mean over the counted tokens, clipping -> (loss 0-d, norm before clipping
+        0-d, tokens): the loss summed over the block's tokens, the norm of the mean gradient, both on the
+        device (nothing is read back to the host)."""
+        loss, tokens = self.gradients(x, y, mask)
+        loss, tokens = self.reduce(self.grads, loss, tokens)
+        self.grads.data.div_(tokens)  # the mean over the block's counted tokens
+        return loss, clip_grad_norm_(self.grads, self.clip), tokens
+
+    def compute(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[float, float, int]:
+        """forward_backward, with the loss and the norm read back to the host (one synchronisation)."""
+        loss, norm, tokens = self.forward_backward(x, y, mask)
+        loss_value, norm_value = torch.stack(
+            [loss.detach().to(torch.float64).reshape(()), norm.to(loss.device, torch.float64)]
+        ).tolist()
+        return loss_value, norm_value, tokens
+
+    def apply(self, lr: float) -> None:
+        """The update rule over the parameters with the gradients of the last compute()."""
+        self.optimizer.step(self.model.params, self.grads, lr)
