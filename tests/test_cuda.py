@@ -96,13 +96,13 @@ def test_truncated_bptt_training_steps_match_the_cpu(name):
     """Four TBPTT(k1=3, k2=5) steps with clipping and each update rule: the same weights on both devices."""
     models = _both(direct=100)
     engines = [TruncatedBPTT(m, k1=3, k2=5) for m in models]
-    optimizers = [make_optimizer(name, decoupled_weight_decay=0.01) for _ in models]
+    optimizers = [make_optimizer(name, m.params, decoupled_weight_decay=0.01) for m in models]
     for step in range(4):
         x, y = _tokens(10 + step, T=3)
         for model, engine, opt in zip(models, engines, optimizers):
             _, grads = engine.step(x.to(model.device), y.to(model.device))
             clip_grad_norm_(grads, 0.5)
-            opt.step(model.params, grads, 0.05)
+            opt.step(grads, 0.05)
     for key in models[0].params:
         _close(models[0].params[key], models[1].params[key], tol=1e-9)
 

@@ -1,4 +1,6 @@
-"""Explicit update rules against torch.optim, gradient clipping, and the learning-rate schedules."""
+"""The update rules (torch.optim's over the flat parameter buffer: two segments, the matrices decayed and
+the rest not) against torch.optim on separate tensors, their checkpoint state, gradient clipping, and the
+learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -8,43 +10,49 @@ import pytest
 import torch
 
 from bptt.model import ElmanLM
-from bptt.training.optim import SGD, Adagrad, Adam, RMSProp, clip_grad_norm_, make_optimizer
+from bptt.training.optim import SGD, Optimizer, clip_grad_norm_, make_optimizer
 from bptt.training.schedules import Decision, MikolovSchedule, PlateauSchedule
 
 STEPS = 5
 LR = 0.05
 
 
-def _params() -> dict[str, torch.Tensor]:
-    model = ElmanLM(7, 5, dtype=torch.float64, seed=3)
+def _params():
+    """A Flat of parameters (U column-major, non-zero biases, so that decay exclusion is visible)."""
+    model = ElmanLM(7, 5, dtype=torch.float64, seed=3, direct=40, direct_order=2)
     g = torch.Generator().manual_seed(4)
-    for p in model.params.values():  # non-zero biases, so decay exclusion is visible
+    for p in model.params.values():
         p.add_(torch.rand(p.shape, generator=g, dtype=torch.float64) - 0.5)
     assert not model.params["U"].is_contiguous()
     return model.params
 
 
 def _grad_sequence(params, steps=STEPS, seed=5):
+    """Gradient Flats with the parameters' layout."""
     g = torch.Generator().manual_seed(seed)
-    return [
-        {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in params.items()}
-        for _ in range(steps)
-    ]
+    out = []
+    for _ in range(steps):
+        grads = params.like()
+        for view in grads.values():
+            view.copy_(torch.randn(view.shape, generator=g, dtype=torch.float64))
+        out.append(grads)
+    return out
 
 
 def _torch_optimizer(name, tensors: dict, kw: dict):
+    """The reference: torch.optim's default implementation on one tensor per parameter, 2-D ones decayed."""
     wd = kw.pop("weight_decay", 0.0)
     groups = [
         {"params": [t for t in tensors.values() if t.dim() >= 2], "weight_decay": wd},
         {"params": [t for t in tensors.values() if t.dim() < 2], "weight_decay": 0.0},
     ]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=LR)
+        return torch.optim.SGD(groups, lr=LR, foreach=False)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=LR, betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"])
+        return torch.optim.Adam(groups, lr=LR, betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"], foreach=False)
     if name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=LR, eps=kw["eps"], initial_accumulator_value=0.0)
-    return torch.optim.RMSprop(groups, lr=LR, alpha=kw["alpha"], eps=kw["eps"])
+        return torch.optim.Adagrad(groups, lr=LR, eps=kw["eps"], initial_accumulator_value=0.0, foreach=False)
+    return torch.optim.RMSprop(groups, lr=LR, alpha=kw["alpha"], eps=kw["eps"], foreach=False)
 
 
 CASES = [
@@ -63,28 +71,32 @@ CASES = [
 def test_matches_torch_optim(name, kw):
     params = _params()
     ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-    ours = make_optimizer(name, **kw)
+    ours = make_optimizer(name, params, lr=LR, **kw)
     theirs = _torch_optimizer(name, ref, dict(kw))
     for grads in _grad_sequence(params):
-        saved = {k: g.clone() for k, g in grads.items()}
-        ours.step(params, grads, LR)
+        saved = grads.data.clone()
+        ours.step(grads, LR)
         for k, t in ref.items():
-            t.grad = saved[k].clone()
+            t.grad = grads[k].clone()
         theirs.step()
-        for k, g in grads.items():  # grads are not modified by the update
-            assert torch.equal(g, saved[k])
+        assert torch.equal(grads.data, saved)  # grads are not modified by the update
     for k in params:
-        torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-12)
     assert not params["U"].is_contiguous()  # updated in place, layout kept
+    padding = torch.ones(params.numel, dtype=torch.bool)
+    for a, b in params.offsets.values():
+        padding[a:b] = False
+    assert torch.equal(params.data[padding], torch.zeros(int(padding.sum()), dtype=torch.float64))
 
 
-def test_weight_decay_skips_biases():
+def test_weight_decay_skips_biases_and_D():
     params = _params()
     before = {k: p.clone() for k, p in params.items()}
-    zero = {k: torch.zeros_like(p) for k, p in params.items()}
-    SGD(weight_decay=0.5).step(params, zero, lr=1.0)
-    assert torch.equal(params["b"], before["b"]) and torch.equal(params["c"], before["c"])
+    SGD(params, weight_decay=0.5).step(params.like(), lr=1.0)
+    for name in ("b", "c", "D"):
+        assert torch.equal(params[name], before[name]), name
     torch.testing.assert_close(params["W"], before["W"] * 0.5)
+    torch.testing.assert_close(params["U"], before["U"] * 0.5)
 
 
 @pytest.mark.parametrize("decay", [0.05, 0.3])
@@ -93,79 +105,132 @@ def test_decoupled_weight_decay_is_adamw(decay):
     not coupled L2: the same λ as weight_decay (through the gradient) ends elsewhere."""
     params, coupled = _params(), _params()
     ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-    ours = make_optimizer("adam", decoupled_weight_decay=decay)
-    l2 = make_optimizer("adam", weight_decay=decay)
+    ours = make_optimizer("adam", params, lr=LR, decoupled_weight_decay=decay)
+    l2 = make_optimizer("adam", coupled, lr=LR, weight_decay=decay)
     theirs = torch.optim.AdamW([
         {"params": [t for t in ref.values() if t.dim() >= 2], "weight_decay": decay},
         {"params": [t for t in ref.values() if t.dim() < 2], "weight_decay": 0.0},
-    ], lr=LR)
+    ], lr=LR, foreach=False)
     for grads in _grad_sequence(params):
         for k, t in ref.items():
             t.grad = grads[k].clone()
         theirs.step()
-        l2.step(coupled, {k: g.clone() for k, g in grads.items()}, LR)
-        ours.step(params, grads, LR)
+        l2.step(grads, LR)
+        ours.step(grads, LR)
     for k in params:
-        torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-12)
     assert (params["W"] - coupled["W"]).abs().max() > 1e-3
 
 
-def test_decoupled_weight_decay_alone_shrinks_matrices_only():
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop"])
+def test_decoupled_weight_decay_of_the_other_rules(name):
+    """p ← p (1 − lr·λ) for the matrices before the rule: with zero gradients, exactly that shrink."""
     params = _params()
     before = {k: p.clone() for k, p in params.items()}
-    zero = {k: torch.zeros_like(p) for k, p in params.items()}
-    make_optimizer("sgd", decoupled_weight_decay=0.5).step(params, zero, lr=0.2)
+    make_optimizer(name, params, decoupled_weight_decay=0.5).step(params.like(), lr=0.2)
     torch.testing.assert_close(params["W"], before["W"] * 0.9)
-    assert torch.equal(params["b"], before["b"]) and torch.equal(params["c"], before["c"])
+    for bias in ("b", "c", "D"):
+        assert torch.equal(params[bias], before[bias])
     with pytest.raises(ValueError, match="decay"):
-        make_optimizer("adam", decoupled_weight_decay=-1.0)
+        make_optimizer("adam", params, decoupled_weight_decay=-1.0)
+
+
+def test_adamw_with_coupled_l2_too():
+    """Both decays with Adam: AdamW plus g + wd·p on the matrices (not on biases), against a reference
+    that adds the coupled term to the gradients itself."""
+    params = _params()
+    ref = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    ours = make_optimizer("adam", params, lr=LR, weight_decay=0.1, decoupled_weight_decay=0.2)
+    theirs = torch.optim.AdamW([
+        {"params": [t for t in ref.values() if t.dim() >= 2], "weight_decay": 0.2},
+        {"params": [t for t in ref.values() if t.dim() < 2], "weight_decay": 0.0},
+    ], lr=LR, foreach=False)
+    for grads in _grad_sequence(params):
+        for k, t in ref.items():
+            t.grad = grads[k] + (0.1 * t.detach() if t.dim() >= 2 else 0.0)
+        theirs.step()
+        ours.step(grads, LR)
+    for k in params:
+        torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_state_dict_round_trip_continues_identically(name, kw):
     params = _params()
     seq = _grad_sequence(params, steps=6)
-    a = make_optimizer(name, **kw)
+    a = make_optimizer(name, params, lr=LR, **kw)
     for grads in seq[:3]:
-        a.step(params, grads, LR)
+        a.step(grads, LR)
     state = a.state_dict()
     assert state["t"] == 3
     assert all(isinstance(v, (int, float, torch.Tensor)) for v in state.values())
-    if name == "adam":
-        assert {"m.U", "v.U", "m.b"} <= state.keys()
-    p2 = {k: p.clone() for k, p in params.items()}
-    b = make_optimizer(name, **kw)
+    names = {"adam": {"m.U", "v.U", "m.b", "v.D"}, "adagrad": {"sum.U", "sum.c"}, "rmsprop": {"sq.W", "sq.D"}}
+    assert names.get(name, set()) <= state.keys()
+    if name != "sgd":
+        assert state[sorted(names[name])[0]].abs().sum() > 0  # a real buffer, not zeros
+    p2 = params.like(params.data.clone())
+    b = make_optimizer(name, p2, lr=LR, **kw)
     b.load_state_dict(state)
     for grads in seq[3:]:
-        a.step(params, grads, LR)
-        b.step(p2, grads, LR)
-    for k in params:
-        assert torch.equal(params[k], p2[k])
+        a.step(grads, LR)
+        b.step(grads, LR)
+    assert torch.equal(params.data, p2.data)
+    c = make_optimizer(name, params.like(params.data.clone()), lr=LR, **kw)  # without the state: elsewhere
+    for grads in seq[3:]:
+        c.step(grads, LR)
+    if name not in ("sgd",):
+        assert not torch.equal(c.params.data, params.data)
+
+
+def test_a_state_saved_before_the_first_step_and_one_loaded_twice():
+    """{"t": 0} (no buffers yet: a checkpoint written before any step) starts from zero buffers; loading
+    into an optimizer that has stepped overwrites its buffers in place (a rollback)."""
+    params = _params()
+    seq = _grad_sequence(params, steps=3)
+    fresh = make_optimizer("adam", params.like(params.data.clone()), lr=LR)
+    fresh.step(seq[0], LR)
+    loaded = make_optimizer("adam", params.like(params.data.clone()), lr=LR)
+    loaded.load_state_dict({"t": 0})
+    loaded.step(seq[0], LR)
+    assert torch.equal(fresh.params.data, loaded.params.data)
+    state = fresh.state_dict()
+    buffers = [fresh._torch.state[t]["exp_avg"] for t in fresh.tensors]
+    fresh.step(seq[1], LR)
+    fresh.load_state_dict(state)
+    assert all(fresh._torch.state[t]["exp_avg"] is b for t, b in zip(fresh.tensors, buffers))  # in place
+    assert fresh.t == 1 and torch.equal(fresh.state_dict()["m.U"], state["m.U"])
 
 
 def test_state_dict_is_a_copy_and_bad_keys_rejected():
     params = _params()
-    opt = Adam()
-    opt.step(params, _grad_sequence(params, 1)[0], LR)
+    opt = make_optimizer("adam", params, lr=LR)
+    opt.step(_grad_sequence(params, 1)[0], LR)
     state = opt.state_dict()
     state["m.U"].zero_()
-    assert opt.state["m"]["U"].abs().sum() > 0
+    assert opt.state_dict()["m.U"].abs().sum() > 0
     with pytest.raises(ValueError, match="unexpected key 'q.U'"):
-        Adam().load_state_dict({"t": 1, "q.U": torch.zeros(2)})
+        make_optimizer("adam", params).load_state_dict({"t": 1, "q.U": torch.zeros(2)})
+    with pytest.raises(ValueError, match="unexpected key 'm.nope'"):
+        make_optimizer("adam", params).load_state_dict({"t": 1, "m.nope": torch.zeros(2)})
 
 
 def test_make_optimizer_unknown_name_mentions_flag():
+    params = _params()
     with pytest.raises(ValueError, match="--optimizer 'lbfgs'"):
-        make_optimizer("lbfgs")
-    assert isinstance(make_optimizer("Adam"), Adam)
-    assert isinstance(make_optimizer("adagrad"), Adagrad)
-    assert isinstance(make_optimizer("rmsprop", alpha=0.9), RMSProp)
+        make_optimizer("lbfgs", params)
+    assert make_optimizer("Adam", params).rule == "adam"
+    assert isinstance(make_optimizer("rmsprop", params, alpha=0.9), Optimizer)
+    with pytest.raises(TypeError, match="Flat"):
+        make_optimizer("sgd", dict(params))
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e6])
-def test_clip_matches_torch(max_norm):
+@pytest.mark.parametrize("flat", [True, False])
+def test_clip_matches_torch(max_norm, flat):
     params = _params()
     grads = _grad_sequence(params, 1)[0]
+    if not flat:
+        grads = {k: g.clone() for k, g in grads.items()}
     ref = [torch.zeros_like(g, requires_grad=True) for g in grads.values()]
     for r, g in zip(ref, grads.values()):
         r.grad = g.clone()

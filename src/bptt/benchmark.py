@@ -147,7 +147,8 @@ class BpttTrainer:
             output=config.out, classes=config.C, word_counts=zipf_counts(config.V).tolist(), direct=config.direct,
         )
         # the token stream is generated valid on the device: no word-id check (it would sync a GPU)
-        self.train_step = TrainStep(self.model, SGD(), k1=config.T, k2=config.T, clip=CLIP, check_inputs=False)
+        self.train_step = TrainStep(self.model, SGD(self.model.flat, lr=LR), k1=config.T, k2=config.T, clip=CLIP,
+                                    check_inputs=False)
 
     @property
     def state(self):

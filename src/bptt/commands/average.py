@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bptt import checks
 from bptt.data import encode
 from bptt.evaluation import evaluate_corpus
 from bptt.storage.saved_model import load_model, save_model, saved_unit
@@ -51,8 +52,7 @@ def choose_epochs(run_dir: str | Path, epochs: str | None, last: int | None) -> 
             raise ValueError(f"--epochs {epochs}: none of them is kept in {Path(run_dir) / EPOCHS_DIR} (kept: {kept})")
         return chosen
     if last is not None:
-        if last < 1:
-            raise ValueError(f"--last must be a positive integer, got {last}")
+        checks.positive_int("--last", last)
         return kept[-last:]
     return kept
 

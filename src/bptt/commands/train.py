@@ -25,6 +25,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from bptt import checks
 from bptt.data import check_input_file
 from bptt.model.config import ModelConfig
 from bptt.training.config import DEFAULT_LR, SCHEDULES, TrainConfig
@@ -222,10 +223,9 @@ def _delete_files_and_dir(directory: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_train_directory(args)
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if args.max_steps is not None and args.max_steps < 0:
-        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    checks.non_negative_int("--checkpoint-every", args.checkpoint_every)
+    if args.max_steps is not None:
+        checks.non_negative_int("--max-steps", args.max_steps)
     if args.resume:
         trainer = Trainer.resume(args.resume, progress=not args.quiet)
         changes = {name: getattr(args, name) for name in Trainer.ADJUSTABLE if getattr(args, name) is not None}

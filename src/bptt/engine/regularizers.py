@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import torch
 
+from bptt import checks
+
 Tensor = torch.Tensor
 
 
 def check_strengths(ar: float, tar: float) -> tuple[float, float]:
     """-> (α, β) as floats; ValueError unless both are finite numbers >= 0."""
-    for name, value in (("ar", ar), ("tar", tar)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(ar), float(tar)
+    return checks.non_negative("ar", ar), checks.non_negative("tar", tar)
 
 
 def _weights(S: Tensor, weights: Tensor | None) -> tuple[Tensor | None, float, float]:

@@ -40,7 +40,7 @@ class TrainConfig:
     batch: int = 32
     bptt: int = 35
     bptt_block: int | None = None
-    truncation: int | None = None  # cap every error's path at this many recurrent connections (0: none in time)
+    truncation: int | None = None  # cap every error's path at k recurrent connections; 0: no BPTT at all (None: no cap)
     independent: bool = False
     epochs: int = 20
     lr: float | None = None
@@ -77,7 +77,7 @@ class TrainConfig:
         for option in ("batch", "bptt", "epochs", "min_count"):
             checks.positive_int(f"--{option.replace('_', '-')}", getattr(self, option))
         if self.truncation is not None:
-            checks.integer("--truncation", self.truncation, minimum=0, what="an integer >= 0 (0: no BPTT in time)")
+            checks.integer("--truncation", self.truncation, minimum=0, what="an integer >= 0 (0: no back-propagation through time at all)")
         if self.bptt_block is not None:
             checks.positive_int("--bptt-block", self.bptt_block)
         if self.lr is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bptt import checks
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -36,10 +38,8 @@ class MikolovSchedule:
     """
 
     def __init__(self, min_improvement: float = 1.003, factor: float = 0.5):
-        if not 0 < factor < 1:
-            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
         self.min_improvement = float(min_improvement)
-        self.factor = float(factor)
+        self.factor = checks.number("factor", factor, 0, 1, low_open=True, high_open=True)
         self.prev: float | None = None
         self.halving = False
 
@@ -81,12 +81,8 @@ class PlateauSchedule:
 
     def __init__(self, factor: float = 0.25, patience: int = 0, min_improvement: float = 1.0,
                  max_decays: int | None = None):
-        if not 0 < factor < 1:
-            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
-        if patience < 0:
-            raise ValueError(f"patience must be >= 0, got {patience!r}")
-        self.factor = float(factor)
-        self.patience = int(patience)
+        self.factor = checks.number("factor", factor, 0, 1, low_open=True, high_open=True)
+        self.patience = checks.non_negative_int("patience", patience)
         self.min_improvement = float(min_improvement)
         self.max_decays = None if max_decays is None else int(max_decays)
         self.best: float | None = None

@@ -91,4 +91,4 @@ class TrainStep:
 
     def apply(self, lr: float) -> None:
         """The update rule over the parameters with the gradients of the last compute()."""
-        self.optimizer.step(self.model.params, self.grads, lr)
+        self.optimizer.step(self.grads, lr)

@@ -111,7 +111,7 @@ class Trainer:
         guard_training(config, model_config, vocab, self.train_corpus, self.valid_corpus)  # refuse before allocating
         torch.manual_seed(config.seed)
         self.model = build_model(model_config, word_counts=vocab.counts, seed=config.seed, device=config.device)
-        self.optimizer = make_optimizer(config.optimizer, weight_decay=config.l2,
+        self.optimizer = make_optimizer(config.optimizer, self.model.flat, lr=config.initial_lr, weight_decay=config.l2,
                                         decoupled_weight_decay=config.weight_decay)
         self.schedule = (
             MikolovSchedule(config.min_improvement, config.halving_factor)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bptt import checks
 from bptt.engine.losses import softmax_cross_entropy_backward_, softmax_cross_entropy_forward_
 from bptt.engine.outputs.direct import direct_backward, direct_forward_, direct_gather, direct_gather_backward
 
@@ -31,8 +32,7 @@ def frequency_classes(counts, n_classes: int) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size == 0 or (counts < 0).any():
         raise ValueError("word counts must be a non-empty list of non-negative numbers")
-    if not isinstance(n_classes, int) or n_classes < 1:
-        raise ValueError(f"--classes must be a positive integer, got {n_classes!r}")
+    checks.positive_int("--classes", n_classes)
     order = np.argsort(-counts, kind="stable")
     sorted_counts = counts[order]
     total = sorted_counts.sum()

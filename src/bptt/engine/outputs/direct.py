@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from bptt import checks
+
 Tensor = torch.Tensor
 
 EOS_ID = 0  # bptt.data.Vocab gives <eos> id 0: the history before a corpus or a sentence starts
@@ -30,8 +32,7 @@ _SEED = 1_234_567
 
 def check_direct(size: int, order: int, span: int) -> None:
     """A clear ValueError for a hash that cannot hold the span or a bad order."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"direct_order must be a positive integer, got {order!r}")
+    checks.positive_int("direct_order", order)
     if isinstance(size, bool) or not isinstance(size, int) or size < span:
         raise ValueError(f"direct connections need a hash of at least {span} weights (the output span), got {size!r}")
 

@@ -9,8 +9,8 @@ costs m·L(y) per position (L ≈ log2 V on average) instead of m·V.
 
 Shapes: N positions, m hidden, V vocabulary, D = the deepest path. Paths are padded to D with a mask,
 so forward and backward are a gather of (N,D) node ids, one batched product, and a scatter-add back.
-Parameters: "V" (V−1,m) the inner-node vectors (named like the full layer's output weights) and with
-bias "c" (V−1,).
+Parameters: "V" (V−1,m), the inner-node vectors — one row per inner node, not per word: the name is
+the full layer's, the shape is not — and with bias "c" (V−1,).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf  # nnf: F is the hidden activation everywhere else
 
 Tensor = torch.Tensor
 
@@ -139,7 +139,7 @@ class HierarchicalSoftmaxOutput:
         scale = sign if weights is None else sign * weights.unsqueeze(1)
         u = sign * self._path_scores(params, S, nodes)  # (N,D); padding: u = 0
         # −log σ(u) = softplus(−u), stable for either sign of u; padding masked out by |sign| = 0.
-        per_node = F.softplus(-u) * self.mask[targets].to(S.dtype)
+        per_node = nnf.softplus(-u) * self.mask[targets].to(S.dtype)
         loss = per_node.sum() if weights is None else (per_node.sum(dim=1) * weights).sum()
         return loss, HierarchicalSoftmaxCache(nodes, scale, torch.sigmoid(u))
 
@@ -179,7 +179,7 @@ class HierarchicalSoftmaxOutput:
         self._to(S.device)
         Vw = params["V"]
         Z = torch.addmm(params["c"], S, Vw.t()) if "c" in params else S @ Vw.t()  # (N,V−1)
-        table = torch.cat([F.logsigmoid(Z), F.logsigmoid(-Z), Z.new_zeros(Z.shape[0], 1)], dim=1)  # (N,2V−1)
+        table = torch.cat([nnf.logsigmoid(Z), nnf.logsigmoid(-Z), Z.new_zeros(Z.shape[0], 1)], dim=1)  # (N,2V−1)
         flat_index = self.table_index.reshape(-1)  # (V·D,)
         N, V, D = S.shape[0], self.vocab_size, self.depth
         out = torch.empty(N, V, dtype=S.dtype, device=S.device)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bptt import checks
 from bptt.engine.losses import softmax_cross_entropy_backward_, softmax_cross_entropy_forward_
 from bptt.engine.outputs.full import FullOutput, linear_forward
 
@@ -45,9 +46,7 @@ class UnigramNoise:
         counts = np.asarray(list(word_counts), dtype=np.float64)
         if counts.ndim != 1 or counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
             raise ValueError("word counts must be a non-empty list of non-negative numbers")
-        if not (isinstance(alpha, (int, float)) and np.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = checks.non_negative("alpha", alpha)
         weights = torch.from_numpy(np.maximum(counts, 1.0)) ** self.alpha  # count 0 -> 1: every word drawable
         self.probs = weights / weights.sum()  # (V,) float64 on the CPU
         self.log_probs = self.probs.log()  # (V,) log q(w)
@@ -93,9 +92,7 @@ class _SampledOutputBase:
                 f"output={self.name!r} trains a softmax: it needs loss='cross_entropy' and "
                 f"output_activation='softmax', got loss={loss!r}, output_activation={output_activation_name!r}"
             )
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples!r}")
-        self.samples = samples
+        self.samples = checks.positive_int("samples", samples)
         self.noise = UnigramNoise(word_counts, alpha, seed)
         self._frozen: Tensor | None = None
         self._log_q: Tensor | None = None  # log q on the device and in the dtype of the last forward
