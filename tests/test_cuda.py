@@ -186,3 +186,44 @@ def test_dynamic_evaluation_matches_the_cpu(kw):
     assert nats[0] != pytest.approx(dynamic_stream_nats(_both(**kw)[0], ids, eos_id=0, lr=0.0, block=6), rel=1e-6)
     for key in models[0].params:
         _close(models[0].params[key], models[1].params[key])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adagrad", "rmsprop"])
+def test_train_graph_replays_like_the_eager_static_step(tmp_path, optimizer):
+    """`bptt train --device cuda --graph`: two epochs (an epoch boundary resets the carried state in
+    place; the epoch's short last block runs eagerly) replayed as a CUDA graph give the weights, the
+    optimizer state (its step count included) and the metrics of the same run without --graph, to the
+    tolerance of atomics; a rollback inside the replayed run restores the captured tensors in place."""
+    from bptt.training.config import TrainConfig
+    from bptt.training.trainer import Trainer
+    from conftest import write_corpus
+
+    train, valid = write_corpus(tmp_path / "t.txt", 120, 0), write_corpus(tmp_path / "v.txt", 30, 1)
+    trainers = {}
+    for graph in (False, True):
+        config = TrainConfig.from_options(train=train, valid=valid, model=str(tmp_path / f"g{graph}"), hidden_size=16,
+                                          batch=4, bptt=5, epochs=2, optimizer=optimizer, device="cuda",
+                                          graph=graph, progress=False, seed=3)
+        trainer = Trainer(config)
+        real, calls = trainer.train_step, []
+
+        def train_step(x, y, mask, real=real, trainer=trainer, calls=calls):
+            if trainer.global_step == 6 and not calls:  # a weight turns NaN before step 7: it is rolled back
+                calls.append(1)
+                trainer.model.params["W"][0, 0] = float("nan")
+            return real(x, y, mask)
+
+        trainer.train_step = train_step
+        result = trainer.run(checkpoint_every=3)
+        assert [e["global_step"] for e in result.events] == [7]
+        trainers[graph] = trainer
+    eager, graphed = trainers[False], trainers[True]
+    assert graphed.static_step._graphed.graph is not None  # captured and replayed
+    assert graphed.optimizer.t == graphed.global_step == eager.global_step
+    for name in eager.model.params:
+        _close(eager.model.params[name], graphed.model.params[name], 1e-5)
+    for key, value in eager.optimizer.state_dict().items():
+        if key != "t":
+            _close(value, graphed.optimizer.state_dict()[key], 1e-5)
+    assert [r["valid_perplexity"] for r in eager.history] == pytest.approx(
+        [r["valid_perplexity"] for r in graphed.history], rel=1e-5)

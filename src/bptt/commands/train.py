@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bptt import checks
 from bptt.data import check_input_file
+from bptt.engine.cells import CELLS
 from bptt.model.config import ModelConfig
 from bptt.training.config import DEFAULT_LR, SCHEDULES, TrainConfig
 from bptt.training.divergence import TrainingDiverged
@@ -74,7 +75,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """The ModelConfig of the options given (the dataclass's defaults for the others)."""
+    """The ModelConfig of the options given (the dataclass's defaults for the others); an option that the
+    chosen cell does not take (--activation for a cell without a hidden activation) is refused."""
     given = {}
     for f in dataclasses.fields(ModelConfig):
         value = getattr(args, f.name, None) if "cli" in f.metadata else None
@@ -82,7 +84,11 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
             continue
         convert = f.metadata.get("convert")
         given[f.name] = convert(value) if convert else value
-    return ModelConfig(**given)
+    config = ModelConfig(**given)
+    cell = CELLS.get(config.cell)
+    if cell is not None and "hidden_activation" in given and "hidden_activation" not in getattr(cell, "options", ()):
+        raise ValueError(f"--activation: the {config.cell} cell has no hidden activation to choose")
+    return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-decays", type=int, default=3, help="plateau schedule: early stop after N decays")
     parser.add_argument("--seed", type=int, default=0, help="seed: a CPU run is reproducible bit for bit")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--graph", action="store_true",
+                        help="replay each block's whole training step (forward, backward, clipping, update) as one "
+                        "CUDA graph: one launch instead of hundreds (--device cuda; continuous streams without "
+                        "--bptt-block, --output softmax); on the CPU the same static step runs eagerly")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                         help="save the training state every N steps (it is always saved at each epoch's end)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
@@ -163,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_grad_norm=args.max_grad_norm,
         min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
         halving_factor=args.halving_factor, schedule=args.schedule, lr_decay=args.lr_decay,
-        patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device,
+        patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, graph=args.graph,
         progress=not args.quiet,
     ).validate()
 

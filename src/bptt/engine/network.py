@@ -120,14 +120,21 @@ class Network:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's global name and shape, in the order the model draws them."""
         shapes: dict[str, tuple[int, ...]] = {}
+
+        def add(name: str, shape, owner: str) -> None:
+            if name in shapes:  # e.g. a one-layer model whose cell calls a parameter "c" or "V"
+                raise ValueError(f"parameter {name!r} of {owner} is also another part's: rename it")
+            shapes[name] = tuple(shape)
+
         for k, cell in enumerate(self.cells):
             input_size = self.vocab_size if k == 0 else self.hidden_size
             for name, shape in cell.param_shapes(input_size, self.hidden_size, self.bias).items():
                 if not (k == 0 and self.tied and name == INPUT_WEIGHT):
-                    shapes[self.prefixes[k] + name] = tuple(shape)
-        shapes.update(self.output.param_shapes(self.vocab_size, self.hidden_size, self.bias))
+                    add(self.prefixes[k] + name, shape, f"the {cell.name} cell of layer {k}")
+        for name, shape in self.output.param_shapes(self.vocab_size, self.hidden_size, self.bias).items():
+            add(name, shape, "the output layer")
         if self.direct:
-            shapes["D"] = (self.direct,)  # 1-D: starts at zero, never L2-decayed (like a bias)
+            add("D", (self.direct,), "the direct connections")  # 1-D: starts at zero, never L2-decayed (a bias)
         return shapes
 
     def column_major(self) -> tuple[str, ...]:

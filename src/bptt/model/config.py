@@ -30,6 +30,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 TIED_OUTPUTS = ("softmax", "class")  # output layers with a matrix V of one row per word
 DIRECT_OUTPUTS = ("softmax", "class")  # output layers that take maxent direct connections
 MAX_DIRECT_MILLIONS = 4096
+MAX_LAYERS = 1024  # a deeper stack is a typo (and each layer is a Python object before any weight exists)
 
 
 def direct_weights(millions: float) -> int:
@@ -85,7 +86,7 @@ class ModelConfig:
             checks.integer(name("vocab_size"), self.vocab_size, minimum=2, what="an integer, at least 2")
         checks.positive_int(name("hidden_size"), self.hidden_size)
         checks.choice(name("cell"), self.cell, CELLS)
-        checks.positive_int(name("layers"), self.layers)
+        checks.integer(name("layers"), self.layers, 1, MAX_LAYERS)
         if "hidden_activation" in getattr(CELLS[self.cell], "options", ()):
             checks.choice(name("hidden_activation"), self.hidden_activation, HIDDEN_ACTIVATIONS)
         checks.choice(name("output"), self.output, OUTPUT_LAYERS)

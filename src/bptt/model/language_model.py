@@ -68,6 +68,10 @@ class LanguageModel:
                 continue  # biases and D start at zero (the buffer's)
             value = (torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1) * init_range
             p.copy_(value)
+        for k, cell in enumerate(self.net.cells):  # a cell's own starting values, if it has any
+            initialize = getattr(cell, "initialize", None)
+            if initialize is not None:
+                initialize(self.net.layer_view(self.params, k), init_range, generator)
 
     # -- buffers and state ---------------------------------------------------------------------------
 

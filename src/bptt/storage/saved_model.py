@@ -211,6 +211,9 @@ def load_model(directory: str | Path, device: str = "cpu") -> tuple[LanguageMode
     V = model_config.vocab_size
     if len(vocab) != V:
         raise CheckpointError(f"{vocab_path}: {len(vocab)} words, the model in {where} has vocab_size {V}")
+    if model_config.layers > len(tensors):  # every layer has weights: before a network of that depth is built
+        raise CheckpointError(f"{where}: bad model section: {model_config.layers} layers, but {weights} holds "
+                              f"{len(tensors)} tensors")
     try:  # the parameters' names and shapes, computed without allocating them
         shapes = build_network(model_config, word_counts=vocab.counts).param_shapes()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as e:

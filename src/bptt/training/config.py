@@ -60,6 +60,7 @@ class TrainConfig:
     max_decays: int = 3  # plateau: stop early instead of a further decay
     seed: int = 0
     device: str = "cpu"
+    graph: bool = False  # each block's whole step (update included) replayed as one CUDA graph (static step)
     progress: bool = True
 
     @classmethod
@@ -100,6 +101,13 @@ class TrainConfig:
         checks.non_negative_int("--max-decays", self.max_decays)
         checks.number("--max-grad-norm", self.max_grad_norm, 0, what="a finite number >= 0 (0: off)")
         checks.device(self.device)  # before the corpora are read
+        if self.graph:
+            if self.independent or (self.bptt_block is not None and self.bptt_block != self.bptt):
+                raise ValueError("--graph needs continuous streams with one window per block (no --independent, "
+                                 "no --bptt-block)")
+            if self.model_config.output != "softmax":
+                raise ValueError(f"--graph needs --output softmax (the {self.model_config.output!r} layer's shapes or "
+                                 "noise depend on the data), got " + repr(self.model_config.output))
         return self
 
     @property

@@ -151,6 +151,12 @@ class Optimizer:
             out[ours] = flat
         return out
 
+    def state_tensors(self) -> list[Tensor]:
+        """The tensors of torch.optim's state (buffers, step counts) as they are: what a captured step
+        updates in place."""
+        return [t for tensor in self.tensors for t in self._torch.state.get(tensor, {}).values()
+                if isinstance(t, Tensor)]
+
     def state_dict(self) -> dict[str, Tensor | int | float]:
         """{"t": steps, "<buffer>.<parameter>": tensor, ...} (copies)."""
         out: dict[str, Tensor | int | float] = {"t": self.t}
@@ -197,18 +203,18 @@ class Optimizer:
 
 
 def make_optimizer(name: str, params: Flat, *, lr: float = 1e-3, weight_decay: float = 0.0,
-                   decoupled_weight_decay: float = 0.0, **hyper: float) -> Optimizer:
+                   decoupled_weight_decay: float = 0.0, capturable: bool = False, **hyper: float) -> Optimizer:
     """'sgd' | 'adam' | 'adagrad' | 'rmsprop' (case-insensitive) over a Flat of parameters.
 
     weight_decay: L2 on weight matrices (g + wd·p); decoupled_weight_decay=λ: p ← p (1 − lr·λ) for weight
     matrices before each update (AdamW with adam). hyper: beta1, beta2, eps (adam), eps (adagrad),
-    alpha, eps (rmsprop)."""
+    alpha, eps (rmsprop). capturable: the step count on the device, for a step captured as a CUDA graph."""
     try:
         rule = checks.choice("--optimizer", str(name).lower(), OPTIMIZERS)
     except ValueError:
         raise ValueError(f"unknown --optimizer {name!r}; choose one of {list(OPTIMIZERS)}") from None
     return Optimizer(rule, params, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                     **hyper)
+                     capturable=capturable, **hyper)
 
 
 class SGD(Optimizer):

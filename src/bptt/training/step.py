@@ -10,6 +10,13 @@
 
 compute() does the first four and reads the loss and the norm back to the host (one synchronisation);
 apply(lr) does the update. The trainer checks the two numbers in between (training/divergence.py).
+
+StaticTrainStep is the same step in the form a CUDA graph can capture (`bptt train --graph`): the
+block copied into static input buffers, the carried state updated in place (engine/tbptt.py, k2 = k1),
+the learning rate and the optimizer's step count as tensors on the device, and the update inside the
+step — so the whole step, update included, is one replay of a graph (training/cuda_graph.py), and the
+loss and the norm are read after it. On the CPU the same static step runs eagerly; it gives the plain
+step's numbers bit for bit (tests/test_graph_step.py).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from bptt.engine.flat import Flat
 from bptt.engine.sweep import loss_and_grads
 from bptt.engine.tbptt import TruncatedBPTT
+from bptt.training.cuda_graph import GraphedStep
 from bptt.training.optim import Optimizer, clip_grad_norm_
 
 Tensor = torch.Tensor
@@ -92,3 +100,62 @@ class TrainStep:
     def apply(self, lr: float) -> None:
         """The update rule over the parameters with the gradients of the last compute()."""
         self.optimizer.step(self.grads, lr)
+
+
+class StaticTrainStep:
+    """A TrainStep (continuous streams, k2 = k1) whose forward, backward, clipping and update run as one
+    static step: captured as a CUDA graph on CUDA (capture=None: when the model is on CUDA), the same
+    static step run eagerly otherwise. Blocks of another shape than the first (an epoch's last, short
+    block) run the same operations eagerly.
+
+    run(x, y, lr) -> (loss, norm before clipping, tokens), like TrainStep.compute, but the update has
+    been applied: a caller that rejects the step restores the state it saved (the trainer's rollback
+    does, in place: the graph keeps reading the same tensors).
+    """
+
+    def __init__(self, step: TrainStep, capture: bool | None = None):
+        if step.independent or step.engine.k2 != step.engine.k1:
+            raise ValueError("--graph needs continuous streams with k2 = k1 (no --independent, no --bptt-block)")
+        self.step, self.capture = step, capture
+        self.engine, self.optimizer = step.engine, step.optimizer
+        self.lr = torch.zeros((), dtype=torch.float64, device=step.model.flat.data.device)  # read by the update
+        self.engine.check_inputs = False  # the caller checks the block on the host, before it is copied in
+        self._graphed: GraphedStep | None = None
+        self._shape: tuple[int, ...] | None = None
+        self.captured: list[Tensor] = []
+
+    def _static_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss, norm, _ = self.step.forward_backward(x, y)
+        self.optimizer.step(self.step.grads, self.lr)
+        return loss, norm
+
+    def _state(self) -> list[Tensor]:
+        """Every tensor the step changes in place: the weights, the optimizer's buffers, the carried state."""
+        return [self.step.model.flat.data, *self.optimizer.state_tensors(), *self.engine.state.tensors().values()]
+
+    def run(self, x: Tensor, y: Tensor, lr: float) -> tuple[float, float, int]:
+        device = self.step.model.flat.data.device
+        x, y, _ = self.step.model.prepare(x, y)  # the word-id check on the host's copy of the block
+        B = x.shape[1]
+        if self.engine.state is None or self.engine._restart:
+            self.engine.start(B)  # zeroes the carried state in place: the graph reads the same tensors
+        self.lr.fill_(float(lr))
+        if self._shape is None:
+            self._shape = tuple(x.shape)
+        if tuple(x.shape) != self._shape:  # another shape: the same operations, eagerly
+            loss, norm = self._static_step(x, y)
+        else:
+            if self._graphed is None:
+                self.optimizer.load_state_dict(self.optimizer.state_dict())  # its buffers exist before the capture
+                t = self.optimizer.t
+                self.captured = self._state()  # the tensors the step reads and writes, from now on in place
+                self._graphed = GraphedStep(self._static_step, (x.to(device), y.to(device)), self.captured,
+                                            capture=self.capture)
+                self.optimizer.t = t  # the warm-up and capture steps were undone
+            loss, norm = self._graphed(x, y)
+            if self._graphed.graph is not None:
+                self.optimizer.t += 1  # a replay runs no Python: count the step here
+        loss_value, norm_value = torch.stack(
+            [loss.detach().to(torch.float64).reshape(()), norm.to(loss.device, torch.float64)]
+        ).tolist()
+        return loss_value, norm_value, y.numel()

@@ -62,7 +62,7 @@ from bptt.training.optim import make_optimizer
 from bptt.training.resources import guard_training
 from bptt.training.run_dir import STATE_DIR, RunDirectory
 from bptt.training.schedules import MikolovSchedule, PlateauSchedule
-from bptt.training.step import TrainStep
+from bptt.training.step import StaticTrainStep, TrainStep
 
 __all__ = ["MAX_ROLLBACKS", "STATE_DIR", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "train"]
 
@@ -111,8 +111,9 @@ class Trainer:
         guard_training(config, model_config, vocab, self.train_corpus, self.valid_corpus)  # refuse before allocating
         torch.manual_seed(config.seed)
         self.model = build_model(model_config, word_counts=vocab.counts, seed=config.seed, device=config.device)
+        capturable = config.graph and self.model.device.type == "cuda"  # the step count on the device
         self.optimizer = make_optimizer(config.optimizer, self.model.flat, lr=config.initial_lr, weight_decay=config.l2,
-                                        decoupled_weight_decay=config.weight_decay)
+                                        decoupled_weight_decay=config.weight_decay, capturable=capturable)
         self.schedule = (
             MikolovSchedule(config.min_improvement, config.halving_factor)
             if config.schedule == "mikolov"
@@ -120,6 +121,7 @@ class Trainer:
         )
         self.stepper = TrainStep(self.model, self.optimizer, k1=config.k1, k2=config.k2, truncation=config.truncation,
                                  ar=config.ar, tar=config.tar, clip=config.clip, independent=config.independent)
+        self.static_step = StaticTrainStep(self.stepper) if config.graph else None  # --graph
         self.lr = config.initial_lr
         self.best = self.model.flat.like(self.model.flat.data.clone())  # the best weights on valid so far
         self.best_eval: Evaluation | None = None
@@ -166,12 +168,16 @@ class Trainer:
         """
         if self._snapshot is None:  # called outside run(): the state before the first step
             self._snapshot = self._copy_state(*self._state())
-        loss_value, norm_value, tokens = self.stepper.compute(x, y, mask)
+        if self.static_step is not None:  # --graph: the update is part of the replayed step
+            loss_value, norm_value, tokens = self.static_step.run(x, y, self.lr)
+        else:
+            loss_value, norm_value, tokens = self.stepper.compute(x, y, mask)
         reason = step_fault(loss_value, norm_value, self.config.max_grad_norm)
         if reason is not None:
-            self._rollback(reason)
+            self._rollback(reason)  # undoes an update already applied, in place
             return False
-        self.stepper.apply(self.lr)
+        if self.static_step is None:
+            self.stepper.apply(self.lr)
         self.epoch_nats += loss_value
         self.epoch_tokens += tokens
         self.step_in_epoch += 1

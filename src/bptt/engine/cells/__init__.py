@@ -25,6 +25,16 @@ A cell class has
                                only the paths through at most k recurrent connections (None: full)
     state_at(cache, t) -> the state after step t (0-based) of the cache: what a window cut before
                                step t+1 starts from (truncated BPTT keeps such windows, tbptt.py)
+    cache_floats               floats per position and hidden unit that a block holds from the forward
+                               to the end of the backward (cache, errors, temporaries): the memory
+                               guard's estimate (training/resources.py); 4 for Elman
+    initialize(params, init_range, generator), optional: starting values of the cell's own choosing,
+                               applied after the model's default draw (matrices uniform in
+                               [-init_range, init_range], vectors zero), e.g. a forget-gate bias of 1
+
+Conventions the rest of the engine relies on: state[0] is the output h (State.hidden reads it, the
+next layer reads H); initial_state returns distinct tensors (a carried state is copied into them in
+place, tbptt.py); the names of cached steps contain no "." (checkpoint keys "hist.{layer}.{name}").
 
 The cache is a CellCache: the state the forward started from and the time-major tensors the backward
 reads (step t at index t), always including the output "H". Because every cached tensor is
@@ -64,6 +74,7 @@ class Cell(Protocol):
     name: ClassVar[str]
     gates: ClassVar[int]
     options: ClassVar[tuple[str, ...]]
+    cache_floats: ClassVar[int]
 
     def param_shapes(self, input_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]: ...
 

@@ -122,6 +122,7 @@ class ElmanCell:
     name: ClassVar[str] = "elman"
     gates: ClassVar[int] = 1
     options: ClassVar[tuple[str, ...]] = ("hidden_activation",)
+    cache_floats: ClassVar[int] = 4  # S (the cache), the errors dS, δ, F'(a)
 
     def __init__(self, hidden_activation: str = "tanh"):
         self.F = lookup_hidden_activation(hidden_activation)
