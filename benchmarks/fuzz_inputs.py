@@ -45,11 +45,11 @@ from pathlib import Path
 import torch
 
 import bptt.data as data
-from bptt.checkpoint import CheckpointError, load_checkpoint
+from bptt.storage.checkpoint import CheckpointError, load_checkpoint
 from bptt.cli import main as cli_main
 from bptt.data import CorpusError, Vocab, encode
-from bptt.saved_model import load_model
-from bptt.train import TrainConfig, train
+from bptt.storage.saved_model import load_model
+from bptt.training.trainer import TrainConfig, train
 
 WORDS = "the a cat dog sat ran on under mat rug big small red".split()
 SLOW = 60.0  # seconds: an input that takes longer counts as a hang
@@ -486,8 +486,8 @@ def campaign(seed: int, minutes: float, big_line_mb: int) -> tuple[Tally, list[s
         corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
                                     for _ in range(80)) + "\n")
         model_dir = root / "model"
-        train(TrainConfig.from_options(train=str(corpus), valid=str(corpus), model=str(model_dir), hidden_size=8, batch=4, bptt=5,
-                          epochs=1, progress=False))
+        train(TrainConfig.from_options(train=str(corpus), valid=str(corpus), model=str(model_dir), hidden_size=8,
+                                       batch=4, bptt=5, epochs=1, progress=False))
         before = snapshot(model_dir)
         good_vocab = json.loads((model_dir / "vocab.json").read_text())
         from bptt.cli import build_parser

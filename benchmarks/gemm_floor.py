@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from bptt.bench import SIDES, block, parse_config, token_stream
+from bptt.benchmark import SIDES, block, parse_config, token_stream
 
 
 def median_ms(fn, reps: int, warmup: int = 3) -> float:

@@ -4,7 +4,8 @@
 #   3. PTB training runs side by side (one process each, under MPS when it starts) while
 #      tests/test_cuda.py runs; each run is stopped with SIGTERM at TRAIN_UNTIL (it saves its state and
 #      keeps its best-on-valid model), then evaluated on the test set (static, and dynamic at 5e-5).
-# Env: RUNS_FILE (default benchmarks/gpu_runs/sweep3.txt, the next one to run), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py).
+# Env: RUNS_FILE (default benchmarks/gpu_runs/sweep3.txt, the next one to run), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py),
+#      SKIP_GRAPH_TRAIN=1 (the `bptt train --graph` timing).
 # Usage: benchmarks/gpu_check.sh PTB_DIR OUT_DIR [TRAIN_UNTIL]   (run from the repository root)
 # The training runs stop TRAIN_UNTIL seconds (default 470) after the script's start, so that the whole script
 # ends within about TRAIN_UNTIL + 70 s (one device call).
@@ -44,6 +45,13 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   fi
 fi
 [ -n "${PROFILE:-}" ] && timeout 60 python3 benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
+if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GRAPH_TRAIN:-}" ]; then  # issue 16: `bptt train --graph` against the plain step
+  echo "== train --graph vs plain, 400 steps, V 10k m 200 B 32 T 35, Adam $(date +%T)" >> "$OUT/summary.txt"
+  for g in "" "--graph"; do
+    timeout 150 python3 -m bptt train --train "$PTB/ptb.train.txt" --valid "$PTB/ptb.valid.txt" --model "$OUT/graph$g" \
+      --hidden 200 --batch 32 --bptt 35 --max-steps 400 --device cuda $g --quiet >> "$OUT/summary.txt" 2>&1
+  done
+fi
 
 echo "== mps $(date +%T)" >> "$OUT/summary.txt"
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log

@@ -17,25 +17,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bptt import ElmanLM
-from bptt.optim import clip_grad_norm_, make_optimizer
-from bptt.tbptt import TruncatedBPTT
+from bptt.training.optim import make_optimizer
+from bptt.training.step import TrainStep
 
 
 def one_config(V: int, m: int, B: int, T: int, device: str, steps: int = 20) -> None:
     model = ElmanLM(V, m, seed=1, device=device)
-    engine = TruncatedBPTT(model, T, T, None)
-    optimizer = make_optimizer("adam")
+    train_step = TrainStep(model, make_optimizer("adam", model.params), k1=T, k2=T, clip=0.25, check_inputs=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (T, B), generator=g).to(device)
     y = torch.randint(0, V, (T, B), generator=g).to(device)
 
-    def step() -> None:
-        loss, grads = engine.step(x, y)
-        for grad in grads.values():
-            grad.div_(T * B)
-        norm = clip_grad_norm_(grads, 0.25)
-        torch.stack([loss.detach().double().reshape(()), norm.double()]).tolist()  # the trainer's one sync
-        optimizer.step(model.params, grads, 1e-3)
+    def step() -> None:  # the trainer's step: gradients, mean, clipping, its one sync, the update
+        train_step.compute(x, y)
+        train_step.apply(1e-3)
 
     def sync() -> None:
         if device == "cuda":

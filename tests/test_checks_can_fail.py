@@ -13,7 +13,7 @@ import torch
 import bptt.engine.activations as activations
 import bptt.engine.cells.elman as elman
 import bptt.engine.outputs.full as full
-from bptt.verify import finite_difference_grads
+from bptt.verify import finite_difference_grads, relative_error
 from bptt.oracle import autograd_loss_and_grads
 from conftest import make_case, max_rel_error
 
@@ -63,11 +63,26 @@ def test_missing_recurrent_term_is_rejected(monkeypatch, truncation):
         assert_rejected(*errors())
 
 
-def test_missing_recurrent_term_is_invisible_with_one_step(monkeypatch):
-    """With T = 1 there is no recurrent term, so the same mutation passes: the checks are specific."""
+def test_missing_recurrent_term_is_rejected_only_where_it_acts(monkeypatch):
+    """The checks are specific: they reject exactly the gradients a dropped term changes.
+
+    Without W^T δ^{t+1} (T = 4, so the mutant computes something else than the intact engine) the
+    gradients of U, W and b, which reach back through time, are wrong and both checks reject them;
+    those of the output layer (V, c: Σ_t ∂L/∂g^t s^tᵀ, no path through time) are unchanged, and both
+    checks pass them.
+    """
+    model, x, y, h0 = make_case("tanh", "softmax", "cross_entropy", T=4, B=2, seed=7)
+    _, intact, _ = model.loss_and_grads(x, y, h0)
     drop_recurrent_term(monkeypatch)
-    fd_error, autograd_error = errors(T=1)
-    assert fd_error <= 1e-6 and autograd_error <= 1e-10
+    _, broken, _ = model.loss_and_grads(x, y, h0)
+    fd = finite_difference_grads(model, x, y, h0)
+    _, ref = autograd_loss_and_grads(model.params, "tanh", "softmax", "cross_entropy", x, y, h0)
+    for name in ("U", "W", "b"):
+        assert relative_error(broken[name], intact[name]) > 1e-3, name  # the mutant differs here
+        assert relative_error(broken[name], fd[name]) > 1e-3 and relative_error(broken[name], ref[name]) > 1e-3, name
+    for name in ("V", "c"):
+        assert torch.equal(broken[name], intact[name]), name
+        assert relative_error(broken[name], fd[name]) <= 1e-6 and relative_error(broken[name], ref[name]) <= 1e-10, name
 
 
 def test_missing_softmax_jacobian_term_is_rejected(monkeypatch):

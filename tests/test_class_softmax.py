@@ -40,24 +40,31 @@ def test_frequency_binning():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients_against_finite_differences_and_rtrl(bias):
+def test_gradients_against_finite_differences_masked_and_unmasked(bias):
+    """BPTT through the class layer against finite differences of the loss, with and without a mask:
+    the masked case checks the position weights in both softmaxes' gradients (class and within class)."""
     model = class_model(bias)
     x, y, h0 = data()
     mask = torch.ones(5, 3, dtype=torch.bool)
-    mask[4, 1] = False
+    mask[4, 1] = mask[0, 2] = mask[2, 0] = False
     _, grads, _ = model.loss_and_grads(x, y, h0, mask=mask)
     assert set(grads) == ({"U", "W", "V", "Vc", "b", "c", "cc"} if bias else {"U", "W", "V", "Vc"})
-    _, grads_rtrl, _ = model.loss_and_grads(x, y, h0, mask=mask, method="rtrl")  # masked: against RTRL
+    assert max_rel_error(grads, finite_difference_grads(model, x, y, h0, mask=mask)) <= 1e-6
+    # RTRL runs this very layer's forward/backward: agreement checks RTRL's path, not the layer
+    _, grads_rtrl, _ = model.loss_and_grads(x, y, h0, mask=mask, method="rtrl")
     assert max_rel_error(grads, grads_rtrl) <= 1e-10
-    _, grads, _ = model.loss_and_grads(x, y, h0)  # unmasked: against finite differences
+    _, grads, _ = model.loss_and_grads(x, y, h0)
     assert max_rel_error(grads, finite_difference_grads(model, x, y, h0)) <= 1e-6
 
 
-def test_layer_gradient_against_autograd_of_the_factorized_probability():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_layer_gradient_against_autograd_of_the_factorized_probability(weighted):
     model = class_model()
     layer: ClassSoftmaxOutput = model.output
     S = torch.rand(7, 5, dtype=torch.float64) - 0.5
     y = torch.tensor([0, 3, 10, 10, 5, 1, 7])
+    # position weights (a mask is weights of 0 and 1): 0 and fractions, in classes met more than once
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 0.25, 3.0], dtype=torch.float64) if weighted else None
 
     def reference(leaves, S_leaf):
         log_cls = torch.log_softmax(S_leaf @ leaves["Vc"].T + leaves["cc"], -1)
@@ -66,10 +73,11 @@ def test_layer_gradient_against_autograd_of_the_factorized_probability():
             c = int(layer.word_class[y[n]])
             members = layer.members[c]
             inner = torch.log_softmax(S_leaf[n] @ leaves["V"][members].T + leaves["c"][members], -1)
-            total = total - log_cls[n, c] - inner[int((members == y[n]).nonzero())]
+            nll = -log_cls[n, c] - inner[int((members == y[n]).nonzero())]
+            total = total + (1.0 if w is None else w[n]) * nll
         return total
 
-    loss, total = check_layer_against_autograd(layer, model.params, ("V", "c", "Vc", "cc"), S, y, None, reference)
+    loss, total = check_layer_against_autograd(layer, model.params, ("V", "c", "Vc", "cc"), S, y, w, reference)
     assert abs(loss - total) < 1e-12
 
 

@@ -124,6 +124,22 @@ def test_gradients_match_finite_differences_and_rtrl(output):
         assert row.errors["fd"] <= 1e-6 and row.errors["rtrl"] <= 1e-10, row
 
 
+@pytest.mark.parametrize("output", ["softmax", "class"])
+def test_masked_gradients_match_finite_differences(output):
+    """A mask (position weights 0/1) with direct connections, a carried state and a carried n-gram
+    context: every gradient, D's included, against finite differences of the masked loss."""
+    model = model_with_direct(output)
+    x, y = tokens(5, 3, 10), tokens(5, 3, 11)
+    context = tokens(2, 3, 12)  # DIRECT_ORDER 3: the two words before the block
+    h0 = torch.rand(3, M, generator=torch.Generator().manual_seed(13), dtype=torch.float64) - 0.5
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[0, 1] = mask[3, 0] = mask[4, 2] = False
+    _, grads, _ = model.loss_and_grads(x, y, h0, mask=mask, context=context)
+    assert grads["D"].abs().sum() > 0
+    fd = finite_difference_grads(model, x, y, h0, context=context, mask=mask)
+    assert max_rel_error(grads, fd) <= 1e-6
+
+
 @pytest.mark.parametrize("output,module,name", [
     ("softmax", full, "direct_backward"),
     ("class", class_softmax, "direct_backward"),

@@ -1,4 +1,10 @@
-"""The explicit BPTT gradients against finite differences, autograd and RTRL, for every combination."""
+"""The explicit BPTT gradients against finite differences, autograd and RTRL, for every combination.
+
+Finite differences and the autograd oracle (bptt.oracle) are the independent references. RTRL is not:
+it runs the same F′ and output layer as BPTT, so it checks the propagation through time only
+(test_rtrl_is_not_independent_of_F_prime_or_the_output_layer); every RTRL comparison here sits next
+to an independent one.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +69,30 @@ def test_truncation_zero_keeps_only_direct_terms():
     S_prev = torch.cat([h0[None], S[:-1]])
     torch.testing.assert_close(grads["W"], torch.einsum("tbi,tbj->ij", delta, S_prev))
     assert max_rel_error(grads, model.loss_and_grads(x, y, h0)[1]) > 1e-3  # and differs from full BPTT
+
+
+@pytest.mark.parametrize("broken", ["F_prime", "output_bias"])
+def test_rtrl_is_not_independent_of_F_prime_or_the_output_layer(monkeypatch, broken):
+    """A wrong F′ or a wrong output-layer gradient is shared by BPTT and RTRL, which then agree, while
+    finite differences and autograd reject both: why RTRL is never the only check of those parts."""
+    import bptt.engine.activations as activations
+    import bptt.engine.outputs.full as full
+
+    if broken == "F_prime":  # the paper's printed recursion: F' = 1
+        monkeypatch.setitem(activations.HIDDEN_ACTIVATIONS, "tanh",
+                            activations.HiddenActivation("tanh", torch.tanh_, lambda s: torch.ones_like(s)))
+    else:  # ∂L/∂c dropped from the full output layer's backward
+        def no_bias_grad(V, S, dg, grads, bias):
+            grads["V"].addmm_(dg.t(), S)
+            return dg @ V
+
+        monkeypatch.setattr(full, "linear_backward", no_bias_grad)
+    model, x, y, h0 = make_case("tanh", "softmax", "cross_entropy", T=4, B=2, seed=4)
+    _, grads, _ = model.loss_and_grads(x, y, h0)
+    _, grads_rtrl, _ = model.loss_and_grads(x, y, h0, method="rtrl")
+    assert max_rel_error(grads_rtrl, grads) <= 1e-10  # RTRL agrees with the broken BPTT
+    _, ref = autograd_loss_and_grads(model.params, "tanh", "softmax", "cross_entropy", x, y, h0)
+    assert max_rel_error(grads, ref) > 1e-3 and max_rel_error(grads, finite_difference_grads(model, x, y, h0)) > 1e-3
 
 
 @pytest.mark.parametrize("F,f,loss", COMBINATIONS[:4], ids=COMBO_IDS[:4])

@@ -100,7 +100,7 @@ def test_estimate_matches_the_tensors_of_a_real_trainer(corpus, tmp_path, optimi
     assert est.parts["parameters"] == params
     assert est.parts["gradients"] == nbytes(trainer.engine.grads.values())
     assert est.parts["best model"] == nbytes(trainer.best.values())
-    state = [t for store in trainer.optimizer.state.values() for t in store.values()]
+    state = [t for k, t in trainer.optimizer.state_dict().items() if k != "t"]
     assert est.parts["optimizer"] == nbytes(state) == buffers * params
     workspace = getattr(trainer.model.output, "_workspace", None)
     if output == "softmax" and workspace is not None:
@@ -228,9 +228,48 @@ def test_absurd_sizes_do_not_overflow():
     assert est.total > 2**125 and "GiB" in est.describe()
 
 
+def _meminfo_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo, read here on its own; None where there is no such file or line."""
+    try:
+        with open("/proc/meminfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            _, value, unit = line.split()
+            assert unit == "kB", line
+            return int(value) * 1024
+    return None
+
+
+def _has_cgroup_v2_limit() -> bool:
+    """Whether this process's cgroup (v2) sets memory.max, which may leave less than MemAvailable."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((line.split(":", 2)[2] for line in f.read().splitlines() if line.startswith("0::")), None)
+        if rel is None:
+            return False
+        with open(("/sys/fs/cgroup/" + rel.strip("/")).rstrip("/") + "/memory.max") as f:
+            return f.read().strip() != "max"
+    except OSError:
+        return False
+
+
 def test_available_memory_is_plausible():
+    before = _meminfo_available_bytes()
     available = available_memory("cpu")
-    assert available is None or 0 < available < 2**50
+    after = _meminfo_available_bytes()
+    if not (sys.platform.startswith("linux") and before is not None and after is not None):
+        assert available is None or 0 < available < 2**50  # elsewhere: os.sysconf, or unknown
+        return
+    # Linux with /proc/meminfo: the guard must know, and agree with MemAvailable (read just before and
+    # just after), give or take what other processes did meanwhile; a cgroup limit may only lower it
+    assert available is not None
+    slack = 256 * 2**20
+    assert 0 < available <= max(before, after) + slack, (available, before, after)
+    if not _has_cgroup_v2_limit():
+        assert available >= min(before, after) - slack, (available, before, after)
 
 
 def test_cuda_uses_the_devices_free_memory(monkeypatch):

@@ -1,10 +1,14 @@
-"""Gradient checks: the explicit BPTT gradients of every (F, f, loss) combination against independent references.
+"""Gradient checks: the explicit BPTT gradients of every (F, f, loss) combination against references.
 
 For each combination and each parameter it prints the largest relative error of the BPTT gradient
-against three independent references: central finite differences of the loss, an autograd model of
-the seed's equations (bptt.oracle), and the forward-mode RTRL recursion. With --truncation k it also
-checks truncated BPTT against the autograd model truncated the same way. The factorized output layers
-(class, hsm, nce, sampled; tanh cell, cross-entropy) are checked against finite differences and RTRL.
+against two independent references, central finite differences of the loss and an autograd model of
+the seed's equations (bptt.oracle), and against the forward-mode RTRL recursion. RTRL is not
+independent: it runs the same cell F′ and output-layer forward/backward as BPTT (bptt.engine.rtrl),
+so it checks the propagation through time and the gradients of U, W and b; an error in F′ or in an
+output layer's gradient shows against finite differences and autograd, never against RTRL. With
+--truncation k it also checks truncated BPTT against the autograd model truncated the same way. The
+factorized output layers (class, hsm, nce, sampled; tanh cell, cross-entropy) and the direct
+connections are checked against finite differences, their one independent reference here, and RTRL.
 Exit status 1 if any entry is over its threshold.
 
 Relative error of a gradient G against a reference R: max|G − R| / max(max|G|, max|R|).
@@ -143,8 +147,10 @@ def check_output_layer(
 ) -> list[CheckRow]:
     """BPTT through an output layer (tanh cell) against finite differences and RTRL.
 
-    For the factorized layers: the autograd model covers the seed's full output layer only; each
-    factorized layer is also checked against autograd of its own formula in the tests. NCE and sampled
+    Finite differences are the independent reference: RTRL runs this layer's own forward/backward, so
+    a wrong layer gradient would pass against it. The autograd model covers the seed's full output
+    layer only; each factorized layer is also checked against autograd of its own formula, with and
+    without position weights, and with a mask against finite differences, in the tests. NCE and sampled
     softmax are checked with their noise words frozen (a fixed draw), so that the objective is a
     deterministic function. direct > 0 adds maxent direct connections of order DIRECT_ORDER (hash
     size `direct`) and a carried n-gram context.

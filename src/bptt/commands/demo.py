@@ -6,7 +6,7 @@ back at least as far as the longest sentence), and prints its test perplexity ne
 perplexity (the bound no model can beat) and the memoryless bound (a model that forgets the opening
 word), the learning curve, sampled sentences, and the same model trained with truncation 0
 (--bptt 1: each error reaches only its own step, no gradient through the recurrent weights in time).
-The two are compared on the closing words, the long-range part. About 20 s on 2 CPU cores.
+The two are compared on the closing words, the long-range part. 10–20 s on 2 CPU cores.
 """
 
 from __future__ import annotations

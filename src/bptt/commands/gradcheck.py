@@ -2,6 +2,10 @@
 the factorized output layers and the direct connections against finite differences, the independent
 autograd model (bptt.oracle), RTRL and truncated autograd (bptt.verify). Exit status 1 if any entry is
 over its threshold.
+
+Finite differences and autograd are the independent references. RTRL is not: it runs the same cell F′
+and output-layer code as BPTT, so it checks the propagation through time only (a wrong F′ or
+output-layer gradient passes against it); the output layers' rows rest on finite differences.
 """
 
 from __future__ import annotations

@@ -193,7 +193,10 @@ class Network:
         """dH (T,B,m) = ∂L/∂h^t of the top layer -> accumulates every layer's gradients into grads.
 
         forward was A_0 = embed(U_0, x), H_k = cell_k(A_k), A_k = H_{k−1} U_kᵀ; so from the top down:
-        dA_k = cell_k.backward(dH_k), then dU_k and dH_{k−1} from the input term's backward."""
+        dA_k = cell_k.backward(dH_k), then dU_k and dH_{k−1} from the input term's backward.
+        truncation=k applies in each layer, counted from where an error enters that layer (from the
+        output layer at the top, from the layer above below it): 0 is no BPTT in any layer; in a stack
+        an error can reach further back than k steps in the lower layers (tests/test_stack.py)."""
         for k in range(len(self.cells) - 1, -1, -1):
             p, g = self.layer_view(params, k), self.layer_view(grads, k)
             dA = self.cells[k].backward(p, cache.layers[k], dH, g, truncation)

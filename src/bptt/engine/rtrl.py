@@ -1,5 +1,14 @@
 """Real-time recurrent learning: the paper's forward recursion (eq. 5–8), exact, for checking.
 
+Not an independent reference: RTRL runs the cell's F′ (cell.F.derivative) and the output layer's own
+forward and backward (each step's loss and error e^t), the same code that BPTT runs. Agreement with
+BPTT checks the propagation through time and the gradients of U, W and b (sensitivities carried
+forward against errors sent backward), and nothing about F′ or the output layers: a wrong F′ or
+output-layer gradient is wrong in both, and they still agree (tests/test_gradients.py shows it).
+The independent references are finite differences of the loss (bptt.verify.finite_difference_grads)
+and autograd of independently written formulas (bptt.oracle for the seed's full-softmax network,
+per-layer autograd models in the tests).
+
 Instead of sending errors backwards, RTRL carries the sensitivities P^t = ∂s^t/∂θ forward in time and
 contracts them with each step's error. Shapes: B streams, m hidden, V vocabulary:
   P_W (B,m,m,m)  P_W[b,r,i,j] = ∂s_r^t/∂W_ij
