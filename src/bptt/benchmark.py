@@ -189,7 +189,7 @@ class GraphedBpttTrainer(BpttTrainer):
 
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         if self._graphed is None:
-            if self.train_step.engine.state is None:  # allocate the carried state before the capture
+            if self.train_step.engine.restarting:  # allocate the carried state before the capture
                 self.train_step.engine.start(inputs.shape[1])
             state = [self.model.flat.data, *self.state.tensors().values()]
             self._graphed = GraphedStep(super().step, (inputs, targets), state, capture=self.capture)

@@ -5,8 +5,13 @@ A `Stream` holds the state a model carries from one block to the next (every lay
 direct connections' context, engine.network.State) and runs blocks through the network:
 `forward` gives the top layer's output and the direct features of the block's positions,
 `log_probs` the exactly normalized log-probabilities, `nll` −Σ ln P of given targets, `loss_and_grads`
-a BPTT sweep within the block (the carried state a constant). `token_blocks` cuts a 1-D token array
-into the (inputs, targets) blocks of one stream whose history starts at <eos>.
+a BPTT sweep within the block (the carried state a constant). A caller that runs its own backward
+(TruncatedBPTT) takes the two halves apart: `advance` runs a block from the carried state and returns
+the state after it without carrying it, `carry` makes it the carried state once the backward has read
+the old one. With in_place=True the state lives in fixed tensors — each block's final state is copied
+into them, a new stream of the same width zeroes them — which is what a step captured as a CUDA graph
+needs. `token_blocks` cuts a 1-D token array into the (inputs, targets) blocks of one stream whose
+history starts at <eos>.
 
 Shapes: T time, B streams, m hidden, V vocabulary.
 """
@@ -18,7 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bptt.engine.network import State
+from bptt.engine.network import NetCache, State
 from bptt.engine.sweep import loss_and_grads
 
 Tensor = torch.Tensor
@@ -35,18 +40,63 @@ def token_blocks(ids, eos_id: int, block: int, device: torch.device | str = "cpu
 
 
 class Stream:
-    """B parallel streams of one model; `state` is carried from block to block (None: start from zero)."""
+    """B parallel streams of one model; `state` is carried from block to block (None: start from zero).
 
-    def __init__(self, model, batch_size: int = 1, state: State | None = None):
+    in_place=True: the state is carried in the same tensors from block to block (see the module doc)."""
+
+    def __init__(self, model, batch_size: int = 1, state: State | None = None, *, in_place: bool = False):
         self.model = model
         self.net, self.params = model.net, model.params
-        self.state = self.net.initial_state(self.params, batch_size) if state is None else state
+        self.in_place = in_place
+        self.state: State = state if state is not None else self._zero_state(batch_size)
+
+    def _zero_state(self, batch_size: int) -> State:
+        state = self.net.initial_state(self.params, batch_size)
+        if self.in_place and self.net.direct:  # the history <eos> as a tensor, to be copied into
+            device = state.hidden.device
+            eos = self.net.next_context(torch.zeros(0, batch_size, dtype=torch.long, device=device), None)
+            state = State(state.layers, eos)
+        return state
+
+    def start(self, batch_size: int) -> State:
+        """A new stream of B parallel streams from the zero state (the history <eos>): in place when the
+        state is carried in place and has that width already."""
+        if self.in_place and self.state.batch_size == batch_size:
+            for layer in self.state.layers:
+                for t in layer:
+                    t.zero_()
+            if self.state.context is not None:
+                self.state.context.fill_(0)  # <eos> (EOS_ID 0)
+        else:
+            self.state = self._zero_state(batch_size)
+        return self.state
+
+    def advance(self, inputs: Tensor) -> tuple[Tensor, State, NetCache]:
+        """inputs (T,B) -> (H (T,B,m), the state after the block, its cache) from the carried state,
+        which is not replaced yet: call carry(state) when nothing reads the old one any more."""
+        return self.net.forward(self.params, inputs, self.state)
+
+    def carry(self, new: State) -> None:
+        """The state after a block becomes the carried state: copied into the carried tensors
+        (in_place), else taken as it is."""
+        if not self.in_place:
+            self.state = new
+            return
+        for old_layer, new_layer in zip(self.state.layers, new.layers):
+            for old, value in zip(old_layer, new_layer):
+                old.copy_(value)
+        if self.state.context is not None:
+            if new.context is None:
+                self.state.context.fill_(0)  # the history <eos> (EOS_ID 0)
+            else:
+                self.state.context.copy_(new.context)
 
     @torch.no_grad()
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor | None]:
         """inputs (T,B) int64 on the model's device -> (H (T,B,m), direct features (T·B,K)|None); the
         state moves past the block."""
-        H, self.state, cache = self.net.forward(self.params, inputs, self.state)
+        H, state, cache = self.advance(inputs)
+        self.carry(state)
         return H, cache.features
 
     @torch.no_grad()
@@ -74,6 +124,7 @@ class Stream:
                        **options) -> tuple[Tensor, dict[str, Tensor]]:
         """One BPTT sweep over the block from the carried state (a constant: no gradient flows into
         it) -> (loss, grads); the state moves past the block. options: those of sweep.loss_and_grads."""
-        loss, grads, self.state = loss_and_grads(self.net, self.params, inputs, targets, self.state, grads=grads,
-                                                 **options)
+        loss, grads, state = loss_and_grads(self.net, self.params, inputs, targets, self.state, grads=grads,
+                                            **options)
+        self.carry(state)
         return loss, grads

@@ -12,9 +12,11 @@ computed, with the weights of the time). The state is carried from block to bloc
 Cost per block: one forward of k1 steps, one output layer over k1·B positions, one backward sweep of
 k2 steps (k products of (k2·B, m)×(m, m) with a truncation cap k instead).
 
-A block is the engine's sweep (sweep.loss_and_grads) with a longer backward: the network's forward,
-the output layer's errors, the AR/TAR penalties, then the network's backward over the window made of
-the kept history and the block (network.join), of which the last k2 − k1 steps are kept (network.tail).
+A block is the engine's sweep (sweep.loss_and_grads) with a longer backward: the block run from the
+carried state by the streaming helper (stream.Stream.advance), the output layer's errors, the AR/TAR
+penalties, then the network's backward over the window made of the kept history and the block
+(network.join), of which the last k2 − k1 steps are kept (network.tail); then the state after the
+block is carried (Stream.carry).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bptt.checks import optional_int, positive_int
 from bptt.engine.cells import CellCache
 from bptt.engine.network import NetCache, State
 from bptt.engine.regularizers import activation_penalty_backward, check_strengths
+from bptt.engine.stream import Stream
 from bptt.engine.sweep import output_errors, zero_
 
 Tensor = torch.Tensor
@@ -52,53 +55,34 @@ class TruncatedBPTT:
 
     def reset(self) -> None:
         """Forget the carried state and the history (start of a new stream)."""
-        if not hasattr(self, "state"):
-            self.state: State | None = None  # the state after the last block
+        if not hasattr(self, "stream"):
+            self.stream: Stream | None = None  # runs the blocks and carries the state (engine/stream.py)
         self._restart = True  # the next block starts from the zero state
         self.history: NetCache | None = None  # the last k2 − k1 steps before the next block
+
+    @property
+    def restarting(self) -> bool:
+        """True until the first block of a new stream (after reset()) has started it."""
+        return self.stream is None or self._restart
+
+    @property
+    def state(self) -> State | None:
+        """The state after the last block (None before the first)."""
+        return None if self.stream is None else self.stream.state
 
     def start(self, batch_size: int) -> State:
         """The zero state of B parallel streams, as the carried state.
 
-        With k2 = k1 (no history kept) the state is carried *in place*: every block's final state is
-        copied into these same tensors (the context of direct connections included, <eos> at the start),
-        and a new stream of the same width zeroes them, so that a step captured as a CUDA graph reads
-        and writes the state at fixed addresses.
+        With k2 = k1 (no history kept) the state is carried *in place* (Stream(in_place=True)): every
+        block's final state is copied into the same tensors, and a new stream of the same width zeroes
+        them, so that a step captured as a CUDA graph reads and writes the state at fixed addresses.
         """
-        state = self.state
-        if state is not None and self.k2 == self.k1 and state.batch_size == batch_size:
-            self._zero(state)
+        if self.stream is None:
+            self.stream = Stream(self.model, batch_size, in_place=self.k2 == self.k1)
         else:
-            net = self.model.net
-            state = net.initial_state(self.model.params, batch_size)
-            if net.direct and self.k2 == self.k1:
-                device = state.hidden.device
-                eos = net.next_context(torch.zeros(0, batch_size, dtype=torch.long, device=device), None)
-                state = State(state.layers, eos)  # the history <eos>, as a tensor to copy into
-        self.state, self._restart = state, False
-        return state
-
-    @staticmethod
-    def _zero(state: State) -> None:
-        for layer in state.layers:
-            for t in layer:
-                t.zero_()
-        if state.context is not None:
-            state.context.fill_(0)  # <eos> (EOS_ID 0)
-
-    def _carry(self, new: State) -> None:
-        """The state after a block becomes the carried state: copied in place with k2 = k1, else rebound."""
-        if self.k2 != self.k1:
-            self.state = new
-            return
-        for old_layer, new_layer in zip(self.state.layers, new.layers):
-            for old, value in zip(old_layer, new_layer):
-                old.copy_(value)
-        if self.state.context is not None:
-            if new.context is None:
-                self.state.context.fill_(0)  # the history <eos> (EOS_ID 0)
-            else:
-                self.state.context.copy_(new.context)
+            self.stream.start(batch_size)
+        self._restart = False
+        return self.stream.state
 
     def state_dict(self) -> dict[str, Tensor]:
         """The carried state and history as tensors (empty at the start of a stream), for checkpoints.
@@ -121,11 +105,9 @@ class TruncatedBPTT:
         loaded = State.from_tensors(d)
         self.reset()
         if loaded is not None:
-            current = self.state
-            if current is not None and self.k2 == self.k1 and current.batch_size == loaded.batch_size:
-                self._carry(loaded)  # into the buffers the state is carried in
-            else:
-                self.state = loaded
+            if self.stream is None or self.stream.state.batch_size != loaded.batch_size:
+                self.start(loaded.batch_size)  # the carried tensors, then the loaded values into them
+            self.stream.carry(loaded)
             self._restart = False
         if "hist.inputs" in d:
             layers = []
@@ -155,7 +137,7 @@ class TruncatedBPTT:
             raise ValueError(f"the stream has {self.state.batch_size} parallel streams, this block has {B}; call reset()")
         net, params = model.net, model.params
         zero_(self.grads)
-        H, new_state, cache = net.forward(params, inputs, self.state)
+        H, new_state, cache = self.stream.advance(inputs)
         loss, dH = output_errors(net.output, params, H, targets, self.grads, weights=weights, features=cache.features)
         if self.ar or self.tar:  # the block's own states only; the carried history has no new errors
             activation_penalty_backward(H, weights, self.ar, self.tar, dH)
@@ -167,7 +149,7 @@ class TruncatedBPTT:
         net.backward(params, window, dH, self.grads, self.truncation)
         keep = min(self.k2 - self.k1, window.length)
         self.history = net.tail(window, keep) if keep > 0 else None
-        self._carry(new_state)  # after the backward, which read the state the block started from
+        self.stream.carry(new_state)  # after the backward, which read the state the block started from
         return loss, self.grads
 
 

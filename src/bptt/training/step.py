@@ -137,7 +137,7 @@ class StaticTrainStep:
         device = self.step.model.flat.data.device
         x, y, _ = self.step.model.prepare(x, y)  # the word-id check on the host's copy of the block
         B = x.shape[1]
-        if self.engine.state is None or self.engine._restart:
+        if self.engine.restarting:
             self.engine.start(B)  # zeroes the carried state in place: the graph reads the same tensors
         self.lr.fill_(float(lr))
         if self._shape is None:
