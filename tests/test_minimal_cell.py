@@ -14,7 +14,6 @@ equations written one step at a time, on one-hot inputs, with a full softmax and
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -33,6 +32,7 @@ from bptt.storage.checkpoint import CheckpointError, load_checkpoint
 from bptt.storage.saved_model import load_model
 from bptt.training.resources import estimate_training_memory
 from bptt.training.trainer import STATE_DIR, Trainer, TrainConfig
+from bptt import verify
 from bptt.verify import relative_error
 from conftest import max_rel_error, write_corpus
 from minimal_cell import MinimalGatedCell, registered
@@ -114,19 +114,8 @@ def autograd_grads(params, layers, inputs, targets, c0, truncation=None, weights
 
 def finite_differences(model, inputs, targets, state, weights=None, eps=1e-6) -> dict:
     """Central differences of the engine's forward loss (sweep.sequence_loss), one element at a time."""
-    out = {}
-    for name, p in model.params.items():
-        g = torch.zeros_like(p)
-        for idx in itertools.product(*(range(n) for n in p.shape)):
-            keep = p[idx].item()
-            p[idx] = keep + eps
-            up = float(sequence_loss(model.net, model.params, inputs, targets, state, weights=weights))
-            p[idx] = keep - eps
-            down = float(sequence_loss(model.net, model.params, inputs, targets, state, weights=weights))
-            p[idx] = keep
-            g[idx] = (up - down) / (2 * eps)
-        out[name] = g
-    return out
+    return verify.finite_differences(
+        model.params, lambda: sequence_loss(model.net, model.params, inputs, targets, state, weights=weights), eps)
 
 
 # -- cases -------------------------------------------------------------------------------------------------

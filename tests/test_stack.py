@@ -9,7 +9,7 @@ import torch
 
 from bptt.engine.sweep import loss_and_grads
 from bptt.model import LanguageModel, ModelConfig
-from bptt.verify import relative_error
+from bptt.verify import finite_differences, relative_error
 
 V, M = 7, 4
 
@@ -73,23 +73,10 @@ def _reference(model: LanguageModel, x, y, h0: list, weights=None, truncation=No
     return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}
 
 
-def _fd(model, x, y, state, weights=None, eps=1e-6) -> dict:
+def _fd(model, x, y, state, weights=None) -> dict:
     from bptt.engine.sweep import sequence_loss
 
-    out = {}
-    for name, p in model.params.items():
-        g = torch.zeros_like(p)
-        for i in range(p.numel()):
-            idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), p.shape))
-            old = float(p[idx])
-            p[idx] = old + eps
-            up = float(sequence_loss(model.net, model.params, x, y, state, weights=weights))
-            p[idx] = old - eps
-            down = float(sequence_loss(model.net, model.params, x, y, state, weights=weights))
-            p[idx] = old
-            g[idx] = (up - down) / (2 * eps)
-        out[name] = g
-    return out
+    return finite_differences(model.params, lambda: sequence_loss(model.net, model.params, x, y, state, weights=weights))
 
 
 def _case(layers, seed=0, T=5, B=3):

@@ -46,25 +46,31 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return 0.0 if scale == 0.0 else float((got - ref).abs().max()) / scale
 
 
-def finite_difference_grads(
-    model: ElmanLM, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor, eps: float = 1e-6,
-    context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Central differences (L(θ + ε) − L(θ − ε)) / 2ε of the model's loss (masked if given), one element at a time."""
+def finite_differences(params: dict[str, torch.Tensor], loss, eps: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Central differences (L(θ + ε) − L(θ − ε)) / 2ε of loss() (a float of the current params), one
+    parameter element at a time, each put back afterwards -> {name: float64 tensor like the param}."""
     grads = {}
-    for name, p in model.params.items():
+    for name, p in params.items():
         g = torch.zeros(p.shape, dtype=torch.float64)
         for idx in range(p.numel()):
             where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), p.shape))
             original = p[where].item()
             p[where] = original + eps
-            up = float(model.loss(inputs, targets, h0, mask=mask, context=context))
+            up = float(loss())
             p[where] = original - eps
-            down = float(model.loss(inputs, targets, h0, mask=mask, context=context))
+            down = float(loss())
             p[where] = original
             g[where] = (up - down) / (2 * eps)
         grads[name] = g
     return grads
+
+
+def finite_difference_grads(
+    model: ElmanLM, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor, eps: float = 1e-6,
+    context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Central differences of an ElmanLM's loss (masked if given), one element at a time."""
+    return finite_differences(model.params, lambda: model.loss(inputs, targets, h0, mask=mask, context=context), eps)
 
 
 def random_model(
