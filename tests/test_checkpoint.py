@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import bptt.storage.checkpoint as ckpt
+from bptt.files import atomic_write_bytes, atomic_write_json
 from bptt.storage.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
-    atomic_write_json,
     load_checkpoint,
     pack_state,
     rng_state,

@@ -217,7 +217,6 @@ def test_truncated_bptt_carries_the_ngram_context_across_blocks():
 def test_train_eval_score_generate_with_direct_connections(tmp_path, capsys):
     """--direct end to end: trained jointly, and eval, score and generate all use the n-gram features."""
     import json
-    import math
 
     import numpy as np
 

@@ -27,7 +27,6 @@ the second side's (peer's) value includes the first side's.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import resource

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from bptt.files import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from bptt.files import atomic_write_bytes
 
 Tensor = torch.Tensor
 
