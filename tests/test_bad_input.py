@@ -369,6 +369,7 @@ BAD_OPTIONS = [
     (["eval", "--model", "{m}"], "--test"),
     (["eval", "--model", "{new}", "--test", "{t}"], "{new}"),
     (["eval", "--model", "{m}", "--test", "{t}", "--dynamic", "-0.1"], "--dynamic"),
+    (["eval", "--model", "{m}", "--test", "{t}", "--dynamic", "1e30"], "--dynamic"),
     (["eval", "--model", "{m}", "--test", "{t}", "--dynamic", "0.1", "--dynamic-block", "0"], "--dynamic-block"),
     (["score", "--model", "{m}", "--text", "{t}", "--device", "gpu"], "--device"),
     (["generate", "--model", "{m}", "--words", "-1"], "--words"),

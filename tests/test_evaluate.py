@@ -87,3 +87,15 @@ def test_dynamic_evaluation_refuses_sampled_objectives_and_bad_rates():
             dynamic_stream_nats(ElmanLM(12, 4), ids, 0, lr=bad)
     with pytest.raises(ValueError, match="--dynamic-block"):
         dynamic_stream_nats(ElmanLM(12, 4), ids, 0, lr=0.1, block=0)
+
+
+def test_perplexity_of_a_diverged_model_is_inf_not_an_error():
+    """exp(nats/token) overflows a float for a diverged model: the perplexity is inf (printed, saved),
+    never an OverflowError (the fuzz campaign found one behind `eval --dynamic 9e18`)."""
+    import math
+
+    from bptt.evaluation import Evaluation
+
+    assert Evaluation(10, 1e9, 0).perplexity == math.inf
+    assert Evaluation(10, 10 * 699.0, 0).perplexity == math.exp(699.0)
+    assert Evaluation(4, 8.0, 0).to_json()["perplexity"] == math.exp(2.0)

@@ -21,6 +21,7 @@ from bptt.engine.stream import Stream, token_blocks
 EVAL_BLOCK_MAX = 4096  # positions per evaluation block (stream_nats) ...
 EVAL_BLOCK_MIN = 256
 EVAL_SCORES = 1 << 24  # ... as long as a block's (positions, V) score matrix stays under 16M values
+MAX_DYNAMIC_LR = 1e4  # a larger --dynamic rate is a typo, not a setting (as for --lr)
 
 
 def eval_block(vocab_size: int) -> int:
@@ -42,7 +43,9 @@ class Evaluation:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nats / self.tokens)
+        """exp(nats per token); inf where that overflows (a diverged model, an absurd --dynamic rate)."""
+        per_token = self.nats / self.tokens
+        return math.exp(per_token) if per_token < 700 else math.inf
 
     def to_json(self) -> dict:
         return {
@@ -86,7 +89,7 @@ def dynamic_stream_nats(model, ids: np.ndarray, eos_id: int, lr: float, block: i
     if not getattr(model.output, "forward_is_nll", False):
         raise ValueError(f"--dynamic needs an output layer trained on the exact log-likelihood (softmax, class, "
                          f"hsm), not {model.config.output!r}")
-    checks.number("--dynamic", lr, 0, what="a learning rate >= 0")
+    checks.number("--dynamic", lr, 0, MAX_DYNAMIC_LR, what=f"a learning rate >= 0 and at most {MAX_DYNAMIC_LR:g}")
     block = checks.positive_int("--dynamic-block", block)
     stream = Stream(model, 1)
     grads = model.zero_grads()
