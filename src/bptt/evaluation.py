@@ -16,6 +16,7 @@ import torch
 
 from bptt import checks
 from bptt.data import EOS
+from bptt.engine.outputs.full import rows_within
 from bptt.engine.stream import Stream, token_blocks
 
 EVAL_BLOCK_MAX = 4096  # positions per evaluation block (stream_nats) ...
@@ -27,7 +28,7 @@ MAX_DYNAMIC_LR = 1e4  # a larger --dynamic rate is a typo, not a setting (as for
 def eval_block(vocab_size: int) -> int:
     """Positions per evaluation block for a vocabulary of V: large blocks amortize the per-block work
     (the class layer's per-class products), the (block, V) score matrix of a full softmax bounds it."""
-    return max(EVAL_BLOCK_MIN, min(EVAL_BLOCK_MAX, max(1, EVAL_SCORES // max(int(vocab_size), 1))))
+    return max(EVAL_BLOCK_MIN, min(EVAL_BLOCK_MAX, rows_within(EVAL_SCORES, vocab_size)))
 
 
 @dataclass

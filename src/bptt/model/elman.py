@@ -20,6 +20,7 @@ from bptt import checks
 from bptt.engine.network import State
 from bptt.engine.regularizers import check_strengths
 from bptt.engine.rtrl import elman_rtrl
+from bptt.engine.stream import Stream
 from bptt.engine.sweep import loss_and_grads, sequence_loss
 from bptt.model.config import DTYPES, ModelConfig
 from bptt.model.language_model import LanguageModel
@@ -176,10 +177,9 @@ class ElmanLM(LanguageModel):
     def log_probs(self, inputs: Tensor, h0: Tensor | None = None, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """inputs (T,B) -> (log P(w | history) (T,B,V) in nats, s^T (B,m))."""
         inputs = self._tokens("inputs", inputs)
-        T, B = inputs.shape
-        H, state, cache = self.net.forward(self.params, inputs, self._state(h0, B, context))
-        log_p = self.net.log_probs(self.params, H.view(T * B, -1), cache.features)
-        return log_p.view(T, B, -1), state.hidden.clone()
+        B = inputs.shape[1]
+        stream = Stream(self, B, self._state(h0, B, context))
+        return stream.log_probs(inputs), stream.state.hidden.clone()
 
     @torch.no_grad()
     def loss_and_grads(

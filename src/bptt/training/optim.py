@@ -93,7 +93,6 @@ class Optimizer:
             kind["capturable"] = True
         self.capturable = capturable
         hyper = {k: float(v) for k, v in hyper.items()}
-        self.hyper = hyper
         if self.rule == "sgd":
             self._torch = torch.optim.SGD(groups, lr=lr, **kind)
         elif self.rule == "adam":

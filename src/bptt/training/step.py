@@ -37,6 +37,14 @@ Tensor = torch.Tensor
 Reduction = Callable[[Flat, Tensor, int], tuple[Tensor, int]]
 
 
+def read_back(loss: Tensor, norm: Tensor) -> tuple[float, float]:
+    """The step's loss and gradient norm as Python floats: one synchronisation with the device."""
+    loss_value, norm_value = torch.stack(
+        [loss.detach().to(torch.float64).reshape(()), norm.to(loss.device, torch.float64)]
+    ).tolist()
+    return loss_value, norm_value
+
+
 def no_reduction(grads: Flat, loss: Tensor, tokens: int) -> tuple[Tensor, int]:
     """One process: the gradients, the loss and the token count are already the whole batch's."""
     return loss, tokens
@@ -92,10 +100,7 @@ class TrainStep:
     def compute(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[float, float, int]:
         """forward_backward, with the loss and the norm read back to the host (one synchronisation)."""
         loss, norm, tokens = self.forward_backward(x, y, mask)
-        loss_value, norm_value = torch.stack(
-            [loss.detach().to(torch.float64).reshape(()), norm.to(loss.device, torch.float64)]
-        ).tolist()
-        return loss_value, norm_value, tokens
+        return (*read_back(loss, norm), tokens)
 
     def apply(self, lr: float) -> None:
         """The update rule over the parameters with the gradients of the last compute()."""
@@ -155,7 +160,4 @@ class StaticTrainStep:
             loss, norm = self._graphed(x, y)
             if self._graphed.graph is not None:
                 self.optimizer.t += 1  # a replay runs no Python: count the step here
-        loss_value, norm_value = torch.stack(
-            [loss.detach().to(torch.float64).reshape(()), norm.to(loss.device, torch.float64)]
-        ).tolist()
-        return loss_value, norm_value, y.numel()
+        return (*read_back(loss, norm), y.numel())
