@@ -139,8 +139,7 @@ class StaticTrainStep:
         return [self.step.model.flat.data, *self.optimizer.state_tensors(), *self.engine.state.tensors().values()]
 
     def run(self, x: Tensor, y: Tensor, lr: float) -> tuple[float, float, int]:
-        device = self.step.model.flat.data.device
-        x, y, _ = self.step.model.prepare(x, y)  # the word-id check on the host's copy of the block
+        x, y, _ = self.step.model.prepare(x, y)  # the word-id check on the host's copy, then to the device
         B = x.shape[1]
         if self.engine.restarting:
             self.engine.start(B)  # zeroes the carried state in place: the graph reads the same tensors
@@ -154,8 +153,7 @@ class StaticTrainStep:
                 self.optimizer.load_state_dict(self.optimizer.state_dict())  # its buffers exist before the capture
                 t = self.optimizer.t
                 self.captured = self._state()  # the tensors the step reads and writes, from now on in place
-                self._graphed = GraphedStep(self._static_step, (x.to(device), y.to(device)), self.captured,
-                                            capture=self.capture)
+                self._graphed = GraphedStep(self._static_step, (x, y), self.captured, capture=self.capture)
                 self.optimizer.t = t  # the warm-up and capture steps were undone
             loss, norm = self._graphed(x, y)
             if self._graphed.graph is not None:
