@@ -86,8 +86,10 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         given[f.name] = convert(value) if convert else value
     config = ModelConfig(**given)
     cell = CELLS.get(config.cell)
-    if cell is not None and "hidden_activation" in given and "hidden_activation" not in getattr(cell, "options", ()):
-        raise ValueError(f"--activation: the {config.cell} cell has no hidden activation to choose")
+    for option, what in (("hidden_activation", "hidden activation to choose"), ("forget_bias", "forget gate")):
+        if cell is not None and option in given and option not in getattr(cell, "options", ()):
+            flag = next(f.metadata["cli"] for f in dataclasses.fields(ModelConfig) if f.name == option)
+            raise ValueError(f"{flag}: the {config.cell} cell has no {what}")
     return config
 
 
@@ -143,7 +145,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "docs/results.md)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="mikolov",
                         help="mikolov: halve every epoch once valid stalls, stop when it stalls again; "
-                        "plateau: multiply by --lr-decay after --patience stalled epochs, stop after --max-decays")
+                        "plateau: multiply by --lr-decay after --patience stalled epochs, stop after --max-decays; "
+                        "step: Zaremba et al.'s, multiply by --halving-factor after every epoch from --decay-start on")
+    parser.add_argument("--decay-start", type=int, default=4, metavar="N",
+                        help="step schedule: the rate is multiplied by --halving-factor after epoch N and every epoch "
+                        "after it (default 4, Zaremba's small model)")
     parser.add_argument("--lr-decay", type=float, default=0.25, help="plateau schedule factor (default 0.25)")
     parser.add_argument("--patience", type=int, default=0, help="plateau schedule patience in epochs (default 0)")
     parser.add_argument("--max-decays", type=int, default=3, help="plateau schedule: early stop after N decays")
@@ -172,7 +178,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         l2=args.l2, weight_decay=args.weight_decay, keep_epochs=args.keep_epochs,
         max_grad_norm=args.max_grad_norm,
         min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
-        halving_factor=args.halving_factor, schedule=args.schedule, lr_decay=args.lr_decay,
+        halving_factor=args.halving_factor, schedule=args.schedule, decay_start=args.decay_start, lr_decay=args.lr_decay,
         patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, graph=args.graph,
         progress=not args.quiet,
     ).validate()

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from bptt.engine.dropout import Masks
 from bptt.engine.network import NetCache, State
 from bptt.engine.sweep import loss_and_grads
 
@@ -71,10 +72,10 @@ class Stream:
             self.state = self._zero_state(batch_size)
         return self.state
 
-    def advance(self, inputs: Tensor) -> tuple[Tensor, State, NetCache]:
-        """inputs (T,B) -> (H (T,B,m), the state after the block, its cache) from the carried state,
-        which is not replaced yet: call carry(state) when nothing reads the old one any more."""
-        return self.net.forward(self.params, inputs, self.state)
+    def advance(self, inputs: Tensor, masks: Masks | None = None) -> tuple[Tensor, State, NetCache]:
+        """inputs (T,B), dropout masks|None -> (H (T,B,m), the state after the block, its cache) from the
+        carried state, which is not replaced yet: call carry(state) when nothing reads the old one any more."""
+        return self.net.forward(self.params, inputs, self.state, masks)
 
     def carry(self, new: State) -> None:
         """The state after a block becomes the carried state: copied into the carried tensors

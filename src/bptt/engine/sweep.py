@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from bptt.engine.dropout import Masks
 from bptt.engine.flat import Flat
 from bptt.engine.network import Network, State
 from bptt.engine.regularizers import activation_penalty_backward
@@ -85,15 +86,17 @@ def loss_and_grads(
     grads: dict[str, Tensor] | None = None,
     ar: float = 0.0,
     tar: float = 0.0,
+    masks: Masks | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], State]:
     """One forward and one backward sweep over a block -> (loss summed over positions, grads, state after it).
 
     grads, if given, are zeroed and filled in place (buffers reused across calls). ar, tar > 0 add
     the activation penalties of regularizers.py on the top layer's output to the gradients (not to
     the loss returned). truncation=k: every error goes back through at most k recurrent connections.
+    masks: dropout masks of the block (Network.draw_masks; None: nothing dropped).
     """
     grads = zeros_like_params(params) if grads is None else zero_(grads)
-    H, new_state, cache = net.forward(params, inputs, state)
+    H, new_state, cache = net.forward(params, inputs, state, masks)
     loss, dH = output_errors(net.output, params, H, targets, grads, weights=weights, features=cache.features)
     if ar or tar:
         activation_penalty_backward(H, weights, ar, tar, dH)

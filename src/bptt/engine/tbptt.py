@@ -25,6 +25,7 @@ import torch
 
 from bptt.checks import optional_int, positive_int
 from bptt.engine.cells import CellCache
+from bptt.engine.dropout import Masks
 from bptt.engine.network import NetCache, State
 from bptt.engine.regularizers import activation_penalty_backward, check_strengths
 from bptt.engine.stream import Stream
@@ -41,7 +42,7 @@ class TruncatedBPTT:
     """
 
     def __init__(self, model, k1: int, k2: int | None = None, truncation: int | None = None,
-                 ar: float = 0.0, tar: float = 0.0):
+                 ar: float = 0.0, tar: float = 0.0, generator: torch.Generator | None = None):
         k1 = positive_int("k1 (block length)", k1)
         k2 = k1 if k2 is None else k2
         if isinstance(k2, bool) or not isinstance(k2, int) or k2 < k1:
@@ -51,7 +52,17 @@ class TruncatedBPTT:
         self.ar, self.tar = check_strengths(ar, tar)  # AR/TAR on each block's top-layer states (regularizers.py)
         self.grads = model.zero_grads()  # reused buffers, refilled by every step
         self.check_inputs = True  # step() has the model check each block's word ids (model.prepare)
+        # the dropout masks' source (None: no dropout); its state is part of state_dict, so that a
+        # resumed run draws the same masks
+        self.generator = generator
         self.reset()
+
+    def masks(self, T: int, B: int) -> Masks | None:
+        """Fresh dropout masks for a block of T steps and B streams, or None (no generator, no dropout)."""
+        if self.generator is None:
+            return None
+        flat = self.model.flat.data
+        return self.model.net.draw_masks(T, B, self.generator, dtype=flat.dtype, device=flat.device)
 
     def reset(self) -> None:
         """Forget the carried state and the history (start of a new stream)."""
@@ -88,20 +99,26 @@ class TruncatedBPTT:
         """The carried state and history as tensors (empty at the start of a stream), for checkpoints.
 
         Keys: the state's ("state.{layer}.{i}", "context"), and the history's inputs ("hist.inputs"),
-        and per layer its start state ("hist.{layer}.state0.{i}") and cached steps ("hist.{layer}.{name}")."""
+        and per layer its start state ("hist.{layer}.state0.{i}") and cached steps ("hist.{layer}.{name}"),
+        its dropout masks ("hist.mask.{site}"), and the dropout generator's state ("dropout_rng")."""
         carried = self.state is not None and not self._restart
         out = {k: t.clone() for k, t in self.state.tensors().items()} if carried else {}
+        if self.generator is not None:
+            out["dropout_rng"] = self.generator.get_state()
         if self.history is not None:
             out["hist.inputs"] = self.history.inputs.clone()
             for k, cache in enumerate(self.history.layers):
                 out.update({f"hist.{k}.state0.{i}": t.clone() for i, t in enumerate(cache.state0)})
                 out.update({f"hist.{k}.{name}": t.clone() for name, t in cache.steps.items()})
+            out.update({f"hist.mask.{site}": t.clone(memory_format=torch.contiguous_format) for site, t in (self.history.masks or {}).items()})
         return out
 
     def load_state_dict(self, d: dict[str, Tensor]) -> None:
         """Inverse of state_dict; also reads the keys of checkpoints written before the redesign (a
         one-layer Elman model: "state", "hist_inputs", "hist_S", "hist_start")."""
         d = _legacy_keys(d)
+        if self.generator is not None and "dropout_rng" in d:
+            self.generator.set_state(d["dropout_rng"].cpu())
         loaded = State.from_tensors(d)
         self.reset()
         if loaded is not None:
@@ -119,7 +136,8 @@ class TruncatedBPTT:
                 lead = f"hist.{k}."
                 steps = {key[len(lead):]: t for key, t in d.items() if key.startswith(lead) and ".state0." not in key}
                 layers.append(CellCache(tuple(state0), steps))
-            self.history = NetCache(d["hist.inputs"], layers)
+            masks = {key.removeprefix("hist.mask."): t for key, t in d.items() if key.startswith("hist.mask.")}
+            self.history = NetCache(d["hist.inputs"], layers, masks=masks or None)
 
     @torch.no_grad()
     def step(self, inputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -137,7 +155,7 @@ class TruncatedBPTT:
             raise ValueError(f"the stream has {self.state.batch_size} parallel streams, this block has {B}; call reset()")
         net, params = model.net, model.params
         zero_(self.grads)
-        H, new_state, cache = self.stream.advance(inputs)
+        H, new_state, cache = self.stream.advance(inputs, self.masks(T, B))
         loss, dH = output_errors(net.output, params, H, targets, self.grads, weights=weights, features=cache.features)
         if self.ar or self.tar:  # the block's own states only; the carried history has no new errors
             activation_penalty_backward(H, weights, self.ar, self.tar, dH)

@@ -15,7 +15,7 @@ from bptt.model.language_model import LanguageModel
 def build_model(config: ModelConfig, *, word_counts: Any = None, seed: int = 0,
                 device: str | torch.device = "cpu") -> LanguageModel:
     """The model of a configuration: an ElmanLM (the seed's API) for one Elman layer, else a LanguageModel."""
-    if config.cell == "elman" and config.layers == 1:
+    if config.cell == "elman" and config.layers == 1 and config.embedding == 0:
         return ElmanLM.from_config(config, word_counts=word_counts, seed=seed, device=device)
     return LanguageModel(config, word_counts=word_counts, seed=seed, device=device)
 

@@ -54,6 +54,22 @@ class ModelConfig:
         "--cell", "recurrent cell (default elman, the seed's)", choices=lambda: sorted(CELLS)))
     layers: int = field(default=1, metadata=_cli(
         "--layers", "stacked recurrent layers; layer k > 0 reads layer k-1's output (default 1)"))
+    embedding_size: int | None = field(default=None, metadata=_cli(
+        "--embedding", "embedding size e: the words are looked up in E (V,e) and the first layer reads them (default: "
+        "the hidden size for lstm and gru; none for elman, whose first layer gathers U x^t, the seed's; 0: none)",
+        metavar="E", type=int))
+    forget_bias: float = field(default=0.0, metadata=_cli(
+        "--forget-bias", "the LSTM's forget-gate bias at the start (default 0, PyTorch's; 1: Jozefowicz et al.)",
+        metavar="X", type=float))
+    dropout: float = field(default=0.0, metadata=_cli(
+        "--dropout", "dropout rate between layers and before the output layer, and on the embedding unless "
+        "--dropout-embedding says otherwise (training only; default 0)", metavar="P", type=float))
+    dropout_embedding: float | None = field(default=None, metadata=_cli(
+        "--dropout-embedding", "dropout rate on the first layer's input, the embedding (default: --dropout)",
+        metavar="P", type=float))
+    variational: bool = field(default=False, metadata=_cli(
+        "--variational", "variational (locked) dropout: one mask per stream for the whole block (Gal & Ghahramani) "
+        "instead of one per position", action="store_true"))
     hidden_activation: str = field(default="tanh", metadata=_cli(
         "--activation", "the Elman cell's hidden nonlinearity F (default tanh)", choices=lambda: sorted(HIDDEN_ACTIVATIONS)))
     output: str = field(default="softmax", metadata=_cli(
@@ -87,6 +103,13 @@ class ModelConfig:
         checks.positive_int(name("hidden_size"), self.hidden_size)
         checks.choice(name("cell"), self.cell, CELLS)
         checks.integer(name("layers"), self.layers, 1, MAX_LAYERS)
+        if self.embedding_size is not None:
+            checks.non_negative_int(name("embedding_size"), self.embedding_size)
+        checks.number(name("forget_bias"), self.forget_bias, what="a finite number")
+        checks.number(name("dropout"), self.dropout, 0, 1, high_open=True)
+        if self.dropout_embedding is not None:
+            checks.number(name("dropout_embedding"), self.dropout_embedding, 0, 1, high_open=True)
+        checks.flag(name("variational"), self.variational)
         if "hidden_activation" in getattr(CELLS[self.cell], "options", ()):
             checks.choice(name("hidden_activation"), self.hidden_activation, HIDDEN_ACTIVATIONS)
         checks.choice(name("output"), self.output, OUTPUT_LAYERS)
@@ -102,6 +125,9 @@ class ModelConfig:
         if self.tied and self.output not in TIED_OUTPUTS:
             raise ValueError(f"{name('tied')} needs {name('output')} 'softmax' or 'class' (a matrix V with a row per "
                              f"word), got {self.output!r}")
+        if self.tied and self.embedding not in (0, self.hidden_size):
+            raise ValueError(f"{name('tied')} needs {name('embedding_size')} equal to {name('hidden_size')} "
+                             f"{self.hidden_size} (the output layer's V is the embedding), got {self.embedding}")
         checks.choice(name("dtype"), self.dtype, DTYPES)
         checks.number(name("init_range"), self.init_range, low=0, low_open=True, what="a positive finite number")
         return self
@@ -111,6 +137,19 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def embedding(self) -> int:
+        """The embedding size e in effect: embedding_size, or by default the hidden size for a cell that
+        reads words through an embedding (its class attribute `embedding`: lstm, gru) and 0 otherwise."""
+        if self.embedding_size is not None:
+            return self.embedding_size
+        return self.hidden_size if getattr(CELLS.get(self.cell), "embedding", False) else 0
+
+    @property
+    def input_dropout(self) -> float:
+        """The dropout rate on the first layer's input: dropout_embedding, by default dropout."""
+        return self.dropout if self.dropout_embedding is None else self.dropout_embedding
 
     def cell_options(self) -> dict[str, Any]:
         """The fields the cell's constructor takes (its class attribute `options`)."""
@@ -156,7 +195,12 @@ _TYPES = {"int": int, "str": str, "bool": bool, "float": (int, float)}
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:
-    want = _TYPES[str(annotation)]
+    annotation = str(annotation)
+    if annotation.endswith(" | None"):
+        if value is None:
+            return
+        annotation = annotation.removesuffix(" | None")
+    want = _TYPES[annotation]
     ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
     if ok and isinstance(value, float) and not math.isfinite(value):
         ok = False

@@ -23,6 +23,7 @@ import torch
 
 from bptt import checks
 from bptt.engine.cells import CELLS
+from bptt.engine.dropout import Dropout
 from bptt.engine.flat import Flat
 from bptt.engine.network import Network, State
 from bptt.engine.outputs import make_output
@@ -37,8 +38,10 @@ def build_network(config: ModelConfig, *, word_counts: Any = None, seed: int = 0
     cells = [CELLS[config.cell](**config.cell_options()) for _ in range(config.layers)]
     output = make_output(config.output, config.vocab_size, loss=config.loss, output_activation=config.output_activation,
                          classes=config.classes, word_counts=word_counts, seed=seed)
+    dropout = Dropout(config.input_dropout, config.dropout, config.variational)
     return Network(cells, output, vocab_size=config.vocab_size, hidden_size=config.hidden_size, bias=config.bias,
-                   tied=config.tied, direct=config.direct, direct_order=config.direct_order)
+                   tied=config.tied, direct=config.direct, direct_order=config.direct_order,
+                   embedding_size=config.embedding, dropout=dropout)
 
 
 class LanguageModel:

@@ -16,7 +16,7 @@ from typing import Any
 from bptt import checks
 from bptt.model.config import ModelConfig
 
-SCHEDULES = ("mikolov", "plateau")
+SCHEDULES = ("mikolov", "plateau", "step")
 MAX_LR = 1e4  # a larger rate is a typo, not a setting
 DEFAULT_LR = {"sgd": 5.0, "adam": 2e-3, "adagrad": 0.1, "rmsprop": 1e-3}
 
@@ -54,7 +54,8 @@ class TrainConfig:
     keep_epochs: bool = False  # also keep each accepted epoch's weights in DIR/epochs/epoch-N (bptt average)
     min_improvement: float = 1.003
     halving_factor: float = 0.5  # Mikolov's schedule: the rate's factor per epoch once it anneals
-    schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs
+    schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs; "step": Zaremba's
+    decay_start: int = 4  # step schedule: the rate is multiplied by halving_factor after every epoch from this one
     lr_decay: float = 0.25
     patience: int = 0
     max_decays: int = 3  # plateau: stop early instead of a further decay
@@ -98,6 +99,7 @@ class TrainConfig:
         checks.number("--halving-factor", self.halving_factor, 0, 1, low_open=True, high_open=True)
         checks.number("--lr-decay", self.lr_decay, 0, 1, low_open=True, high_open=True)
         checks.non_negative_int("--patience", self.patience)
+        checks.non_negative_int("--decay-start", self.decay_start)
         checks.non_negative_int("--max-decays", self.max_decays)
         checks.number("--max-grad-norm", self.max_grad_norm, 0, what="a finite number >= 0 (0: off)")
         checks.device(self.device)  # before the corpora are read
@@ -105,6 +107,8 @@ class TrainConfig:
             if self.independent or (self.bptt_block is not None and self.bptt_block != self.bptt):
                 raise ValueError("--graph needs continuous streams with one window per block (no --independent, "
                                  "no --bptt-block)")
+            if self.model_config.dropout or self.model_config.input_dropout:
+                raise ValueError("--graph does not take --dropout (the masks are drawn outside the captured step)")
             if self.model_config.output != "softmax":
                 raise ValueError(f"--graph needs --output softmax (the {self.model_config.output!r} layer's shapes or "
                                  "noise depend on the data), got " + repr(self.model_config.output))

@@ -69,6 +69,27 @@ class MikolovSchedule:
         self.halving = bool(d["halving"])
 
 
+class StepSchedule:
+    """Zaremba et al.'s (2014) fixed decay: the rate stays for the first `start` epochs, then is multiplied
+    by `factor` after every epoch. Every epoch is accepted and the schedule never stops a run (the epochs
+    end it); the trainer still keeps the best weights on valid."""
+
+    def __init__(self, start: int = 4, factor: float = 0.5):
+        self.start = checks.non_negative_int("start", start)
+        self.factor = checks.number("factor", factor, 0, 1, low_open=True, high_open=True)
+        self.epochs = 0
+
+    def update(self, valid_entropy: float) -> Decision:
+        self.epochs += 1
+        return Decision(self.factor if self.epochs >= self.start else 1.0, False, True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "factor": self.factor, "epochs": self.epochs}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.start, self.factor, self.epochs = int(d["start"]), float(d["factor"]), int(d["epochs"])
+
+
 class PlateauSchedule:
     """Divide the learning rate on a plateau, stop early after max_decays decays.
 

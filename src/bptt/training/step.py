@@ -56,11 +56,12 @@ class TrainStep:
 
     def __init__(self, model, optimizer: Optimizer, *, k1: int, k2: int, truncation: int | None = None,
                  ar: float = 0.0, tar: float = 0.0, clip: float = 0.0, independent: bool = False,
-                 check_inputs: bool = True, reduce: Reduction = no_reduction):
+                 check_inputs: bool = True, reduce: Reduction = no_reduction,
+                 generator: torch.Generator | None = None):
         self.model, self.optimizer = model, optimizer
         self.independent, self.truncation, self.clip = independent, truncation, clip
         self.check_inputs = check_inputs
-        self.engine = TruncatedBPTT(model, k1, k2, truncation, ar, tar)
+        self.engine = TruncatedBPTT(model, k1, k2, truncation, ar, tar, generator)  # generator: dropout's masks
         self.engine.check_inputs = check_inputs
         self.grads: Flat = self.engine.grads
         self.reduce = reduce
@@ -85,7 +86,8 @@ class TrainStep:
         x, y, weights = model.prepare(x, y, mask, check=self.check_inputs)
         state = model.zero_state(x.shape[1])  # every sentence starts from s^0 = 0
         loss, _, _ = loss_and_grads(model.net, model.params, x, y, state, truncation=self.truncation,
-                                    weights=weights, grads=self.grads, ar=self.ar, tar=self.tar)
+                                    weights=weights, grads=self.grads, ar=self.ar, tar=self.tar,
+                                    masks=self.engine.masks(*x.shape))
         return loss, int(mask.sum())
 
     def forward_backward(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, int]:

@@ -61,7 +61,7 @@ from bptt.training.divergence import (
 from bptt.training.optim import make_optimizer
 from bptt.training.resources import guard_training
 from bptt.training.run_dir import STATE_DIR, RunDirectory
-from bptt.training.schedules import MikolovSchedule, PlateauSchedule
+from bptt.training.schedules import MikolovSchedule, PlateauSchedule, StepSchedule
 from bptt.training.step import StaticTrainStep, TrainStep
 
 __all__ = ["MAX_ROLLBACKS", "STATE_DIR", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "train"]
@@ -114,13 +114,18 @@ class Trainer:
         capturable = config.graph and self.model.device.type == "cuda"  # the step count on the device
         self.optimizer = make_optimizer(config.optimizer, self.model.flat, lr=config.initial_lr, weight_decay=config.l2,
                                         decoupled_weight_decay=config.weight_decay, capturable=capturable)
-        self.schedule = (
-            MikolovSchedule(config.min_improvement, config.halving_factor)
-            if config.schedule == "mikolov"
-            else PlateauSchedule(config.lr_decay, config.patience, config.min_improvement, config.max_decays)
-        )
+        if config.schedule == "mikolov":
+            self.schedule = MikolovSchedule(config.min_improvement, config.halving_factor)
+        elif config.schedule == "step":
+            self.schedule = StepSchedule(config.decay_start, config.halving_factor)
+        else:
+            self.schedule = PlateauSchedule(config.lr_decay, config.patience, config.min_improvement, config.max_decays)
+        generator = None  # dropout's masks come from their own generator, saved in every checkpoint
+        if self.model.net.dropout.active:
+            generator = torch.Generator(device=self.model.device).manual_seed(config.seed)
         self.stepper = TrainStep(self.model, self.optimizer, k1=config.k1, k2=config.k2, truncation=config.truncation,
-                                 ar=config.ar, tar=config.tar, clip=config.clip, independent=config.independent)
+                                 ar=config.ar, tar=config.tar, clip=config.clip, independent=config.independent,
+                                 generator=generator)
         self.static_step = StaticTrainStep(self.stepper) if config.graph else None  # --graph
         self.lr = config.initial_lr
         self.best = self.model.flat.like(self.model.flat.data.clone())  # the best weights on valid so far

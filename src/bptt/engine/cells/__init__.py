@@ -103,8 +103,10 @@ def tail_cache(cell: Cell, cache: CellCache, keep: int) -> CellCache:
 
 
 from bptt.engine.cells.elman import ElmanCell  # noqa: E402  (the registry's entries, after the interface)
+from bptt.engine.cells.gru import GRUCell  # noqa: E402
+from bptt.engine.cells.lstm import LSTMCell  # noqa: E402
 
-CELLS: dict[str, type] = {"elman": ElmanCell}
+CELLS: dict[str, type] = {"elman": ElmanCell, "lstm": LSTMCell, "gru": GRUCell}
 
 
 def register_cell(cls: type) -> type:
@@ -118,5 +120,5 @@ def register_cell(cls: type) -> type:
     return cls
 
 
-__all__ = ["CELLS", "INPUT_WEIGHT", "Cell", "CellCache", "CellState", "ElmanCell", "join_caches", "register_cell",
-           "tail_cache"]
+__all__ = ["CELLS", "INPUT_WEIGHT", "Cell", "CellCache", "CellState", "ElmanCell", "GRUCell", "LSTMCell", "join_caches",
+           "register_cell", "tail_cache"]
