@@ -13,13 +13,14 @@ from bptt.storage.saved_model import load_model
 from conftest import write_corpus
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=[[], ["--cell", "lstm", "--layers", "2", "--dropout", "0.2"]],
+                ids=["elman", "lstm"])
+def run_dir(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("avg")
     train, valid = write_corpus(root / "t.txt", 150, 0), write_corpus(root / "v.txt", 30, 1)
     argv = ["train", "--train", train, "--valid", valid, "--model", str(root / "m"), "--hidden", "12",
             "--batch", "4", "--bptt", "5", "--epochs", "4", "--optimizer", "sgd", "--lr", "1",
-            "--keep-epochs", "--quiet"]
+            "--keep-epochs", "--quiet", *request.param]
     assert main(argv) == 0
     return root
 

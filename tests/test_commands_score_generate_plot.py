@@ -14,6 +14,7 @@ import torch
 
 from bptt.cli import main
 from bptt.data import EOS, encode
+from bptt.engine.stream import Stream
 from bptt.evaluation import stream_nats
 from bptt.sampling import format_text, sample
 from bptt.storage.saved_model import load_model
@@ -27,15 +28,21 @@ def _sentences(rng: random.Random, n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+# every command below runs on a model of each cell: the seed's Elman model, a tied two-layer LSTM trained
+# with dropout (off when scoring and generating), a GRU trained with variational dropout
+CELL_MODELS = {"elman": {}, "lstm": dict(cell="lstm", layers=2, dropout=0.3, tied=True),
+               "gru": dict(cell="gru", dropout=0.2, variational=True)}
+
+
+@pytest.fixture(scope="module", params=sorted(CELL_MODELS))
+def model_dir(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
     (root / "train.txt").write_text("\n".join(_sentences(rng, 60)) + "\n")
     (root / "valid.txt").write_text("\n".join(_sentences(rng, 10)) + "\n")
     out = root / "model"
     train(TrainConfig.from_options(train=str(root / "train.txt"), valid=str(root / "valid.txt"), model=str(out),
-                      hidden_size=8, batch=4, bptt=5, epochs=2, progress=False))
+                      hidden_size=8, batch=4, bptt=5, epochs=2, progress=False, **CELL_MODELS[request.param]))
     return out
 
 
@@ -54,7 +61,7 @@ def _reference_ln_probs(model, vocab, path) -> list[float]:
     out = []
     for start, length in zip(corpus.sentence_starts, corpus.sentence_lengths):
         ids = corpus.ids[start : start + length].tolist()
-        log_p, _ = model.log_probs(torch.tensor([eos] + ids[:-1]).unsqueeze(1))
+        log_p = Stream(model).log_probs(torch.tensor([eos] + ids[:-1]).unsqueeze(1))
         out.append(sum(float(log_p[t, 0, w]) for t, w in enumerate(ids)))
         assert out[-1] == pytest.approx(-stream_nats(model, np.asarray(ids, np.int32), eos), rel=1e-6)
     return out
@@ -148,12 +155,13 @@ def test_top_k_1_is_the_argmax_chain(model_dir, capsys):
     model, vocab, _ = load_model(model_dir)
     prompt = ["the", "dog"]
     history = [vocab.id(EOS)] + [vocab.id(w) for w in prompt]
-    log_p, h = model.log_probs(torch.tensor(history).unsqueeze(1))
+    stream = Stream(model)  # carries every layer's state from one call to the next
+    log_p = stream.log_probs(torch.tensor(history).unsqueeze(1))
     expected = []
     for _ in range(20):
         word = int(log_p[-1, 0].argmax())
         expected.append(vocab.words[word])
-        log_p, h = model.log_probs(torch.tensor([[word]]), h)
+        log_p = stream.log_probs(torch.tensor([[word]]))
     for seed in (0, 1):
         assert sample(model, vocab, 20, top_k=1, prompt=prompt, seed=seed) == expected
     out = _generate(capsys, model_dir, "--top-k", "1", "--prompt", "the dog", "--seed", "9")

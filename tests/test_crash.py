@@ -34,7 +34,10 @@ from conftest import write_corpus
 STATE = "checkpoint"
 TIMEOUT = 120  # seconds for any one process; only reached if something hangs
 MIN_KILLS = 24
-FIELDS = ["--hidden", "8", "--batch", "2", "--bptt", "5", "--epochs", "3", "--seed", "1", "--quiet"]
+# a two-layer LSTM with dropout: its training state holds all an Elman run's does, and more (two state
+# tensors per layer, the dropout generator, whose state a resumed run must continue from)
+FIELDS = ["--cell", "lstm", "--layers", "2", "--dropout", "0.3", "--hidden", "8", "--batch", "2", "--bptt", "5",
+          "--epochs", "3", "--seed", "1", "--quiet"]
 
 # The zygote: reads one JSON job per line, forks a child that runs bptt.cli.main(job["argv"]) (its
 # stdout and stderr into job["log"]), waits for it and answers {"status": exit status, -9 if killed}.

@@ -8,8 +8,21 @@ import torch
 
 from bptt import ElmanLM
 from bptt.evaluation import dynamic_stream_nats, stream_nats
+from bptt.model import ModelConfig, build_model
 
 COUNTS = [40, 20, 10, 8, 6, 5, 3, 2, 1, 1, 1, 1]
+# the cells beyond the seed's, with dropout: evaluation (static and dynamic) never drops anything
+CELLS = {"lstm": dict(cell="lstm", layers=2, dropout=0.5), "gru": dict(cell="gru", dropout=0.5, variational=True)}
+
+
+def make_model(cell: str, V: int, m: int, **kw):
+    """The seed's ElmanLM, or a model of another cell (with dropout) built from its ModelConfig."""
+    if cell == "elman":
+        return ElmanLM(V, m, dtype=torch.float64, **kw)
+    seed = kw.pop("seed", 0)
+    word_counts = kw.pop("word_counts", None)
+    config = ModelConfig(vocab_size=V, hidden_size=m, dtype="float64", **CELLS[cell], **kw)
+    return build_model(config, word_counts=word_counts, seed=seed)
 
 
 @pytest.mark.parametrize("output", ["softmax", "class", "hsm"])
@@ -49,9 +62,10 @@ def test_eval_block_bounds():
 # -- dynamic evaluation (rnnlm -dynamic) ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
 @pytest.mark.parametrize("output", ["softmax", "class", "hsm"])
-def test_dynamic_evaluation_at_rate_zero_is_the_static_one(output):
-    model = ElmanLM(12, 6, output=output, classes=3, word_counts=COUNTS, dtype=torch.float64, init_range=0.5)
+def test_dynamic_evaluation_at_rate_zero_is_the_static_one(output, cell):
+    model = make_model(cell, 12, 6, output=output, classes=3, word_counts=COUNTS, init_range=0.5)
     ids = np.random.default_rng(3).integers(0, 12, size=400).astype(np.int32)
     before = {k: p.clone() for k, p in model.params.items()}
     assert dynamic_stream_nats(model, ids, eos_id=0, lr=0.0, block=9) == pytest.approx(
@@ -59,21 +73,24 @@ def test_dynamic_evaluation_at_rate_zero_is_the_static_one(output):
     assert all(torch.equal(before[k], model.params[k]) for k in before)
 
 
-def test_dynamic_evaluation_learns_from_the_text_and_never_scores_a_word_it_has_seen():
-    model = ElmanLM(12, 8, dtype=torch.float64, seed=1)
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_dynamic_evaluation_learns_from_the_text_and_never_scores_a_word_it_has_seen(cell):
+    model = make_model(cell, 12, 8, seed=1)
     phrase = np.random.default_rng(4).integers(0, 12, size=20).astype(np.int32)
     ids = np.tile(phrase, 30)  # a text that repeats itself: a model that adapts must gain
     static = stream_nats(model, ids, eos_id=0)
-    dynamic = dynamic_stream_nats(ElmanLM(12, 8, dtype=torch.float64, seed=1), ids, eos_id=0, lr=0.1, block=10)
-    assert dynamic < 0.8 * static
+    dynamic = dynamic_stream_nats(make_model(cell, 12, 8, seed=1), ids, eos_id=0, lr=0.1, block=10)
+    # the gated cells adapt more slowly at this rate (their gates scale every error down; measured 0.947
+    # of the static nats for both, where the Elman model reaches < 0.8), and diverge at rates near 1
+    assert dynamic < (0.8 if cell == "elman" else 0.97) * static
     # the first block is scored before any update: a text of one block scores the same at any rate
     short = ids[:10]
-    fresh = [ElmanLM(12, 8, dtype=torch.float64, seed=1) for _ in range(2)]
+    fresh = [make_model(cell, 12, 8, seed=1) for _ in range(2)]
     assert dynamic_stream_nats(fresh[0], short, 0, lr=5.0, block=10) == pytest.approx(
         dynamic_stream_nats(fresh[1], short, 0, lr=0.0, block=10), rel=1e-12)
     # ... and the second block by weights that took one step on the first (an update after scoring)
     two = ids[:20]
-    a, b = (ElmanLM(12, 8, dtype=torch.float64, seed=1) for _ in range(2))
+    a, b = (make_model(cell, 12, 8, seed=1) for _ in range(2))
     assert dynamic_stream_nats(a, two, 0, lr=0.05, block=10) != pytest.approx(
         dynamic_stream_nats(b, two, 0, lr=0.0, block=10), rel=1e-9)
 

@@ -40,9 +40,13 @@ def test_training_learns_the_toy_language(corpus, tmp_path):
     "kw",
     [dict(), dict(bptt=3, bptt_block=2), dict(independent=True), dict(optimizer="adam", lr=0.01, schedule="plateau"),
      dict(output="nce"), dict(output="class", classes=3), dict(direct=500, bptt=3, bptt_block=2),
-     dict(output="class", classes=3, direct=500, direct_order=4), dict(optimizer="adam", lr=0.01, weight_decay=2.0)],
+     dict(output="class", classes=3, direct=500, direct_order=4), dict(optimizer="adam", lr=0.01, weight_decay=2.0),
+     dict(cell="lstm", layers=2, dropout=0.3, tied=True),
+     dict(cell="lstm", layers=2, dropout=0.3, dropout_embedding=0.1, variational=True, bptt=3, bptt_block=2),
+     dict(cell="gru", dropout=0.3, independent=True), dict(cell="gru", layers=2, embedding_size=5, schedule="step",
+                                                           decay_start=1, optimizer="adam", lr=0.01)],
     ids=["continuous", "bptt-block", "independent", "adam-plateau", "nce", "class", "direct", "class-direct",
-         "adamw"],
+         "adamw", "lstm-dropout-tied", "lstm-variational-bptt-block", "gru-dropout-independent", "gru-step"],
 )
 def test_resume_is_exact(corpus, tmp_path, kw):
     """Train 2N steps == train N, stop, resume, train N: identical weights, optimizer and position."""

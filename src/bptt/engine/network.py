@@ -297,8 +297,9 @@ class Network:
         """The cache of two consecutive blocks as one window (features are per block: dropped)."""
         masks = None
         if first.masks is not None or second.masks is not None:
-            masks = {site: torch.cat((_mask_or_ones(first, site, mask), mask))
-                     for site, mask in (second.masks or {}).items()}
+            sites = {**(first.masks or {}), **(second.masks or {})}  # site -> a mask of either block, for its shape
+            masks = {site: torch.cat((_mask_or_ones(first, site, like), _mask_or_ones(second, site, like)))
+                     for site, like in sites.items()}
         return NetCache(torch.cat((first.inputs, second.inputs)),
                         [join_caches(a, b) for a, b in zip(first.layers, second.layers)], masks=masks)
 

@@ -15,8 +15,11 @@ per block; P = number of parameters):
     checkpoint        2·(2 + k)·P·s  that state serialized while it is written (safetensors builds the
                                      file's bytes, then copies them)
     activations       a·L·k2·B·m·s   per layer, the cell's cache of the backward window and its errors
-                                     (a = the cell's `cache_floats`, 4 for Elman; --independent: the
-                                     longest sentence instead of k2)
+                                     (a = the cell's `cache_floats`, 4 for Elman, 18 for the LSTM;
+                                     --independent: the longest sentence instead of k2)
+                      + 2·k2·B·e·s   an embedding's output X_0 (recomputed in the backward) and its error
+                      + (D+1)·k2·B·w·s  with dropout: the D masks (one per dropped connection of width w)
+                                     and the dropped copy of the top layer's output
     output workspace  2·n·V·s        softmax: a chunk's (n,V) scores/probabilities and a temporary,
                                      n = min(N, 32M / V) positions (outputs/full.py forward_backward);
                                      class: N·(C + mean class size of a target); hsm: N·depth·m;
@@ -147,6 +150,10 @@ def estimate_training_memory(
     if config.direct:  # the (N, order) int64 n-gram offsets and their gather
         workspace += N * int(config.direct_order) * 8 * 3
     cache_floats = getattr(CELLS[config.cell], "cache_floats", 4) * config.layers
+    activations = cache_floats * T * B * m + 2 * T * B * config.embedding
+    if config.dropout or config.input_dropout:
+        widths = build_network(config, word_counts=word_counts).dropout_sites().values()
+        activations += T * B * (sum(n for _, n in widths) + m)
     est = MemoryEstimate(vocab_size=V, hidden=m, direct=int(config.direct))
     est.parts = {
         "parameters": P * s,
@@ -155,7 +162,7 @@ def estimate_training_memory(
         "best model": P * s,
         "rollback copy": (2 + k) * P * s,
         "checkpoint": 2 * (2 + k) * P * s,
-        "activations": cache_floats * T * B * m * s,
+        "activations": activations * s,
         "output workspace": workspace,
         "evaluation": 2 * eval_block(V) * (V + m) * s,
         "data": 8 * (2 * int(train_tokens) + int(valid_tokens) + 1),
