@@ -361,6 +361,20 @@ BAD_OPTIONS = [
     (TRAIN + ["--optimizer", "adamw"], "--optimizer"),
     (TRAIN + ["--output", "mixture"], "--output"),
     (TRAIN + ["--activation", "gelu"], "--activation"),
+    (TRAIN + ["--cell", "lstm", "--activation", "relu"], "--activation"),  # the LSTM has no F to choose
+    (TRAIN + ["--forget-bias", "1"], "--forget-bias"),  # the Elman cell has no forget gate
+    (TRAIN + ["--cell", "lstm", "--forget-bias", "nan"], "--forget-bias"),
+    (TRAIN + ["--cell", "gru", "--layers", "0"], "--layers"),
+    (TRAIN + ["--cell", "rnn"], "--cell"),
+    (TRAIN + ["--dropout", "1"], "--dropout"),
+    (TRAIN + ["--dropout", "-0.1"], "--dropout"),
+    (TRAIN + ["--dropout", "nan"], "--dropout"),
+    (TRAIN + ["--dropout-embedding", "1.5"], "--dropout-embedding"),
+    (TRAIN + ["--embedding", "-4"], "--embedding"),
+    (TRAIN + ["--cell", "lstm", "--embedding", "7", "--tie"], "--tie"),  # the embedding is V: e must be m
+    (TRAIN + ["--cell", "lstm", "--embedding", "0", "--tie"], "--tie"),  # U (4m,V) is not Vᵀ
+    (TRAIN + ["--dropout", "0.5", "--graph"], "--graph"),
+    (TRAIN + ["--schedule", "step", "--decay-start", "-1"], "--decay-start"),
     (TRAIN + ["--unit", "byte"], "--unit"),
     (TRAIN + ["--schedule", "cosine"], "--schedule"),
     (TRAIN + ["--device", "tpu"], "--device"),

@@ -125,6 +125,10 @@ class ModelConfig:
         if self.tied and self.output not in TIED_OUTPUTS:
             raise ValueError(f"{name('tied')} needs {name('output')} 'softmax' or 'class' (a matrix V with a row per "
                              f"word), got {self.output!r}")
+        if self.tied and self.embedding == 0 and getattr(CELLS[self.cell], "gates", 1) != 1:
+            raise ValueError(f"{name('tied')} without an embedding ties the first layer's input weights U to Vᵀ, but the "
+                             f"{self.cell} cell's U has {CELLS[self.cell].gates} gates' rows: give "
+                             f"{name('embedding_size')} {self.hidden_size}")
         if self.tied and self.embedding not in (0, self.hidden_size):
             raise ValueError(f"{name('tied')} needs {name('embedding_size')} equal to {name('hidden_size')} "
                              f"{self.hidden_size} (the output layer's V is the embedding), got {self.embedding}")
