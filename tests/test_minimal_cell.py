@@ -27,7 +27,7 @@ from bptt.engine.inputs import embed_backward, embed_forward
 from bptt.engine.network import State
 from bptt.engine.sweep import loss_and_grads, sequence_loss
 from bptt.engine.tbptt import TruncatedBPTT
-from bptt.model import LanguageModel, ModelConfig
+from bptt.model import RNNLM, LanguageModel, ModelConfig
 from bptt.storage.checkpoint import CheckpointError, load_checkpoint
 from bptt.storage.saved_model import load_model
 from bptt.training.resources import estimate_training_memory
@@ -341,7 +341,7 @@ def test_trains_from_the_command_line_then_eval_score_generate(tmp_path, capsys,
         assert main(argv) == 0
         assert "finished" in capsys.readouterr().out
         model, vocab, saved = load_model(model_dir)
-        assert type(model) is LanguageModel and model.config.cell == NAME and model.config.layers == int(layers)
+        assert type(model) is RNNLM and model.config.cell == NAME and model.config.layers == int(layers)
         assert all(isinstance(c, MinimalGatedCell) for c in model.net.cells)
         prefixes = [""] if layers == "1" else ["layer0.", "layer1."]
         assert set(model.params) == {p + n for p in prefixes for n in ("U", "v", "b")} | {"V", "c"}

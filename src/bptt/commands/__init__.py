@@ -15,4 +15,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("bptt.commands.generate", "sample text from a model: temperature, top-k, prompt"),
     "plot": ("bptt.commands.plot", "learning curves (perplexity, learning rate per epoch) of a training run as PNG"),
     "average": ("bptt.commands.average", "average the weights of epochs kept by train --keep-epochs into a new model"),
+    "export": ("bptt.commands.export", "a model as a PyTorch state dict (word_language_model's RNNModel), safetensors"),
 }

@@ -44,6 +44,15 @@ class Dropout:
         return self.input > 0 or self.hidden > 0
 
 
+SEED_OFFSET = 0x9E3779B97F4A7C15  # dropout's stream is not the weights' (seeded with the same run seed)
+
+
+def dropout_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a run's dropout masks, on the masks' device: seeded from the run's seed, but
+    apart from the stream the starting weights are drawn from (masks uncorrelated with the weights)."""
+    return torch.Generator(device=device).manual_seed((int(seed) + SEED_OFFSET) % (1 << 64))
+
+
 def draw_mask(p: float, T: int, B: int, n: int, generator: torch.Generator, *, variational: bool,
               dtype: torch.dtype, device: torch.device) -> Tensor:
     """A mask (T,B,n) with entries 0 (probability p) or 1/(1 − p); variational: one (B,n) draw for all T

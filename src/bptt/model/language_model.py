@@ -28,6 +28,7 @@ from bptt.engine.flat import Flat
 from bptt.engine.network import Network, State
 from bptt.engine.outputs import make_output
 from bptt.model.config import ModelConfig
+from bptt.model.export import export_state_dict, torch_metadata
 
 Tensor = torch.Tensor
 
@@ -124,6 +125,23 @@ class LanguageModel:
         if inputs.shape != targets.shape:
             raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same (T, B) shape")
         return inputs, targets, self._weights(mask, targets.shape)
+
+    # -- PyTorch ---------------------------------------------------------------------------------------
+
+    def export_torch(self, tensors: dict[str, Tensor] | None = None, *,
+                     gradients: bool | None = None) -> dict[str, Tensor]:
+        """The parameters (or `tensors` shaped like them) as a state dict of PyTorch's
+        examples/word_language_model RNNModel (encoder.weight, rnn.weight_ih_l{k}, ..., decoder.bias):
+        new tensors, on the model's device. gradients (default: True when tensors are given) maps
+        gradients to the PyTorch model's autograd gradients (a shared bias under bias_ih and bias_hh).
+        ValueError for a model PyTorch's RNNModel cannot express (model/export.py)."""
+        return export_state_dict(self, tensors, gradients=gradients)
+
+    def torch_metadata(self) -> dict[str, Any]:
+        """What rebuilds the PyTorch model of export_torch: rnn_type ("LSTM", "GRU", "RNN_TANH",
+        "RNN_RELU"), ntoken, ninp, nhid, nlayers, dropout, tie_weights, bias, nonlinearity, dtype and
+        "frozen" (names that are constants of the mapping). ValueError as for export_torch."""
+        return torch_metadata(self)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_json().items())

@@ -61,6 +61,7 @@ from bptt.training.divergence import (
 from bptt.training.optim import make_optimizer
 from bptt.training.resources import guard_training
 from bptt.training.run_dir import STATE_DIR, RunDirectory
+from bptt.engine.dropout import dropout_generator
 from bptt.training.schedules import MikolovSchedule, PlateauSchedule, StepSchedule
 from bptt.training.step import StaticTrainStep, TrainStep
 
@@ -122,7 +123,7 @@ class Trainer:
             self.schedule = PlateauSchedule(config.lr_decay, config.patience, config.min_improvement, config.max_decays)
         generator = None  # dropout's masks come from their own generator, saved in every checkpoint
         if self.model.net.dropout.active:
-            generator = torch.Generator(device=self.model.device).manual_seed(config.seed)
+            generator = dropout_generator(config.seed, self.model.device)
         self.stepper = TrainStep(self.model, self.optimizer, k1=config.k1, k2=config.k2, truncation=config.truncation,
                                  ar=config.ar, tar=config.tar, clip=config.clip, independent=config.independent,
                                  generator=generator)
