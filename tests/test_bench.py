@@ -243,3 +243,66 @@ def test_graph_option_is_refused_where_it_cannot_run(capsys):
         GraphedBpttTrainer(BenchConfig(V=60, m=7, B=3, T=4, out="class", C=4), 0, torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA tensors"):
         GraphedStep(lambda x: x, [torch.zeros(2)], [], capture=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cells_against_their_torch_peers(cell, capsys, keep_threads):
+    """--cell lstm/gru --layers 2: bptt's LSTM/GRU stack against nn.LSTM/nn.GRU(num_layers=2), the record
+    naming the cell and the depth, the per-round ratios, their median and the CPU-time ratio."""
+    argv = ["bench", "--cell", cell, "--layers", "2", "--config", "V=40,m=6,B=3,T=4", "--steps", "4", "--warmup", "1",
+            "--rounds", "2", "--threads", "1", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["config"], r["cell"], r["layers"]) == (f"V=40,m=6,B=3,T=4,{cell}x2", cell, 2)
+    assert len(r["round_ratios"]) == r["rounds"] == 2
+    assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+    assert _positive_finite(r["cpu_ratio"]) and _positive_finite(r["bptt_cpu_seconds"])
+    assert r["cpu_ratio"] == pytest.approx(r["peer_cpu_seconds"] / r["bptt_cpu_seconds"])
+    assert main(["bench", "--cell", cell, "--config", "V=40,m=6,B=3,T=4", "--steps", "2", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"V=40,m=6,B=3,T=4,{cell}x1" in out and "median" in out
+
+
+@pytest.mark.parametrize("cell, rnn", [("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU), ("elman", torch.nn.RNN)])
+def test_the_peer_is_the_same_model(cell, rnn):
+    """The peer of a cell is torch.nn's module of that cell with the same depth, embedding size m, and as
+    many weights as bptt's model but PyTorch's second bias per layer (bptt keeps b = b_ih + b_hh; the GRU's
+    b_hn is the n block of b_hh) and, for Elman, the first layer's input matrix after the embedding (bptt's
+    seed model gathers U x^t, the two products in one)."""
+    config = BenchConfig(V=30, m=5, B=2, T=3, cell=cell, layers=2)
+    peer = PeerTrainer(config, seed=0, device=torch.device("cpu"))
+    bptt = BpttTrainer(config, seed=0, device=torch.device("cpu"))
+    assert isinstance(peer.model.rnn, rnn) and peer.model.rnn.num_layers == 2
+    gates = {"lstm": 4, "gru": 3, "elman": 1}[cell]
+    second_bias = 2 * (gates - 1) * config.m if cell == "gru" else 2 * gates * config.m
+    folded = config.m * config.m if cell == "elman" else 0
+    peer_weights = sum(p.numel() for p in peer.model.parameters())
+    assert sum(p.numel() for p in bptt.model.params.values()) == peer_weights - second_bias - folded
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_both_sides_train_a_stack(cell, keep_threads):
+    """The timed steps of both sides lower the loss of a repeated block (bptt's from its own engine)."""
+    from bptt.engine.sweep import sequence_loss
+
+    torch.set_num_threads(1)  # tiny tensors: OpenMP's hand-offs would cost milliseconds each on a busy machine
+    config = BenchConfig(V=20, m=12, B=4, T=6, cell=cell, layers=2)
+    inputs, targets = block(token_stream(config, 1, seed=2, device=torch.device("cpu")), 0, config.T)
+    bptt, peer = BpttTrainer(config, 1, torch.device("cpu")), PeerTrainer(config, 1, torch.device("cpu"))
+    model = bptt.model
+    loss0 = float(sequence_loss(model.net, model.params, inputs, targets, model.zero_state(config.B)))
+    assert float(bptt.step(inputs, targets)) == pytest.approx(loss0, rel=1e-5)  # the first step starts from zero
+    peer0 = float(peer.step(inputs, targets))
+    for _ in range(20):
+        bptt.step(inputs, targets)
+        peer.step(inputs, targets)
+    assert float(sequence_loss(model.net, model.params, inputs, targets, model.zero_state(config.B))) < 0.9 * loss0
+    assert float(peer.step(inputs, targets)) < 0.9 * peer0
+    assert isinstance(peer.hidden, tuple) == (cell == "lstm")  # (h, c) for the LSTM, carried
+
+
+@pytest.mark.parametrize("argv", [["--layers", "0"], ["--cell", "tanh"], ["--layers", "x"]])
+def test_bad_cell_options(capsys, argv):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and argv[0] in err

@@ -1,24 +1,31 @@
-"""Training throughput of bptt next to plain PyTorch (torch.nn.RNN + autograd), same shapes, same run.
+"""Training throughput of bptt next to plain PyTorch (torch.nn.RNN/LSTM/GRU + autograd), same shapes,
+same run.
 
-For each configuration (V vocabulary, m hidden units, B parallel streams, T steps per block) both
-sides train for the same number of steps on the same random token stream, in this process:
+For each configuration (V vocabulary, m hidden units, B parallel streams, T steps per block; the cell
+and the number of layers L) both sides train for the same number of steps on the same random token
+stream, in this process:
 
-  bptt   ElmanLM (tanh, softmax, cross-entropy, biases, float32) trained by the trainer's own step
+  bptt   build_model's model of ModelConfig(cell, layers=L, softmax, cross-entropy, biases, float32) —
+         ElmanLM (tanh) for one Elman layer, an RNNLM otherwise (an LSTM or GRU reads its words through
+         an embedding of size m, like the peer) — trained by the trainer's own step
          (training/step.py): BPTT over the block (explicit forward and backward, no autograd) into the
          reused flat gradient buffer, the mean over the block's tokens, global-norm clipping at 0.25,
          SGD with lr = 1.0; the state is carried across blocks (in place). Optional keys: out= another
          output layer, C= its classes, direct= maxent direct connections (hash size in weights, order 3;
          the n-gram context is carried with the state).
-  peer   word_language_model style: nn.Embedding -> nn.RNN(tanh) -> nn.Linear, mean cross_entropy,
-         loss.backward(), clip_grad_norm_(0.25), SGD with lr = 1.0, grads set to None; the hidden state
-         is carried and detached across blocks.
+  peer   word_language_model style: nn.Embedding -> nn.RNN(tanh) / nn.LSTM / nn.GRU (num_layers=L) ->
+         nn.Linear, mean cross_entropy, loss.backward(), clip_grad_norm_(0.25), SGD with lr = 1.0, grads
+         set to None; the hidden state is carried and detached across blocks. Both sides start from
+         weights uniform in ±0.1 and zero biases (each drawn from its own seeded generator).
 
 A step is one block of T·B training tokens: forward, backward, clipping, update. Both sides first run
 the same number of untimed warm-up steps; then the timed steps are measured with time.perf_counter
 (after torch.cuda.synchronize() on CUDA). By default bptt's timed steps run first, then the peer's;
 with --rounds R they run in R alternating rounds (both models alive), which a machine whose speed
 drifts (other work, frequency changes) distorts far less. Reported: training tokens/s of each side
-and the ratio bptt/peer (> 1: bptt is faster), and the peak memory of each side: on CUDA the peak of
+and the ratio bptt/peer (> 1: bptt is faster), the per-round ratios, the ratio of the CPU time each
+side took (time.process_time, all threads: with --threads 1 the work done, which other programs on a
+shared machine disturb far less than the wall clock), and the peak memory of each side: on CUDA the peak of
 torch.cuda.max_memory_allocated (reset between the sides, each side's model freed before the next);
 on CPU the process's peak resident set size (ru_maxrss), a high-water mark of the whole process, so
 the second side's (peer's) value includes the first side's.
@@ -30,6 +37,7 @@ import gc
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +46,7 @@ from typing import Callable, Protocol
 import torch
 
 from bptt.engine.outputs import OUTPUT_LAYERS
-from bptt.model import ElmanLM
+from bptt.model import ModelConfig, build_model
 from bptt.training.cuda_graph import GraphedStep
 from bptt.training.optim import SGD
 from bptt.training.step import TrainStep
@@ -60,6 +68,7 @@ OPTIONAL_KEYS = {"out": "softmax", "C": "100", "direct": "0"}
 LR = 1.0
 CLIP = 0.25
 INIT_RANGE = 0.1  # ElmanLM's default; the peer's weights are drawn the same way
+CELLS = ("elman", "lstm", "gru")  # the cells with a PyTorch peer (PEER_RNNS)
 
 
 # -- configurations -----------------------------------------------------------------------------------
@@ -74,6 +83,8 @@ class BenchConfig:
     out: str = "softmax"  # bptt's output layer: softmax, class, hsm, nce, sampled
     C: int = 100  # classes, for out=class
     direct: int = 0  # maxent direct connections: hash size in weights (order 3), for out=softmax or class
+    cell: str = "elman"  # the recurrent cell of both sides (`bptt bench --cell`)
+    layers: int = 1  # stacked layers of both sides (`bptt bench --layers`)
 
     def __str__(self) -> str:
         text = ",".join(f"{key}={getattr(self, key)}" for key in CONFIG_KEYS)
@@ -81,6 +92,8 @@ class BenchConfig:
             text += f",out={self.out}" + (f",C={self.C}" if self.out == "class" else "")
         if self.direct:
             text += f",direct={self.direct}"
+        if self.cell != "elman" or self.layers != 1:
+            text += f",{self.cell}x{self.layers}"
         return text
 
     @property
@@ -135,16 +148,21 @@ class Trainer(Protocol):
         ...
 
 
+def model_config(config: BenchConfig) -> ModelConfig:
+    """bptt's model of a configuration: tanh Elman or an LSTM/GRU (embedding of size m), float32, biases."""
+    return ModelConfig(vocab_size=config.V, hidden_size=config.m, cell=config.cell, layers=config.layers,
+                       output=config.out, classes=config.C, direct=config.direct, dtype="float32",
+                       init_range=INIT_RANGE)
+
+
 class BpttTrainer:
-    """ElmanLM trained by the trainer's step (training/step.py): BPTT over each block, the mean over its
-    tokens, clipping, SGD; the state carried in place across blocks."""
+    """bptt's model (build_model: ElmanLM for one Elman layer, else RNNLM) trained by the trainer's step
+    (training/step.py): BPTT over each block, the mean over its tokens, clipping, SGD; the state carried
+    in place across blocks."""
 
     def __init__(self, config: BenchConfig, seed: int, device: torch.device):
-        self.model = ElmanLM(
-            config.V, config.m, "tanh", "softmax", "cross_entropy",
-            bias=True, dtype=torch.float32, seed=seed, device=device,
-            output=config.out, classes=config.C, word_counts=zipf_counts(config.V).tolist(), direct=config.direct,
-        )
+        self.model = build_model(model_config(config), word_counts=zipf_counts(config.V).tolist(), seed=seed,
+                                 device=device)
         # the token stream is generated valid on the device: no word-id check (it would sync a GPU)
         self.train_step = TrainStep(self.model, SGD(self.model.flat, lr=LR), k1=config.T, k2=config.T, clip=CLIP,
                                     check_inputs=False)
@@ -195,17 +213,24 @@ class GraphedBpttTrainer(BpttTrainer):
         return self._graphed(inputs, targets)
 
 
-class PeerRNNLM(torch.nn.Module):
-    """PyTorch's word_language_model RNN_TANH, one layer, no dropout: Embedding -> RNN -> Linear."""
+PEER_RNNS: dict[str, Callable[[int, int], torch.nn.Module]] = {
+    "elman": lambda m, layers: torch.nn.RNN(m, m, num_layers=layers, nonlinearity="tanh"),
+    "lstm": lambda m, layers: torch.nn.LSTM(m, m, num_layers=layers),
+    "gru": lambda m, layers: torch.nn.GRU(m, m, num_layers=layers),
+}
 
-    def __init__(self, V: int, m: int):
+
+class PeerRNNLM(torch.nn.Module):
+    """PyTorch's word_language_model (RNN_TANH, LSTM or GRU), no dropout: Embedding -> RNN -> Linear."""
+
+    def __init__(self, V: int, m: int, cell: str = "elman", layers: int = 1):
         super().__init__()
         self.encoder = torch.nn.Embedding(V, m)
-        self.rnn = torch.nn.RNN(m, m, nonlinearity="tanh")  # seq-first: (T,B,m)
+        self.rnn = PEER_RNNS[cell](m, layers)  # seq-first: (T,B,m)
         self.decoder = torch.nn.Linear(m, V)
 
-    def forward(self, inputs: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """inputs (T,B), hidden (1,B,m) -> logits (T,B,V), hidden (1,B,m)."""
+    def forward(self, inputs: Tensor, hidden):
+        """inputs (T,B), hidden (L,B,m) (a pair for an LSTM) -> logits (T,B,V), hidden."""
         output, hidden = self.rnn(self.encoder(inputs), hidden)
         return self.decoder(output), hidden
 
@@ -215,15 +240,17 @@ class PeerTrainer:
 
     def __init__(self, config: BenchConfig, seed: int, device: torch.device):
         self.V = config.V
-        self.model = PeerRNNLM(config.V, config.m)
+        self.model = PeerRNNLM(config.V, config.m, config.cell, config.layers)
         _init_like_elman(self.model, seed)  # on the CPU, like ElmanLM, then moved
         self.model.to(device).train()
         self.params = list(self.model.parameters())
-        self.hidden = torch.zeros(1, config.B, config.m, device=device)
+        zeros = torch.zeros(config.layers, config.B, config.m, device=device)
+        self.hidden = (zeros, zeros.clone()) if config.cell == "lstm" else zeros
 
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        logits, hidden = self.model(inputs, self.hidden.detach())
-        self.hidden = hidden
+        hidden = self.hidden
+        hidden = tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
+        logits, self.hidden = self.model(inputs, hidden)
         loss = torch.nn.functional.cross_entropy(logits.view(-1, self.V), targets.view(-1))  # the mean
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, CLIP)
@@ -279,20 +306,22 @@ def _sync(device: torch.device) -> None:
 
 def time_steps(
     trainer: Trainer, data: Tensor, T: int, first: int, count: int, device: torch.device
-) -> tuple[float, Tensor | None]:
-    """Train on blocks first .. first+count-1 -> (wall-clock seconds with device work, last loss)."""
+) -> tuple[float, float, Tensor | None]:
+    """Train on blocks first .. first+count-1 -> (wall-clock seconds with device work, CPU seconds of the
+    process, last loss)."""
     loss = None
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(first, first + count):
         loss = trainer.step(*block(data, i, T))
     _sync(device)
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - start, time.process_time() - cpu_start, loss
 
 
 @dataclass
 class SideResult:
     seconds: float
+    cpu_seconds: float  # CPU time of the process (all its threads) over the timed steps
     tokens_per_s: float
     peak_mb: float
     last_loss_per_token: float
@@ -313,12 +342,12 @@ def run_side(
         torch.cuda.reset_peak_memory_stats(device)
     trainer = sides_for(graph)[side](config, seed, device)
     time_steps(trainer, data, config.T, 0, warmup, device)
-    seconds, loss = time_steps(trainer, data, config.T, warmup, steps, device)
+    seconds, cpu_seconds, loss = time_steps(trainer, data, config.T, warmup, steps, device)
     peak_mb = peak_memory_mb(device)
     del trainer
     gc.collect()
     last_loss = float(loss) / config.tokens_per_step
-    return SideResult(seconds, config.tokens_per_step * steps / seconds, peak_mb, last_loss)
+    return SideResult(seconds, cpu_seconds, config.tokens_per_step * steps / seconds, peak_mb, last_loss)
 
 
 def memory_field(device: torch.device) -> str:
@@ -349,7 +378,10 @@ def bench_config(
     rounds = 1: bptt's timed steps, then the peer's, each side's model freed before the next.
     rounds > 1: both models live at once, warmed up, then the timed steps run in alternating rounds
     (bptt, peer, bptt, peer, ...), so that a slow phase of a shared machine falls on both sides; the
-    tokens/s are over all rounds, ratio_min/ratio_max the extremes of the per-round ratios.
+    tokens/s are over all rounds, ratio_min/ratio_max/ratio_median the extremes and the median of the
+    per-round ratios. cpu_ratio is the peer's CPU seconds over bptt's (process time, all threads): with
+    one thread the work each side did, which other programs on the machine disturb far less than the
+    wall clock.
     """
     data = token_stream(config, warmup + steps, seed, device)
     if rounds <= 1:
@@ -369,8 +401,15 @@ def bench_config(
         "rounds": len(round_ratios),
         "ratio_min": min(round_ratios),
         "ratio_max": max(round_ratios),
+        "ratio_median": statistics.median(round_ratios),
+        "round_ratios": round_ratios,
+        "cpu_ratio": peer.cpu_seconds / bptt.cpu_seconds if bptt.cpu_seconds > 0 else float("nan"),
         "bptt_seconds": bptt.seconds,
         "peer_seconds": peer.seconds,
+        "bptt_cpu_seconds": bptt.cpu_seconds,
+        "peer_cpu_seconds": peer.cpu_seconds,
+        "cell": config.cell,
+        "layers": config.layers,
         f"bptt_{memory}_mb": bptt.peak_mb,
         f"peer_{memory}_mb": peer.peak_mb,
         "bptt_last_loss_per_token": bptt.last_loss_per_token,
@@ -387,6 +426,7 @@ def _alternating_rounds(
     for trainer in trainers.values():
         time_steps(trainer, data, config.T, 0, warmup, device)
     seconds = dict.fromkeys(trainers, 0.0)
+    cpu = dict.fromkeys(trainers, 0.0)
     peak = dict.fromkeys(trainers, 0.0)
     loss: dict[str, Tensor | None] = dict.fromkeys(trainers)
     ratios, first = [], warmup
@@ -395,14 +435,15 @@ def _alternating_rounds(
         for side, trainer in trainers.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            took[side], loss[side] = time_steps(trainer, data, config.T, first, n, device)
+            took[side], cpu_took, loss[side] = time_steps(trainer, data, config.T, first, n, device)
             seconds[side] += took[side]
+            cpu[side] += cpu_took
             peak[side] = max(peak[side], peak_memory_mb(device))
         ratios.append(took["peer"] / took["bptt"])
         first += n
     tokens = config.tokens_per_step * steps
     results = {
-        side: SideResult(seconds[side], tokens / seconds[side], peak[side],
+        side: SideResult(seconds[side], cpu[side], tokens / seconds[side], peak[side],
                          float(loss[side]) / config.tokens_per_step)
         for side in trainers
     }
@@ -462,7 +503,8 @@ def table_header(config_width: int, device: torch.device) -> str:
 def table_row(record: dict, config_width: int, device: torch.device) -> str:
     memory = memory_field(device)
     bptt_mb, peer_mb = record[f"bptt_{memory}_mb"], record[f"peer_{memory}_mb"]
-    spread = f"  (rounds {record['ratio_min']:.2f}–{record['ratio_max']:.2f}x)" if record.get("rounds", 1) > 1 else ""
+    spread = (f"  (rounds {record['ratio_min']:.2f}–{record['ratio_max']:.2f}x, median {record['ratio_median']:.2f}x)"
+              if record.get("rounds", 1) > 1 else "")
     return (
         f"{record['config']:<{config_width}}  {record['bptt_tokens_per_s']:>12,.0f}  "
         f"{record['peer_tokens_per_s']:>12,.0f}  {record['ratio']:>8.2f}x  {bptt_mb:>16,.1f}  {peer_mb:>16,.1f}"

@@ -1,4 +1,5 @@
-"""Gradient checks: the explicit BPTT gradients of every (F, f, loss) combination against references.
+"""Gradient checks: the explicit BPTT gradients of every (F, f, loss) combination against references,
+and of the models of a ModelConfig (a cell, a stack, an embedding, tying, dropout) — check_model.
 
 For each combination and each parameter it prints the largest relative error of the BPTT gradient
 against two independent references, central finite differences of the loss and an autograd model of
@@ -11,6 +12,12 @@ factorized output layers (class, hsm, nce, sampled; tanh cell, cross-entropy) an
 connections are checked against finite differences, their one independent reference here, and RTRL.
 Exit status 1 if any entry is over its threshold.
 
+check_model checks one model configuration (Elman, LSTM or GRU layers, a stack, with or without an
+embedding, tied, dropout with frozen masks) against finite differences of its loss (every parameter),
+the independent autograd model of the stack (bptt.oracle.stack_autograd_loss_and_grads), truncated
+BPTT against the truncated autograd model, and BPTT(k1, k2) (engine.tbptt.TruncatedBPTT over a stream
+of blocks) against autograd over each block's window.
+
 Relative error of a gradient G against a reference R: max|G − R| / max(max|G|, max|R|).
 """
 
@@ -21,16 +28,19 @@ from dataclasses import dataclass, field
 import torch
 
 from bptt.engine.activations import HIDDEN_ACTIVATIONS
-from bptt.model import ElmanLM
-from bptt.oracle import autograd_loss_and_grads
+from bptt.engine.network import State
+from bptt.engine.sweep import loss_and_grads, output_loss
+from bptt.engine.tbptt import TruncatedBPTT
+from bptt.model import ElmanLM, LanguageModel, ModelConfig
+from bptt.oracle import autograd_loss_and_grads, stack_autograd_loss_and_grads
 
 # (output nonlinearity f, loss) pairs that are valid; cross-entropy needs a softmax output.
 OUTPUT_LOSSES = (("softmax", "cross_entropy"), ("softmax", "quadratic"), ("sigmoid", "quadratic"), ("identity", "quadratic"))
 
 # Thresholds on the relative error, per dtype and reference.
 THRESHOLDS = {
-    torch.float64: {"fd": 1e-6, "autograd": 1e-10, "rtrl": 1e-10, "trunc": 1e-10},
-    torch.float32: {"fd": 1e-3, "autograd": 1e-5, "rtrl": 1e-5, "trunc": 1e-5},
+    torch.float64: {"fd": 1e-6, "autograd": 1e-10, "rtrl": 1e-10, "trunc": 1e-10, "k1k2": 1e-10},
+    torch.float32: {"fd": 1e-3, "autograd": 1e-5, "rtrl": 1e-5, "trunc": 1e-5, "k1k2": 1e-5},
 }
 
 
@@ -188,3 +198,142 @@ def check_output_layer(
         CheckRow(label, name, {"fd": relative_error(grads[name], fd[name]), "rtrl": relative_error(grads[name], rtrl[name])})
         for name in model.params
     ]
+
+
+# -- the models of a ModelConfig: cells, stacks, embeddings, tying, dropout ----------------------------
+
+MODEL_CELLS = ("elman", "lstm", "gru")
+
+
+def embedding_variants(cell: str, hidden: int) -> list[tuple[str, int, bool]]:
+    """(label, embedding size e, tied) of the input side checked for a cell: no embedding (the first layer
+    reads U x^t; tied: U ≡ Vᵀ, Elman only), an embedding of a size other than m (so that no transpose
+    can pass by accident), and the tied embedding (E ≡ V, e = m)."""
+    variants = [("no-emb", 0, False)]
+    if cell == "elman":
+        variants.append(("no-emb tied", 0, True))
+    return variants + [(f"emb={hidden + 1}", hidden + 1, False), ("emb tied", hidden, True)]
+
+
+def bptt_blocks(steps: int) -> tuple[int, int]:
+    """(k1, k2) of the BPTT(k1, k2) check over a stream of `steps` steps: about three blocks, each
+    error sent back through its block and one block of history."""
+    k1 = max(1, steps // 3)
+    return k1, min(steps, 2 * k1)
+
+
+def random_language_model(config: ModelConfig, seed: int) -> LanguageModel:
+    """A LanguageModel of `config` (init_range as given) with every 1-D parameter (the biases) drawn
+    uniform in ±0.5, so that every term of the gradient matters."""
+    model = LanguageModel(config, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for p in model.params.values():
+        if p.dim() == 1:
+            p.copy_((torch.rand(p.shape, generator=generator, dtype=torch.float64) - 0.5).to(p.dtype))
+    return model
+
+
+def _model_loss(model: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor, state: State,
+                masks: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """The summed loss of a block with frozen dropout masks: the network's forward, then the output layer."""
+    H, _, cache = model.net.forward(model.params, inputs, state, masks)
+    return output_loss(model.net.output, model.params, H, targets, features=cache.features)
+
+
+def _random_state(model: LanguageModel, batch: int, generator: torch.Generator) -> list[tuple[torch.Tensor, ...]]:
+    """A carried state: per layer the cell's state tuple, uniform in ±0.5."""
+    zero = model.zero_state(batch)
+    return [tuple((torch.rand(t.shape, generator=generator, dtype=torch.float64) - 0.5).to(t.dtype) for t in layer)
+            for layer in zero.layers]
+
+
+def check_model(
+    cell: str, *, layers: int, dropout: float, embedding_size: int, tied: bool, vocab: int, hidden: int,
+    steps: int, batch: int, bias: bool, dtype: torch.dtype, seed: int, truncation: int | None,
+    label: str | None = None,
+) -> list[CheckRow]:
+    """All checks of one model configuration -> one row per parameter with its errors per reference.
+
+    The model: `layers` layers of `cell` (tanh Elman, LSTM, GRU) reading the words through an embedding
+    of size embedding_size (0: none), tied or not, full softmax with cross-entropy, dropout at rate
+    `dropout` (between layers, before the output layer and on the first layer's input) with masks drawn
+    once from a seeded generator and frozen, a random carried state. References: "fd" central finite
+    differences of the loss in float64 (every element of every parameter), "autograd" the stack's
+    autograd model (bptt.oracle), "trunc" truncated BPTT (truncation k) against the truncated autograd
+    model, "k1k2" BPTT(k1, k2) of engine.tbptt over `steps` steps in blocks (bptt_blocks), with the
+    same masks drawn in the same order, against autograd over each block's window (the largest error
+    over the blocks).
+    """
+    config = ModelConfig(vocab_size=vocab, hidden_size=hidden, cell=cell, layers=layers, bias=bias, tied=tied,
+                         embedding_size=embedding_size, dropout=dropout, dtype=str(dtype).removeprefix("torch."),
+                         init_range=0.6)
+    model = random_language_model(config, seed)
+    net, embedding = model.net, bool(model.config.embedding)
+    generator = torch.Generator().manual_seed(seed + 2)
+    inputs = torch.randint(0, vocab, (steps, batch), generator=generator)
+    targets = torch.randint(0, vocab, (steps, batch), generator=generator)
+    state0 = _random_state(model, batch, generator)
+    masks = net.draw_masks(steps, batch, torch.Generator().manual_seed(seed + 3), dtype=dtype, device="cpu")
+    _, grads, _ = loss_and_grads(net, model.params, inputs, targets, State(tuple(state0)), masks=masks)
+
+    # references in float64, on a float64 copy of the weights, the masks and the state (exact casts)
+    model64 = model if dtype == torch.float64 else random_language_model(
+        ModelConfig(**{**config.to_json(), "dtype": "float64"}), seed)
+    for name, p in model.params.items():
+        model64.params[name].copy_(p.double())
+    masks64 = None if masks is None else {site: m.double() for site, m in masks.items()}
+    state64 = [tuple(t.double() for t in layer) for layer in state0]
+    references = {"fd": finite_differences(
+        model64.params, lambda: _model_loss(model64, inputs, targets, State(tuple(state64)), masks64))}
+    oracle = dict(embedding=embedding, hidden_activation=config.hidden_activation)
+    references["autograd"] = stack_autograd_loss_and_grads(model64.params, cell, inputs, targets, state64,
+                                                           masks=masks64, **oracle)[1]
+    got = dict.fromkeys(references, grads)
+    if truncation is not None:
+        got["trunc"] = loss_and_grads(net, model.params, inputs, targets, State(tuple(state0)), masks=masks,
+                                      truncation=truncation)[1]
+        references["trunc"] = stack_autograd_loss_and_grads(model64.params, cell, inputs, targets, state64,
+                                                            masks=masks64, truncation=truncation, **oracle)[1]
+    errors = {ref: {name: relative_error(got[ref][name], references[ref][name]) for name in model.params}
+              for ref in references}
+    errors["k1k2"] = _check_blocks(model, model64, inputs, targets, seed, oracle)
+    label = label or f"cell={cell} L={layers} dropout={dropout:g}"
+    label = f"{label} bias={'on' if bias else 'off'}"
+    return [CheckRow(label, name, {ref: errors[ref][name] for ref in errors}) for name in model.params]
+
+
+def _check_blocks(model: LanguageModel, model64: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor,
+                  seed: int, oracle: dict) -> dict[str, float]:
+    """BPTT(k1, k2) of TruncatedBPTT over the stream (from the zero state, weights unchanged between the
+    blocks) against autograd over each block's window of k2 steps (the state before the window taken
+    from an untruncated run, a constant; the loss of the block's k1 steps) -> the largest error per
+    parameter over the blocks."""
+    steps, batch = inputs.shape
+    k1, k2 = bptt_blocks(steps)
+    net = model.net
+    has_dropout = bool(net.dropout_sites())
+    engine = TruncatedBPTT(model, k1, k2, generator=torch.Generator().manual_seed(seed + 4) if has_dropout else None)
+    replay = torch.Generator().manual_seed(seed + 4)  # the same masks, drawn in the same order
+    zero = [tuple(t.double() for t in layer) for layer in model64.zero_state(batch).layers]
+    masks: dict[str, list[torch.Tensor]] = {}
+    worst = dict.fromkeys(model.params, 0.0)
+    for start in range(0, steps, k1):
+        end = min(start + k1, steps)
+        block_masks = net.draw_masks(end - start, batch, replay, dtype=model.dtype, device="cpu") if has_dropout else None
+        for site, m in (block_masks or {}).items():
+            masks.setdefault(site, []).append(m.double())
+        _, grads = engine.step(inputs[start:end], targets[start:end])
+        first = max(0, end - k2)  # the window: the block and up to k2 − k1 steps before it
+        stream_masks = {site: torch.cat(ms) for site, ms in masks.items()} or None
+        if first:  # the state before the window: the stream run from the zero state, untruncated
+            head = None if stream_masks is None else {site: m[:first] for site, m in stream_masks.items()}
+            state = stack_autograd_loss_and_grads(model64.params, net.cells[0].name, inputs[:first], targets[:first],
+                                                  zero, masks=head, **oracle)[2]
+        else:
+            state = zero
+        window = None if stream_masks is None else {site: m[first:end] for site, m in stream_masks.items()}
+        ref = stack_autograd_loss_and_grads(model64.params, net.cells[0].name, inputs[first:end], targets[first:end],
+                                            state, masks=window, loss_from=start - first, **oracle)[1]
+        for name in worst:
+            worst[name] = max(worst[name], relative_error(grads[name], ref[name]))
+    return worst

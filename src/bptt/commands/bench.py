@@ -1,15 +1,17 @@
-"""`bptt bench`: training tokens/s of bptt next to torch.nn.RNN + autograd on the same shapes in the same
-run, the ratio and the peak memory (the measuring is in bptt.benchmark)."""
+"""`bptt bench`: training tokens/s of bptt next to torch.nn.RNN/LSTM/GRU + autograd on the same shapes in the
+same run, the ratio and the peak memory (the measuring is in bptt.benchmark)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 
 from bptt import checks
 from bptt.benchmark import (
+    CELLS,
     DEFAULT_CONFIG,
     PRESETS,
     BenchConfig,
@@ -26,6 +28,8 @@ EXAMPLES = """examples:
   bptt bench
   bptt bench --config V=10000,m=200,B=32,T=35 --config V=10000,m=500,B=64,T=35 --steps 50 --threads 1
   bptt bench --steps 60 --rounds 6       # alternate the sides: fairer on a machine shared with other work
+  bptt bench --cell lstm --layers 2 --config V=10000,m=200,B=20,T=35 --steps 30 --rounds 6   # against nn.LSTM
+  bptt bench --cell gru --layers 2 --config B=20                                             # against nn.GRU
   bptt bench --config out=class,C=100 --config out=hsm --config out=nce --config out=sampled
   bptt bench --config out=class,C=100,direct=2000000   # + maxent direct connections, 2M weights, order 3
   bptt bench --device cuda --config V=33278,m=650,B=20,T=35 --json
@@ -44,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a named set of configurations, before any --config: gpu = issue 5's six CUDA shapes "
                         "(use with --device cuda), layers = the five output layers at the default shape")
+    parser.add_argument("--cell", choices=CELLS, default="elman",
+                        help="the recurrent cell of both sides: elman (tanh; the peer torch.nn.RNN), lstm "
+                        "(torch.nn.LSTM), gru (torch.nn.GRU); lstm and gru read words through an embedding of "
+                        "size m on both sides (default: elman)")
+    parser.add_argument("--layers", type=int, default=1, help="stacked recurrent layers of both sides (default: 1)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per side (default: 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per side (default: 3)")
     parser.add_argument(
@@ -74,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_options(args: argparse.Namespace) -> torch.device:
     checks.positive_int("--steps", args.steps)
     checks.positive_int("--rounds", args.rounds)
+    checks.integer("--layers", args.layers, 1, 64)
     checks.non_negative_int("--warmup", args.warmup)
     if args.threads is not None:
         checks.positive_int("--threads", args.threads)
@@ -86,7 +96,8 @@ def _check_options(args: argparse.Namespace) -> torch.device:
 def run(args: argparse.Namespace) -> int:
     device = _check_options(args)
     texts = [*(PRESETS[args.preset] if args.preset else []), *(args.config or [])]
-    configs = [parse_config(text) for text in (texts or [DEFAULT_CONFIG])]
+    configs = [dataclasses.replace(parse_config(text), cell=args.cell, layers=args.layers)
+               for text in (texts or [DEFAULT_CONFIG])]
     saved_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -13,8 +13,9 @@ Shapes: T = time, B = streams, m = hidden, n = the layer's input size. Gates in 
     n^t = tanh(A_n^t + b_n + r^t ⊙ q^t)
     h^t = (1 − z^t) ⊙ n^t + z^t ⊙ h^{t-1}
 
-One (B,m)×(m,3m) product per step gives W h^{t-1} for the three gates. The forward overwrites A with
-G = [r ; z ; n] (the cache) and keeps q^t and H.
+Two products per step: (B,m)×(m,2m) adds W_hr h^{t-1}, W_hz h^{t-1} to the r, z rows of G in place, and
+(B,m)×(m,m) writes q^t (with b_hn) straight into its cache row — no (B,3m) temporary to add and copy.
+The forward overwrites A with G = [r ; z ; n] (the cache) and keeps q^t and H.
 
 The backward (dH^t = the error arriving at h^t from above; ∂L/∂h^t its total):
     ∂L/∂h^t   = dH^t + z^{t+1} ⊙ ∂L/∂h^{t+1} + W_hᵀ γ^{t+1}       (h^t feeds h^{t+1} directly and through W)
@@ -44,24 +45,29 @@ def reset_candidate_(pre: Tensor, r: Tensor, q: Tensor) -> Tensor:
 
 
 def gru_forward(W: Tensor, b: Tensor | None, b_hn: Tensor | None, A: Tensor, h0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A (T,B,3m) = U x^t, h0 (B,m) -> (H (T,B,m), Qn (T,B,m) = q^t, G (T,B,3m) = [r;z;n]); G is A, overwritten."""
+    """A (T,B,3m) = U x^t, h0 (B,m) -> (H (T,B,m), Qn (T,B,m) = q^t, G (T,B,3m) = [r;z;n]); G is A, overwritten.
+
+    Per step two products (W_hr, W_hz h^{t-1} added to the gates' rows of G; q^t = W_hn h^{t-1} + b_hn
+    written into Qn) and four element-wise operations, on views made before the loop.
+    """
     T, B, three_m = A.shape
     m = three_m // 3
     G = A
     if b is not None:
         G.add_(b)
     H, Qn = A.new_empty(T, B, m), A.new_empty(T, B, m)
-    Wt = W.t()
-    recurrent = A.new_empty(B, three_m)
+    Wt_rz, Wt_n = W[: 2 * m].t(), W[2 * m :].t()
+    steps = zip(G[..., : 2 * m].unbind(0), G[..., :m].unbind(0), G[..., m : 2 * m].unbind(0),
+                G[..., 2 * m :].unbind(0), Qn.unbind(0), H.unbind(0))
     h = h0
-    for t in range(T):
-        torch.mm(h, Wt, out=recurrent)  # W h^{t-1} for r, z and n: one product
-        g = G[t]
-        torch.sigmoid_(g[:, : 2 * m].add_(recurrent[:, : 2 * m]))  # r, z
-        q = recurrent[:, 2 * m :] if b_hn is None else torch.add(recurrent[:, 2 * m :], b_hn)
-        Qn[t].copy_(q)
-        n = reset_candidate_(g[:, 2 * m :], g[:, :m], Qn[t])  # n = tanh(A_n + b_n + r ⊙ q)
-        h = torch.sub(h, n, out=H[t]).mul_(g[:, m : 2 * m]).add_(n)  # h = n + z ⊙ (h^{t-1} − n)
+    for rz, r, z, pre_n, q, h_out in steps:
+        torch.sigmoid_(rz.addmm_(h, Wt_rz))  # r, z = σ(A + b + W_h h^{t-1})
+        if b_hn is None:
+            torch.mm(h, Wt_n, out=q)  # q^t = W_hn h^{t-1}
+        else:
+            torch.addmm(b_hn, h, Wt_n, out=q)  # q^t = W_hn h^{t-1} + b_hn
+        n = reset_candidate_(pre_n, r, q)  # n = tanh(A_n + b_n + r ⊙ q)
+        h = torch.lerp(n, h, z, out=h_out)  # h = n + z ⊙ (h^{t-1} − n)
     return H, Qn, G
 
 
@@ -71,13 +77,18 @@ def gate_derivatives(G: Tensor, Qn: Tensor, H_prev: Tensor) -> tuple[Tensor, Ten
     forward was h = (1 − z) n + z h^{t-1}, n = tanh(a_n + r ⊙ q); so, per unit of ∂L/∂h^t,
       P = ∂L/∂A = [q (1 − z) tanh'(n) σ'(r) ; (h^{t-1} − n) σ'(z) ; (1 − z) tanh'(n)]
       R = the error of W h^{t-1} (+ b_hn) = [P_r ; P_z ; P_n ⊙ r]
+    Each block is written into its place in P and R.
     """
     m = Qn.shape[-1]
-    r, z, n = G[..., :m], G[..., m : 2 * m], G[..., 2 * m :]
-    Pn = (1 - z) * tanh_derivative(n)
-    Pr = Pn * Qn * sigmoid_derivative(r)
-    Pz = (H_prev - n) * sigmoid_derivative(z)
-    return torch.cat((Pr, Pz, Pn), -1), torch.cat((Pr, Pz, Pn * r), -1), z
+    r, z, n = G.unflatten(-1, (3, m)).unbind(-2)
+    P, R = torch.empty_like(G), torch.empty_like(G)
+    Pr, Pz, Pn = P.unflatten(-1, (3, m)).unbind(-2)
+    torch.mul(1 - z, tanh_derivative(n), out=Pn)
+    torch.mul(H_prev - n, sigmoid_derivative(z), out=Pz)
+    torch.mul(Pn * Qn, sigmoid_derivative(r), out=Pr)
+    R[..., : 2 * m] = P[..., : 2 * m]
+    torch.mul(Pn, r, out=R[..., 2 * m :])
+    return P, R, z
 
 
 def gru_deltas(W: Tensor, P: Tensor, R: Tensor, z: Tensor, dH: Tensor,
@@ -86,17 +97,22 @@ def gru_deltas(W: Tensor, P: Tensor, R: Tensor, z: Tensor, dH: Tensor,
     through at most k recurrent connections (h^{t-1} -> h^t is one); None, or k >= T-1, is full BPTT."""
     truncation = optional_int("truncation", truncation)
     T, B, m = dH.shape
-    delta, gamma = torch.empty_like(P), torch.empty_like(R)
+    gamma = torch.empty_like(R)
     if truncation is None or truncation >= T - 1:
-        P3, R3, d3, g3 = P.view(T, B, 3, m), R.view(T, B, 3, m), delta.view(T, B, 3, m), gamma.view(T, B, 3, m)
-        dh = dH[T - 1]
+        # the sweep keeps ∂L/∂h^t of every step (DH) and forms γ, which the next step back needs;
+        # δ = ∂L/∂h^t ⊙ P is one product over all steps afterwards
+        DH = torch.empty_like(dH)
+        DH[T - 1] = dH[T - 1]
+        R3, g3 = R.unflatten(-1, (3, m)).unbind(0), gamma.unflatten(-1, (3, m)).unbind(0)
+        dHs, DHs, zs, gammas = dH.unbind(0), DH.unbind(0), z.unbind(0), gamma.unbind(0)
+        dh = DHs[T - 1]
         for t in range(T - 1, -1, -1):
             if t < T - 1:  # ∂L/∂h^t = dH^t + z^{t+1} ⊙ ∂L/∂h^{t+1} + W_hᵀ γ^{t+1}
-                dh = torch.addcmul(dH[t], dh, z[t + 1]).addmm_(gamma[t + 1], W)
-            torch.mul(dh.unsqueeze(1), P3[t], out=d3[t])
+                dh = torch.addcmul(dHs[t], dh, zs[t + 1], out=DHs[t]).addmm_(gammas[t + 1], W)
             torch.mul(dh.unsqueeze(1), R3[t], out=g3[t])
+        delta = torch.mul(DH.unsqueeze(2), P.unflatten(-1, (3, m))).view(T, B, 3 * m)
         return delta, gamma
-    delta.zero_()
+    delta = torch.zeros_like(P)
     gamma.zero_()
     Dh = dH  # after j hops: the error of L^{τ+j} arrived at h^τ
     for j in range(truncation + 1):

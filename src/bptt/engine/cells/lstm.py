@@ -51,6 +51,8 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
     """A (T,B,4m) = U x^t, (h0, c0) (B,m) -> (H, C (T,B,m), G (T,B,4m) = [i;f;g;o]); G is A, overwritten.
 
     a^t = A^t + b + W h^{t-1};  i, f, o = σ(·), g = tanh(·);  c^t = f ⊙ c^{t-1} + i ⊙ g;  h^t = o ⊙ tanh(c^t).
+    Eight operations per step, on views made before the loop (one unbind per gate block: indexing
+    inside the loop would cost as much as the step's element-wise work).
     """
     T, B, four_m = A.shape
     m = four_m // 4
@@ -59,15 +61,16 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
         G.add_(b)
     H, C = A.new_empty(T, B, m), A.new_empty(T, B, m)
     Wt = W.t()
+    steps = zip(G.unbind(0), G[..., : 2 * m].unbind(0), G[..., :m].unbind(0), G[..., m : 2 * m].unbind(0),
+                G[..., 2 * m : 3 * m].unbind(0), G[..., 3 * m :].unbind(0), C.unbind(0), H.unbind(0))
     h, c = h0, c0
-    for t in range(T):
-        a = G[t].addmm_(h, Wt)  # a^t = U x^t + b + W h^{t-1}: one product for the four gates
-        torch.sigmoid_(a[:, : 2 * m])  # i, f
-        torch.tanh_(a[:, 2 * m : 3 * m])  # g
-        torch.sigmoid_(a[:, 3 * m :])  # o
-        i, f, g, o = a[:, :m], a[:, m : 2 * m], a[:, 2 * m : 3 * m], a[:, 3 * m :]
-        c = torch.mul(f, c, out=C[t]).addcmul_(i, g)  # c^t = f ⊙ c^{t-1} + i ⊙ g
-        h = torch.tanh(c, out=H[t]).mul_(o)  # h^t = o ⊙ tanh(c^t)
+    for a, i_f, i, f, g, o, c_out, h_out in steps:
+        a.addmm_(h, Wt)  # a^t = U x^t + b + W h^{t-1}: one product for the four gates
+        torch.sigmoid_(i_f)  # i, f
+        torch.tanh_(g)
+        torch.sigmoid_(o)
+        c = torch.mul(f, c, out=c_out).addcmul_(i, g)  # c^t = f ⊙ c^{t-1} + i ⊙ g
+        h = torch.tanh(c, out=h_out).mul_(o)  # h^t = o ⊙ tanh(c^t)
     return H, C, G
 
 
@@ -78,11 +81,17 @@ def gate_derivatives(G: Tensor, C_prev: Tensor, K: Tensor) -> tuple[Tensor, Tens
     forward was c^t = f ⊙ c^{t-1} + i ⊙ g and h^t = o ⊙ tanh(c^t); so
       P = [∂c/∂a_i ; ∂c/∂a_f ; ∂c/∂a_g ; ∂h/∂a_o] = [g σ'(a_i) ; c^{t-1} σ'(a_f) ; i tanh'(a_g) ; tanh(c) σ'(a_o)]
       Q = ∂h^t/∂c^t = o ⊙ tanh'(c^t)
+    P starts as σ' of the four gate blocks at once; each block is then multiplied in place (the g
+    block overwritten with i tanh'(a_g)).
     """
     m = K.shape[-1]
-    i, f, g, o = G[..., :m], G[..., m : 2 * m], G[..., 2 * m : 3 * m], G[..., 3 * m :]
-    P = torch.cat((g * sigmoid_derivative(i), C_prev * sigmoid_derivative(f), i * tanh_derivative(g),
-                   K * sigmoid_derivative(o)), dim=-1)
+    i, f, g, o = G.unflatten(-1, (4, m)).unbind(-2)
+    P = sigmoid_derivative(G)  # σ'(a_i), σ'(a_f), ·, σ'(a_o)
+    Pi, Pf, Pg, Po = P.unflatten(-1, (4, m)).unbind(-2)
+    Pi.mul_(g)
+    Pf.mul_(C_prev)
+    torch.mul(i, tanh_derivative(g), out=Pg)
+    Po.mul_(K)
     return P, o * tanh_derivative(K)
 
 
@@ -101,17 +110,18 @@ def lstm_deltas(W: Tensor, G: Tensor, P: Tensor, Q: Tensor, dH: Tensor, truncati
     f = G[..., m : 2 * m]
     delta = torch.empty_like(G)
     if truncation is None or truncation >= T - 1:
-        d4 = delta.view(T, B, 4, m)
-        P4 = P.view(T, B, 4, m)
-        dh = dH[T - 1]
-        E = torch.zeros_like(dh)
+        # per-step views, made once: (B,3,m) blocks [i;f;g] and (B,m) blocks o of P and δ
+        P3, d3 = P.unflatten(-1, (4, m))[..., :3, :].unbind(0), delta.unflatten(-1, (4, m))[..., :3, :].unbind(0)
+        Po, do = P[..., 3 * m :].unbind(0), delta[..., 3 * m :].unbind(0)
+        dHs, Qs, fs, deltas = dH.unbind(0), Q.unbind(0), f.unbind(0), delta.unbind(0)
+        dh = dHs[T - 1]
+        E = dh * Qs[T - 1]  # E^T = ∂L/∂h^T ⊙ o ⊙ tanh'(c^T)
         for t in range(T - 1, -1, -1):
             if t < T - 1:
-                dh = torch.addmm(dH[t], delta[t + 1], W)  # ∂L/∂h^t = dH^t + Wᵀ δ^{t+1}
-                E = memory_carry(E, f[t + 1])  # f^{t+1} ⊙ E^{t+1}
-            E = E.addcmul_(dh, Q[t]) if t < T - 1 else dh * Q[t]  # E^t = … + ∂L/∂h^t ⊙ o ⊙ tanh'(c^t)
-            torch.mul(E.unsqueeze(1), P4[t, :, :3], out=d4[t, :, :3])  # δ_i, δ_f, δ_g
-            torch.mul(dh, P4[t, :, 3], out=d4[t, :, 3])  # δ_o
+                dh = torch.addmm(dHs[t], deltas[t + 1], W)  # ∂L/∂h^t = dH^t + Wᵀ δ^{t+1}
+                E = memory_carry(E, fs[t + 1]).addcmul_(dh, Qs[t])  # E^t = f^{t+1} ⊙ E^{t+1} + ∂L/∂h^t ⊙ Q^t
+            torch.mul(E.unsqueeze(1), P3[t], out=d3[t])  # δ_i, δ_f, δ_g
+            torch.mul(dh, Po[t], out=do[t])  # δ_o
         return delta
     # Truncated, vectorised over time. After j hops, (Dh_j, Dc_j)[τ] = the error of L^{τ+j} arrived at
     # (h^τ, c^τ); D_0 = (dH, 0). Each hop back is one product over all positions: O(T·k).
