@@ -50,13 +50,12 @@ def linear_backward(V: Tensor, S: Tensor, dg: Tensor, grads: dict[str, Tensor], 
 
     forward was g = S Vᵀ + c, i.e. g_i^t = Σ_j V_ij s_j^t + c_i; so
       ∂L/∂V_ij = Σ_t ∂L/∂g_i^t s_j^t  -> dV += dgᵀ S      (eq. 2–3: (o−d)·f'(g) times s^t)
-      ∂L/∂c_i  = Σ_t ∂L/∂g_i^t        -> dc += Σ_n dg     (as dgᵀ 1: a matrix-vector product reads the
-                                                          (N,V) rows once, twice as fast as sum(dim=0))
+      ∂L/∂c_i  = Σ_t ∂L/∂g_i^t        -> dc += Σ_n dg
       ∂L/∂s_j^t = Σ_i ∂L/∂g_i^t V_ij  -> dS  = dg V       (carried into the recurrence, eq. 5)
     """
     grads["V"].addmm_(dg.t(), S)
     if bias:
-        grads["c"].addmv_(dg.t(), dg.new_ones(dg.shape[0]))
+        grads["c"].add_(dg.sum(dim=0))
     return dg @ V
 
 
