@@ -457,3 +457,30 @@ def test_a_gru_with_the_reset_gate_elsewhere_is_rejected_by_torch_nn(monkeypatch
     broken = forward_error()
     monkeypatch.undo()
     assert broken > REJECTED
+
+
+# -- the embedding's product over a block's distinct words (engine/inputs.py, the CPU path) -----------------
+
+
+@pytest.mark.parametrize("cell, options", [("lstm", {}), ("gru", {"tied": True}), ("lstm", {"embedding_size": 4})],
+                         ids=["lstm", "gru-tied", "lstm-e4"])
+def test_the_per_word_product_equals_the_per_position_one(monkeypatch, cell, options):
+    """Without embedding dropout, on the CPU, A_0 = E[x] U_0ᵀ and its backward run over the distinct
+    words (repeated words in the block); the per-position path, which CUDA and dropout take, gives the
+    same loss, state and gradients."""
+    model = build(cell, 2, seed=4, **options)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, 4, (6, 3), generator=g), torch.randint(0, V, (6, 3), generator=g)  # words repeat
+    state = model.zero_state(3)
+    calls = []
+    real = network.lookup_project_forward
+    monkeypatch.setattr(network, "lookup_project_forward", lambda *a: calls.append(1) or real(*a))
+    per_word = loss_and_grads(model.net, model.params, x, y, state)
+    assert calls, "the per-word path was not taken"
+    monkeypatch.setattr(network.Network, "_per_word", staticmethod(lambda inputs, masks: False))
+    per_position = loss_and_grads(model.net, model.params, x, y, state)
+    assert len(calls) == 1
+    assert relative_error(per_word[0], per_position[0]) <= EXACT
+    for name in per_position[1]:
+        assert relative_error(per_word[1][name], per_position[1][name]) <= EXACT, name
+    assert state_error(per_word[2], list(per_position[2].layers)) <= EXACT

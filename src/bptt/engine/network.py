@@ -37,7 +37,14 @@ import torch
 
 from bptt.engine.cells import INPUT_WEIGHT, Cell, CellCache, CellState, join_caches, tail_cache
 from bptt.engine.dropout import Dropout, Masks, draw_mask, dropout_backward, dropout_forward
-from bptt.engine.inputs import embed_backward, embed_forward, project_backward, project_forward
+from bptt.engine.inputs import (
+    embed_backward,
+    embed_forward,
+    lookup_project_backward,
+    lookup_project_forward,
+    project_backward,
+    project_forward,
+)
 from bptt.engine.outputs.direct import check_direct, next_context, ngram_offsets
 
 Tensor = torch.Tensor
@@ -232,6 +239,13 @@ class Network:
 
     # -- forward and backward -------------------------------------------------------------------------
 
+    @staticmethod
+    def _per_word(inputs: Tensor, masks: Masks | None) -> bool:
+        """Whether the embedding's product runs over the block's distinct words (inputs.py): without
+        dropout on the embedding (its masks are per position), and on the CPU (torch.unique would
+        make a GPU wait for the count of distinct words, and a captured step cannot)."""
+        return inputs.device.type == "cpu" and _mask(masks, "input") is None
+
     def _first_input(self, params: dict[str, Tensor], inputs: Tensor, masks: Masks | None) -> Tensor:
         """X_0 (T,B,e): the embedded words, dropped (a model with an embedding)."""
         return dropout_forward(embed_forward(self.embedding(params).t(), inputs), _mask(masks, "input"))
@@ -248,6 +262,8 @@ class Network:
                 A = embed_forward(p[INPUT_WEIGHT], inputs)
                 if masks is not None and "input" in masks:
                     A.mul_(masks["input"])
+            elif k == 0 and self._per_word(inputs, masks):
+                A = lookup_project_forward(self.embedding(params), p[INPUT_WEIGHT], inputs)
             elif k == 0:
                 A = project_forward(p[INPUT_WEIGHT], self._first_input(params, inputs, masks))
             else:
@@ -277,6 +293,9 @@ class Network:
             dA = self.cells[k].backward(p, cache.layers[k], dH, g, truncation)
             if k == 0 and not self.embedding_size:
                 embed_backward(cache.inputs, dropout_backward(dA, _mask(masks, "input")), g[INPUT_WEIGHT])
+            elif k == 0 and self._per_word(cache.inputs, masks):
+                lookup_project_backward(self.embedding(params), p[INPUT_WEIGHT], cache.inputs, dA,
+                                        self.embedding(grads), g[INPUT_WEIGHT])
             elif k == 0:
                 X0 = self._first_input(params, cache.inputs, masks)  # recomputed: a gather and a product
                 dX = project_backward(p[INPUT_WEIGHT], X0, dA, g[INPUT_WEIGHT])
