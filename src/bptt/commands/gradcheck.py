@@ -106,10 +106,6 @@ def run(args: argparse.Namespace) -> int:
         f"seed={args.seed}; max relative error of the BPTT gradient"
     )
     print("thresholds: " + ", ".join(f"{titles[c]} <= {thresholds[c]:.0e}" for c in columns))
-    header = f"{'combination':<52} {'param':<5} " + " ".join(f"{titles[c]:>12}" for c in columns)
-    print(header)
-    print("-" * len(header))
-    failures = checks = 0
     sizes = dict(vocab=args.vocab, hidden=args.hidden, steps=args.steps, batch=args.batch, dtype=dtype, seed=args.seed)
     rows: list[CheckRow] = []
     for bias in biases:
@@ -121,23 +117,7 @@ def run(args: argparse.Namespace) -> int:
             rows += check_output_layer(output, bias=bias, **sizes)
         for output in DIRECT_OUTPUTS:
             rows += check_output_layer(output, bias=bias, direct=direct_size(args.vocab), **sizes)
-    for row in rows:
-        cells = []
-        for c in columns:
-            if c not in row.errors:  # no such reference for this layer
-                cells.append(f"{'-':>11} ")
-                continue
-            error = row.errors[c]
-            bad = not error <= thresholds[c]  # NaN counts as a failure
-            failures += bad
-            checks += 1
-            cells.append(f"{error:>11.2e}{'!' if bad else ' '}")
-        print(f"{row.combination:<52} {row.parameter:<5} " + " ".join(cells))
-    if failures:
-        print(f"FAILED: {failures} of {checks} checks over threshold (marked !)")
-        return 1
-    print(f"all {checks} checks passed")
-    return 0
+    return _report(rows, columns, titles, thresholds, "combination")
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -162,15 +142,25 @@ def _run_model(args: argparse.Namespace) -> int:
             label = f"cell={cell} L={args.layers} {variant} dropout={args.dropout:g}"
             rows += check_model(cell, layers=args.layers, dropout=args.dropout, embedding_size=embedding_size,
                                 tied=tied, bias=bias, truncation=truncation, label=label, **sizes)
-    label_width = max(len("model"), *(len(row.combination) for row in rows))
+    return _report(rows, columns, titles, thresholds, "model")
+
+
+def _report(rows: list[CheckRow], columns: list[str], titles: dict[str, str], thresholds: dict[str, float],
+            first: str) -> int:
+    """The table of rows (a '-' where a row has no such reference), then the verdict: exit status 1 if
+    any entry is over its threshold (NaN included), else 0."""
+    label_width = max(len(first), *(len(row.combination) for row in rows))
     param_width = max(len("param"), *(len(row.parameter) for row in rows))
-    header = f"{'model':<{label_width}} {'param':<{param_width}} " + " ".join(f"{titles[c]:>12}" for c in columns)
+    header = f"{first:<{label_width}} {'param':<{param_width}} " + " ".join(f"{titles[c]:>12}" for c in columns)
     print(header)
     print("-" * len(header))
     failures = count = 0
     for row in rows:
         cells = []
         for c in columns:
+            if c not in row.errors:  # no such reference for this row
+                cells.append(f"{'-':>11} ")
+                continue
             error = row.errors[c]
             bad = not error <= thresholds[c]  # NaN counts as a failure
             failures += bad
