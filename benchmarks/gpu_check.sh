@@ -42,6 +42,14 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     timeout 120 python3 -m bptt bench --device cuda --preset gpu --graph --steps ${BENCH_STEPS:-100} --warmup 5 \
       --rounds 4 --json > "$OUT/bench_graph.jsonl" 2>&1
     table "$OUT/bench_graph.jsonl"
+    # issue 17: the LSTM and the GRU against cuDNN (goal >= 1x at V 10k, m 650, 2 layers, B 64, T 35)
+    echo "== bench --cell lstm/gru --layers 2 $(date +%T)" >> "$OUT/summary.txt"
+    for cell in lstm gru; do
+      timeout 120 python3 -m bptt bench --device cuda --cell $cell --layers 2 \
+        --config V=10000,m=650,B=64,T=35 --config V=10000,m=200,B=20,T=35 --steps ${BENCH_STEPS:-100} --warmup 5 \
+        --rounds 4 --json >> "$OUT/bench_cells.jsonl" 2>&1
+    done
+    table "$OUT/bench_cells.jsonl"
   fi
 fi
 [ -n "${PROFILE:-}" ] && timeout 60 python3 benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1

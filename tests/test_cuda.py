@@ -227,3 +227,29 @@ def test_train_graph_replays_like_the_eager_static_step(tmp_path, optimizer):
             _close(value, graphed.optimizer.state_dict()[key], 1e-5)
     assert [r["valid_perplexity"] for r in eager.history] == pytest.approx(
         [r["valid_perplexity"] for r in graphed.history], rel=1e-5)
+
+
+@pytest.mark.parametrize("cell, options", [
+    ("lstm", dict(layers=2, dropout=0.3, tied=True)),
+    ("gru", dict(layers=2, dropout=0.3, variational=True, embedding_size=5)),
+    ("lstm", dict(embedding_size=0)),
+], ids=["lstm-dropout-tied", "gru-variational", "lstm-no-embedding"])
+@pytest.mark.parametrize("truncation", [None, 2])
+def test_the_new_cells_match_the_cpu(cell, options, truncation):
+    """The LSTM and the GRU (issue 17) on CUDA: the same masks (drawn on the CPU, moved), the same loss
+    and gradients; the embedding's product takes the per-position path there (no torch.unique)."""
+    from bptt.engine.sweep import loss_and_grads
+    from bptt.model import ModelConfig, build_model
+
+    config = ModelConfig(vocab_size=V, hidden_size=6, cell=cell, dtype="float64", init_range=0.5, **options)
+    models = [build_model(config, seed=4, device=d) for d in ("cpu", "cuda")]
+    x, y = _tokens(2)
+    masks = models[0].net.draw_masks(7, 3, torch.Generator().manual_seed(1), dtype=torch.float64, device="cpu")
+    out = []
+    for m in models:
+        moved = None if masks is None else {k: v.to(m.device) for k, v in masks.items()}
+        out.append(loss_and_grads(m.net, m.params, x.to(m.device), y.to(m.device), m.zero_state(3),
+                                  truncation=truncation, masks=moved))
+    _close(out[0][0], out[1][0])
+    for name in out[0][1]:
+        _close(out[0][1][name], out[1][1][name])
