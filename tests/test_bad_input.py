@@ -380,6 +380,20 @@ BAD_OPTIONS = [
     (TRAIN + ["--device", "tpu"], "--device"),
     (["train", "--train", "{t}", "--model", "{new}"], "--valid"),
     (["train", "--resume", "{new}"], "{new}"),
+    (TRAIN + ["--data", "{t}"], "--data"),  # --data is instead of --train and --valid
+    (["train", "--data", "{t}", "--model", "{new}"], "{t}"),  # not a directory written by bptt prepare
+    (["train", "--data", "{t}", "--model", "{new}", "--unit", "char"], "--unit"),  # the vocabulary is DATA's
+    (["train", "--data", "{t}", "--model", "{new}", "--min-count", "2"], "--min-count"),
+    (["prepare", "--train", "{t}", "--out", "{new}"], "--valid"),
+    (["prepare", "--train", "{t}", "--valid", "{t}", "--out", "{new}", "--min-count", "0"], "--min-count"),
+    (["prepare", "--train", "{t}", "--valid", "{t}", "--out", "{new}", "--max-vocab", "1"], "--max-vocab"),
+    (["prepare", "--train", "{t}", "--valid", "{t}", "--out", "{new}", "--unit", "byte"], "--unit"),
+    (["prepare", "--train", "{t}", "--valid", "{t}", "--out", "{m}"], "{m}"),  # not empty
+    (["prepare", "--train", "{t}", "--valid", "{t}", "--out", "{m}", "--force"], "{m}"),  # not a prepared DATA
+    (["eval", "--model", "{m}", "--data", "{t}"], "{t}"),
+    (["eval", "--model", "{m}", "--test", "{t}", "--data", "{t}"], "--data"),
+    (["eval", "--model", "{m}", "--test", "{t}", "--split", "valid"], "--split"),
+    (["eval", "--model", "{m}", "--data", "{new}", "--split", "dev"], "--split"),
     (["eval", "--model", "{m}"], "--test"),
     (["eval", "--model", "{new}", "--test", "{t}"], "{new}"),
     (["eval", "--model", "{m}", "--test", "{t}", "--dynamic", "-0.1"], "--dynamic"),

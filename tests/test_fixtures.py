@@ -24,34 +24,41 @@ X = torch.tensor([[0, 3, 5], [4, 2, 7], [9, 1, 0], [2, 2, 3]])
 Y = torch.tensor([[3, 5, 2], [2, 7, 1], [1, 0, 4], [6, 3, 8]])
 
 
-def _close(got: float, want: float, scale: float = 1.0) -> None:
-    assert abs(got - want) <= 1e-9 * max(abs(want), scale), (got, want)
+# A float64 model must give that code's numbers to 1e-9; a float32 one to 1e-6 relative (a few float32
+# rounding steps): the arithmetic may be reordered for speed (issue 18: the hierarchical softmax's sparse
+# products sum each path in another order), which moves float32 results in their last bits, never more.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-6}
+
+
+def _close(got: float, want: float, scale: float = 1.0, tol: float = 1e-9) -> None:
+    assert abs(got - want) <= tol * max(abs(want), scale), (got, want)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_format_1_models_give_the_same_numbers(name):
     model, vocab, config = load_model(FIXTURES / "format1" / name)
     want = EXPECTED[name]
+    tol = TOLERANCE[model.flat.data.dtype]
     if "eval_nats" in want:
         test = encode(FIXTURES / "test.txt", vocab)
-        _close(evaluate_corpus(model, test, vocab).nats, want["eval_nats"])
+        _close(evaluate_corpus(model, test, vocab).nats, want["eval_nats"], tol=tol)
         got = score_file(model, vocab, FIXTURES / "test.txt").ln_probs.tolist()
         assert len(got) == len(want["score_ln"])
         for g, w in zip(got, want["score_ln"]):
-            _close(g, w)
+            _close(g, w, tol=tol)
         assert sample(model, vocab, words=20, temperature=0.9, top_k=8, prompt=["the"], seed=3) == want["sample"]
     if "dynamic_nats" in want:
-        _close(dynamic_stream_nats(model, test.ids, 0, lr=0.05, block=5), want["dynamic_nats"])
+        _close(dynamic_stream_nats(model, test.ids, 0, lr=0.05, block=5), want["dynamic_nats"], tol=tol)
         model, vocab, config = load_model(FIXTURES / "format1" / name)  # dynamic evaluation changed it
     if hasattr(model.output, "freeze_noise"):
         model.output.freeze_noise(torch.tensor([1, 4, 4, 9]))
     loss, grads, h = model.loss_and_grads(X, Y)
-    _close(float(loss), want["loss"])
+    _close(float(loss), want["loss"], tol=tol)
     assert sorted(grads) == sorted(want["grad_sums"])
     for k, g in grads.items():
-        _close(float(g.double().sum()), want["grad_sums"][k], scale=want["grad_abs_sums"][k])
-        _close(float(g.double().abs().sum()), want["grad_abs_sums"][k])
-    _close(float(h.double().sum()), want["h_sum"], scale=1.0)
+        _close(float(g.double().sum()), want["grad_sums"][k], scale=want["grad_abs_sums"][k], tol=tol)
+        _close(float(g.double().abs().sum()), want["grad_abs_sums"][k], tol=tol)
+    _close(float(h.double().sum()), want["h_sum"], scale=1.0, tol=tol)
 
 
 @pytest.mark.parametrize("name", ["softmax", "class"])

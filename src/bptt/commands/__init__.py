@@ -6,6 +6,7 @@ when that command runs, so `bptt eval` never imports the benchmark or the plotti
 """
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("bptt.commands.prepare", "encode texts once into memory-mapped token files for train --data, eval --data"),
     "train": ("bptt.commands.train", "train a language model on a text corpus"),
     "eval": ("bptt.commands.eval", "perplexity, entropy (bits/token), tokens and OOV rate of a text under a model"),
     "gradcheck": ("bptt.commands.gradcheck", "check the explicit gradients against finite differences, autograd and RTRL"),

@@ -2,27 +2,34 @@
 
 The text is scored as one stream from <eos> (bptt.evaluation); every <eos> counts as a token. With
 --dynamic, rnnlm's dynamic evaluation: each block is scored, then the model takes one SGD step on it
-(the saved model is not changed).
+(the saved model is not changed). With --data DATA --split S, a split of a directory written by
+`bptt prepare` (memory-mapped) instead of a text: the same numbers as evaluating its text.
 """
 
 from __future__ import annotations
 
 import json
 
-from bptt.data import encode
+from bptt.data import CorpusError, encode
 from bptt.evaluation import evaluate_corpus
+from bptt.prepared import SPLITS, VOCAB_FILE, load_prepared
 from bptt.storage.saved_model import load_model, saved_unit
 
 EXAMPLES = """examples:
   bptt eval --model m --test ptb.test.txt
   bptt eval --model m --test ptb.test.txt --json
   bptt eval --model m --test ptb.test.txt --dynamic 0.01    # rnnlm -dynamic: learn from the text as it is read
+  bptt eval --model m --data ptb-data --split test          # a split of bptt prepare's DATA: the same numbers
 """
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory written by bptt train")
-    parser.add_argument("--test", required=True, help="text to evaluate, one sentence per line (.txt or .gz)")
+    parser.add_argument("--test", help="text to evaluate, one sentence per line (.txt or .gz)")
+    parser.add_argument("--data", metavar="DATA", help="instead of --test: a directory written by bptt prepare "
+                        "with the model's vocabulary")
+    parser.add_argument("--split", choices=SPLITS, default=None,
+                        help="with --data: the split to evaluate (default test)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dynamic", type=float, default=None, metavar="LR",
@@ -33,8 +40,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if (args.test is None) == (args.data is None):
+        raise ValueError("bptt eval needs --test F or --data DATA" if args.test is None
+                         else "--data: give either --test F or --data DATA, not both")
+    if args.split is not None and args.data is None:
+        raise ValueError("--split: only with --data DATA")
     model, vocab, config = load_model(args.model, args.device)
-    corpus = encode(args.test, vocab, saved_unit(config, vocab))
+    if args.data is not None:
+        prepared = load_prepared(args.data)
+        if prepared.vocab.words != vocab.words or prepared.unit != saved_unit(config, vocab):
+            raise CorpusError(prepared.path / VOCAB_FILE, f"is not the vocabulary of the model {args.model} (prepared "
+                              "from other texts or options): evaluate its text with --test instead")
+        corpus = prepared.split(args.split or "test")
+    else:
+        corpus = encode(args.test, vocab, saved_unit(config, vocab))
     result = evaluate_corpus(model, corpus, vocab, args.dynamic, args.dynamic_block)
     dynamic = {} if args.dynamic is None else {"dynamic_lr": args.dynamic, "dynamic_block": args.dynamic_block}
     if args.json:

@@ -29,7 +29,9 @@ from bptt import checks
 from bptt.data import check_input_file
 from bptt.engine.cells import CELLS
 from bptt.model.config import ModelConfig
+from bptt.prepared import load_prepared
 from bptt.training.config import DEFAULT_LR, SCHEDULES, TrainConfig
+from bptt.training import distributed
 from bptt.training.divergence import TrainingDiverged
 from bptt.training.run_dir import EPOCHS_DIR, METRICS_FILE, STATE_DIR
 from bptt.training.trainer import Trainer
@@ -38,6 +40,7 @@ EXAMPLES = """examples:
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m
   bptt train --train a.txt --valid b.txt --model m --hidden 300 --bptt 4 --bptt-block 10 --lr 5
   bptt train --train a.txt --valid b.txt --model m --independent --optimizer sgd --lr 5
+  bptt prepare --train a.txt --valid b.txt --out data && bptt train --data data --model m   # memory-mapped corpora
   bptt train --resume m      # after a kill, Ctrl-C (exit 130) or SIGTERM (exit 143): same weights in the end
   # PTB in under a minute on 2 cores (test perplexity 148.6): class softmax, the last epoch at half the rate
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --output class --classes 100 \\
@@ -96,10 +99,14 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", help="training text, one sentence per line (.txt or .gz)")
     parser.add_argument("--valid", help="validation text for the schedule and model selection")
+    parser.add_argument("--data", metavar="DATA",
+                        help="instead of --train and --valid: a directory written by bptt prepare (its vocabulary, "
+                        "its corpora memory-mapped; the same model as from the texts)")
     parser.add_argument("--model", help="output directory")
     parser.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
-    parser.add_argument("--unit", choices=("word", "char"), default="word", help="tokens: words or characters")
-    parser.add_argument("--min-count", type=int, default=1, help="rarer words map to <unk>")
+    parser.add_argument("--unit", choices=("word", "char"), default=None,
+                        help="tokens: words or characters (default word; with --data: as prepared)")
+    parser.add_argument("--min-count", type=int, default=None, help="rarer words map to <unk> (default 1)")
     parser.add_argument("--max-vocab", type=int, default=None, help="keep at most N entries (incl. <eos>, <unk>)")
     add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=32, help="parallel streams B (default 32)")
@@ -164,14 +171,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="stop after N steps in all (resumable with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument("--backend", choices=distributed.BACKENDS, default=None,
+                        help="under torchrun (data-parallel training, N processes one model): the process group's "
+                        "backend (default gloo on the CPU, nccl with --device cuda)")
+    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT, metavar="S",
+                        help="under torchrun: seconds a rank waits for the others inside a step before the run "
+                        f"stops with an error (default {distributed.DEFAULT_TIMEOUT:g})")
     parser.add_argument("--force", action="store_true", help="train into a --model DIR that holds a model or training state: its model, vocabulary, metrics and state are deleted first")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of a new run's options (validated)."""
+    """The TrainConfig of a new run's options (validated). With --data, the vocabulary's options are
+    refused: they are DATA's (set by bptt prepare)."""
+    data = getattr(args, "data", None)
+    if data is not None:
+        given = [f"--{name.replace('_', '-')}" for name in ("unit", "min_count", "max_vocab")
+                 if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]}: with --data the vocabulary is the one bptt prepare made ({data}/meta.json)")
     return TrainConfig(
         train=args.train, valid=args.valid, model=args.model, model_config=model_config_from_args(args),
-        unit=args.unit, min_count=args.min_count, max_vocab=args.max_vocab, batch=args.batch, bptt=args.bptt,
+        unit=args.unit or "word", min_count=1 if args.min_count is None else args.min_count, max_vocab=args.max_vocab,
+        data=data, batch=args.batch, bptt=args.bptt,
         bptt_block=args.bptt_block, truncation=args.truncation, independent=args.independent,
         epochs=TrainConfig.epochs if args.epochs is None else args.epochs, lr=args.lr, optimizer=args.optimizer,
         clip=TrainConfig.clip if args.clip is None else args.clip, ar=args.ar or 0.0, tar=args.tar or 0.0,
@@ -205,10 +226,12 @@ def check_train_directory(args: argparse.Namespace) -> None:
             f"--model {directory}: already holds a model or training state ({found[0]}); continue it with "
             f"`bptt train --resume {directory}`, choose a new directory, or add --force to overwrite it"
         )
-    for option in ("train", "valid"):
-        if not getattr(args, option, None):
-            raise ValueError(f"bptt train needs --{option} (or --resume DIR)")
-        check_input_file(getattr(args, option))
+    _check_corpus_options(args)
+    if args.data is not None:
+        load_prepared(args.data, verify=False)
+    else:
+        for option in ("train", "valid"):
+            check_input_file(getattr(args, option))
     config_from_args(args)
     for name in RUN_FILES:
         _unlink(directory / name)
@@ -219,6 +242,18 @@ def check_train_directory(args: argparse.Namespace) -> None:
             if sub.name.startswith("epoch-"):
                 _delete_files_and_dir(sub)
         _delete_files_and_dir(epochs)
+
+
+def _check_corpus_options(args: argparse.Namespace) -> None:
+    """--train and --valid, or --data: one line for a missing one or for both kinds given."""
+    if getattr(args, "data", None) is not None:
+        both = [f"--{name}" for name in ("train", "valid") if getattr(args, name)]
+        if both:
+            raise ValueError(f"--data: give either --data DATA or --train and --valid, not {both[0]} too")
+        return
+    missing = [f"--{name}" for name in ("train", "valid", "model") if not getattr(args, name)]
+    if missing:
+        raise ValueError(f"bptt train needs {', '.join(missing)} (or --data DATA, or --resume DIR)")
 
 
 def _unlink(path: Path) -> None:
@@ -238,37 +273,61 @@ def _delete_files_and_dir(directory: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_train_directory(args)
+    """Under torchrun every rank runs this; rank 0 alone checks (and with --force clears) DIR and prints
+    the outcome, the others wait for it when the trainer starts the process group (training/distributed.py)."""
+    rank, world, _, _ = distributed.environment()
+    if rank == 0:
+        check_train_directory(args)
     checks.non_negative_int("--checkpoint-every", args.checkpoint_every)
     if args.max_steps is not None:
         checks.non_negative_int("--max-steps", args.max_steps)
+    try:
+        code = _train(args)
+    except distributed.RankLost as e:  # a rank died or hung: torchrun's agent stops the others
+        directory = args.resume or args.model
+        print(f"error: rank {rank} of {world}: another process of this run stopped or does not answer ({e}); "
+              f"the last checkpoint in {directory}/{STATE_DIR} stands: continue with bptt train --resume {directory} "
+              "(under torchrun, any number of processes)", file=sys.stderr)
+        return 1
+    distributed.shutdown()
+    return code
+
+
+def _train(args: argparse.Namespace) -> int:
+    dist_options = {"backend": args.backend, "dist_timeout": args.dist_timeout}
     if args.resume:
-        trainer = Trainer.resume(args.resume, progress=not args.quiet)
+        trainer = Trainer.resume(args.resume, progress=not args.quiet, **dist_options)
         changes = {name: getattr(args, name) for name in Trainer.ADJUSTABLE if getattr(args, name) is not None}
         if changes:
             trainer.adjust(**changes)
         if args.epochs is not None or args.min_improvement is not None:
             trainer.extend(args.epochs, args.min_improvement)
     else:
-        missing = [f"--{name}" for name in ("train", "valid", "model") if not getattr(args, name)]
-        if missing:
-            raise ValueError(f"bptt train needs {', '.join(missing)} (or --resume DIR)")
+        _check_corpus_options(args)
+        if not args.model:
+            raise ValueError("bptt train needs --model (or --resume DIR)")
         config = config_from_args(args)
-        trainer = Trainer(config)
-        trainer.run_dir.start_metrics()
+        trainer = Trainer(config, **dist_options)
+        if trainer.dist.is_main:
+            trainer.run_dir.start_metrics()
+    main = trainer.dist.is_main
     try:
         result = trainer.run(args.max_steps, args.checkpoint_every)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: nothing saved since the last checkpoint
         print(f"interrupted at once; the last checkpoint in {trainer.run_dir.state_dir} stands: "
               f"bptt train --resume {trainer.out}", file=sys.stderr)
         return 130
     if result.interrupted is not None:
-        print(f"interrupted: training state saved in {trainer.run_dir.state_dir}; "
-              f"continue with bptt train --resume {trainer.out}", file=sys.stderr)
+        if main:
+            print(f"interrupted: training state saved in {trainer.run_dir.state_dir}; "
+                  f"continue with bptt train --resume {trainer.out}", file=sys.stderr)
         return 128 + int(result.interrupted)
+    if not main:
+        return 0
     best = result.best_valid
     status = "finished" if result.finished else f"stopped at step {trainer.global_step} (--resume {trainer.out})"
     print(

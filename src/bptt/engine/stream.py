@@ -32,12 +32,16 @@ Tensor = torch.Tensor
 
 def token_blocks(ids, eos_id: int, block: int, device: torch.device | str = "cpu") -> Iterator[tuple[Tensor, Tensor]]:
     """ids (N,) int -> blocks (x (T,1), y (T,1)) int64 of one stream: y are the N tokens, x the tokens
-    before them, the first being <eos> (the history a corpus starts from); T = block but the last."""
-    tokens = torch.from_numpy(np.concatenate(([eos_id], np.asarray(ids))).astype(np.int64)).to(device)
-    for start in range(0, tokens.numel() - 1, block):
-        y = tokens[start + 1 : start + block + 1].unsqueeze(1)
-        x = tokens[start : start + y.shape[0]].unsqueeze(1)
-        yield x, y
+    before them, the first being <eos> (the history a corpus starts from); T = block but the last.
+
+    Lazy: ids (an array or a read-only np.memmap, any integer dtype) is read block by block, T + 1
+    tokens converted to int64 at a time, never copied whole."""
+    ids = np.asarray(ids).reshape(-1)
+    for start in range(0, len(ids), block):
+        y = ids[start : start + block]
+        x_first = ids[start - 1 : start] if start else np.array([eos_id])
+        window = torch.from_numpy(np.concatenate((x_first, y)).astype(np.int64)).to(device)  # (T + 1,)
+        yield window[:-1].unsqueeze(1), window[1:].unsqueeze(1)
 
 
 class Stream:

@@ -55,14 +55,25 @@ class TruncatedBPTT:
         # the dropout masks' source (None: no dropout); its state is part of state_dict, so that a
         # resumed run draws the same masks
         self.generator = generator
+        # (start, stop, total): the blocks are the streams start:stop of a batch of `total` (data-parallel
+        # training, training/distributed.py); the masks are drawn for the whole batch and these columns kept,
+        # so that each part of the batch is dropped exactly as in one process. None: the block is the batch.
+        self.columns: tuple[int, int, int] | None = None
         self.reset()
 
     def masks(self, T: int, B: int) -> Masks | None:
-        """Fresh dropout masks for a block of T steps and B streams, or None (no generator, no dropout)."""
+        """Fresh dropout masks for a block of T steps and B streams, or None (no generator, no dropout).
+        With `columns` set, the masks of the whole batch (T, total, n) are drawn and columns start:stop kept."""
         if self.generator is None:
             return None
         flat = self.model.flat.data
-        return self.model.net.draw_masks(T, B, self.generator, dtype=flat.dtype, device=flat.device)
+        if self.columns is None:
+            return self.model.net.draw_masks(T, B, self.generator, dtype=flat.dtype, device=flat.device)
+        start, stop, total = self.columns
+        if stop - start != B or not 0 <= start <= stop <= total:
+            raise ValueError(f"a block of {B} streams is not the columns {start}:{stop} of a batch of {total}")
+        masks = self.model.net.draw_masks(T, total, self.generator, dtype=flat.dtype, device=flat.device)
+        return None if masks is None else {site: m[:, start:stop] for site, m in masks.items()}
 
     def reset(self) -> None:
         """Forget the carried state and the history (start of a new stream)."""
@@ -169,6 +180,18 @@ class TruncatedBPTT:
         self.history = net.tail(window, keep) if keep > 0 else None
         self.stream.carry(new_state)  # after the backward, which read the state the block started from
         return loss, self.grads
+
+
+def stream_dim(key: str) -> int | None:
+    """The dimension of a state_dict() tensor that runs over the B parallel streams: 0 for the carried
+    state (B,m) and the history's start states, 1 for the time-major ones (the direct connections' context
+    (K−1,B), the history's inputs (T,B), cached steps and masks (T,B,…)); None for what all streams share
+    (the dropout generator). Data-parallel training joins and splits the state along it."""
+    if key == "dropout_rng":
+        return None
+    if key.startswith("state") or ".state0." in key or key == "hist_start":  # "state" and "hist_start": legacy
+        return 0
+    return 1
 
 
 def _legacy_keys(d: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -30,8 +30,8 @@ LEGACY_MODEL_KEYS = {"hidden": "hidden_size", "activation": "hidden_activation",
 
 @dataclass
 class TrainConfig:
-    train: str
-    valid: str
+    train: str | None  # the training text (None with data)
+    valid: str | None  # the validation text (None with data)
     model: str  # the run directory
     model_config: ModelConfig = field(default_factory=ModelConfig)  # what is trained (vocab_size from the corpus)
     unit: str = "word"
@@ -63,6 +63,11 @@ class TrainConfig:
     device: str = "cpu"
     graph: bool = False  # each block's whole step (update included) replayed as one CUDA graph (static step)
     progress: bool = True
+    # a directory written by `bptt prepare`, instead of train and valid: its vocabulary and its memory-mapped
+    # corpora; the trainer sets unit, min_count and max_vocab from it, and data_sha256 (the sha256 of its
+    # meta.json), which a resumed run checks
+    data: str | None = None
+    data_sha256: str | None = None
 
     @classmethod
     def from_options(cls, **options: Any) -> TrainConfig:
@@ -75,6 +80,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """ValueError naming the command-line option of a bad value."""
+        if self.data is not None and (self.train is not None or self.valid is not None):
+            raise ValueError("--data: give either --data DATA or --train and --valid, not both")
+        if self.data is None and (not self.train or not self.valid):
+            raise ValueError(f"bptt train needs {'--valid' if self.train else '--train'} (or --data DATA)")
         self.model_config.validate(MODEL_LABELS)
         for option in ("batch", "bptt", "epochs", "min_count"):
             checks.positive_int(f"--{option.replace('_', '-')}", getattr(self, option))

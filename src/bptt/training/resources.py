@@ -25,7 +25,12 @@ per block; P = number of parameters):
                                      class: N·(C + mean class size of a target); hsm: N·depth·m;
                                      nce/sampled: N·64 + 64·m
     evaluation        2·b·V·s        the valid set goes through in blocks of b = eval_block(V) positions
-    data              8 bytes/token  the int64 copies of the training stream (inputs, targets) and valid
+    data              16·(T+1)·B     each block's int64 copy (the batchers and the evaluation read the ids
+                                     lazily); --independent: + 24 bytes per training sentence (the starts,
+                                     lengths and order of data.SentenceBatches). The corpora themselves are
+                                     not counted: an encoded corpus is already resident when the guard runs
+                                     (the memory available excludes it) and a prepared one (`bptt prepare`,
+                                     train --data) is a memory map, in the reclaimable page cache
 
 and compares it with the memory available: /proc/meminfo's MemAvailable (bounded by a cgroup v2 limit
 when there is one; os.sysconf elsewhere), or torch.cuda.mem_get_info for --device cuda. A run that does
@@ -35,6 +40,7 @@ machine has; nothing of the model's size has been allocated by then.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -126,10 +132,13 @@ def estimate_training_memory(
     independent: bool = False,
     longest_sentence: int = 0,
     word_counts: Any = None,
+    train_sentences: int = 0,
 ) -> MemoryEstimate:
     """The memory a training run of the model `config` (with its vocab_size) needs at its peak, by part
     (see the module docstring). Arithmetic on Python integers and the shapes the network declares:
-    nothing of the model's size is allocated, and absurd sizes give absurd (not overflowing) numbers."""
+    nothing of the model's size is allocated, and absurd sizes give absurd (not overflowing) numbers.
+    train_tokens and valid_tokens are not counted (the corpora are read lazily: see "data");
+    train_sentences is, with independent."""
     V, m, B = int(config.vocab_size), int(config.hidden_size), int(batch)
     s = torch.empty((), dtype=config.torch_dtype).element_size()
     k2 = int(k2 if k2 is not None else k1)
@@ -165,7 +174,7 @@ def estimate_training_memory(
         "activations": activations * s,
         "output workspace": workspace,
         "evaluation": 2 * eval_block(V) * (V + m) * s,
-        "data": 8 * (2 * int(train_tokens) + int(valid_tokens) + 1),
+        "data": 16 * (T + 1) * B + (24 * int(train_sentences) if independent else 0),
     }
     return est
 
@@ -249,23 +258,34 @@ def check_memory(est: MemoryEstimate, device: str | torch.device, culprit: str,
 
 
 def estimate_for_config(config: Any, model_config: ModelConfig, train_tokens: int = 0, valid_tokens: int = 0,
-                        longest_sentence: int = 0, word_counts: Any = None) -> MemoryEstimate:
+                        longest_sentence: int = 0, word_counts: Any = None, train_sentences: int = 0) -> MemoryEstimate:
     """estimate_training_memory for a bptt.training.TrainConfig and the model it trains (with its vocab_size)."""
     return estimate_training_memory(
         model_config, batch=config.batch, k1=config.k1, k2=config.k2, optimizer=config.optimizer,
         train_tokens=train_tokens, valid_tokens=valid_tokens, independent=config.independent,
-        longest_sentence=longest_sentence, word_counts=word_counts,
+        longest_sentence=longest_sentence, word_counts=word_counts, train_sentences=train_sentences,
     )
 
 
 def guard_training(config: Any, model_config: ModelConfig, vocab: Any, train_corpus: Any, valid_corpus: Any,
-                   available: int | None = None) -> MemoryEstimate:
+                   available: int | None = None, *, streams: int | None = None, processes: int = 1) -> MemoryEstimate:
     """Called by the trainer once the corpora are encoded and before the model exists: a ValueError
     naming --batch if the training corpus cannot fill B streams, a ResourceError if the run does not
-    fit in memory. Returns the estimate."""
+    fit in memory. Returns the estimate.
+
+    Data-parallel training (training/distributed.py): `streams` is the largest share of --batch that one
+    rank runs (the estimate is then one rank's), `processes` the ranks that share this machine's memory
+    (each may use 1/processes of what is available)."""
     if not config.independent:
         stream_length(train_corpus.tokens, config.batch, train_corpus.path)
+    whole = config.batch
+    if streams is not None:  # one rank's share of the streams: estimated as a run of that --batch
+        config = dataclasses.replace(config, batch=int(streams))
+    if processes > 1:
+        available = available_memory(config.device) if available is None else available
+        available = None if available is None else available // int(processes)
     longest = int(train_corpus.sentence_lengths.max()) if config.independent and train_corpus.tokens else 0
-    est = estimate_for_config(config, model_config, train_corpus.tokens, valid_corpus.tokens, longest, vocab.counts)
-    check_memory(est, config.device, _culprit(est, config.batch, config.k1, model_config.output), available)
+    est = estimate_for_config(config, model_config, train_corpus.tokens, valid_corpus.tokens, longest, vocab.counts,
+                              len(train_corpus.sentence_starts))
+    check_memory(est, config.device, _culprit(est, whole, config.k1, model_config.output), available)
     return est

@@ -2,8 +2,9 @@
 
     gradients   the engine: BPTT(k1, k2) with the state carried across blocks (engine/tbptt.py), or,
                 for sentences (--independent), one sweep from the zero state (engine/sweep.py)
-    reduction   the seam where data-parallel training combines the gradients of several processes
-                (identity in one process): one operation on the flat gradient buffer
+    reduction   where data-parallel training combines the gradients of several processes: one
+                all-reduce of the flat gradient buffer (training/distributed.py, GradientSum; the
+                identity in one process)
     mean        the gradients divided by the block's counted tokens
     clipping    to a global norm (the norm before clipping is returned, for the divergence checks)
     update      the optimizer's rule over the flat parameter buffer

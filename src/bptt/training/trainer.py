@@ -26,6 +26,11 @@ and 143). A step whose loss or gradients are not finite, or whose gradient norm 
 before clipping) exceeds --max-grad-norm, is not applied: the run rolls back to the last saved
 state, halves the learning rate and goes on; 5 rollbacks in a row without a checkpoint in between
 stop it (exit code 1). No checkpoint ever holds NaN or Inf.
+
+Data-parallel training (training/distributed.py): under torchrun every rank runs a Trainer on its
+share of the B streams and the same steps; the gradients are summed over the ranks inside the step,
+rank 0 alone validates (the result is broadcast), prints and writes DIR, with the carried state of
+every rank joined, so that a checkpoint is the one-process run's whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -45,10 +50,12 @@ import torch
 from tqdm import tqdm
 
 from bptt.data import SentenceBatches, StreamBatches, Vocab, encode
+from bptt.prepared import load_prepared
 from bptt.evaluation import Evaluation, evaluate_corpus
 from bptt.model import build_model
 from bptt.storage.checkpoint import CheckpointError, pack_state, rng_state, set_rng_state, unpack_state
 from bptt.storage.saved_model import VOCAB_FILE, VOCAB_SHA_KEY
+from bptt.training import distributed
 from bptt.training.config import TrainConfig
 from bptt.training.divergence import (
     MAX_ROLLBACKS,
@@ -63,7 +70,7 @@ from bptt.training.resources import guard_training
 from bptt.training.run_dir import STATE_DIR, RunDirectory
 from bptt.engine.dropout import dropout_generator
 from bptt.training.schedules import MikolovSchedule, PlateauSchedule, StepSchedule
-from bptt.training.step import StaticTrainStep, TrainStep
+from bptt.training.step import StaticTrainStep, TrainStep, no_reduction
 
 __all__ = ["MAX_ROLLBACKS", "STATE_DIR", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "train"]
 
@@ -95,23 +102,48 @@ class Trainer:
     not. The last state saved is also kept in memory: a diverging step rolls back to it (train_step).
     """
 
-    def __init__(self, config: TrainConfig, vocab: Vocab | None = None):
+    def __init__(self, config: TrainConfig, vocab: Vocab | None = None, *, backend: str | None = None,
+                 dist_timeout: float | None = None):
         config.validate()
         self.config = config
+        # data-parallel training under torchrun (training/distributed.py): the process group, this rank's
+        # place; one process without torchrun's environment. backend, dist_timeout: --backend, --dist-timeout
+        self.dist = distributed.setup(config.device, backend, dist_timeout)
+        if self.dist.active:
+            if config.graph:
+                raise ValueError("--graph runs in one process (the reduction of several is not captured)")
+            if config.batch < self.dist.world:
+                raise ValueError(f"--batch {config.batch}: fewer streams than the {self.dist.world} processes "
+                                 "(each runs a share of the B streams)")
         self.run_dir = RunDirectory(config.model)
         self.run_dir.create()
         self.out = self.run_dir.path
+        prepared = None
+        if config.data is not None:  # `bptt prepare`'s DATA: its vocabulary, its corpora memory-mapped
+            prepared = load_prepared(config.data, expected_sha256=config.data_sha256)  # resume: the same DATA
+            config.unit, config.min_count, config.max_vocab = prepared.unit, prepared.min_count, prepared.max_vocab
+            config.data_sha256 = prepared.sha256
         if vocab is None:
-            vocab = Vocab.build(config.train, config.unit, config.min_count, config.max_vocab)
-            vocab.save(self.run_dir.vocab_path)
+            if prepared is not None:
+                vocab = prepared.vocab
+            else:
+                vocab = Vocab.build(config.train, config.unit, config.min_count, config.max_vocab)
+            if self.dist.is_main:  # one writer (several ranks: rank 0)
+                vocab.save(self.run_dir.vocab_path)
         self.vocab = vocab
-        self._vocab_sha = self.run_dir.vocab_sha()  # recorded in checkpoints, checked on resume
-        self.train_corpus = encode(config.train, vocab, config.unit)
-        self.valid_corpus = encode(config.valid, vocab, config.unit)
+        # recorded in checkpoints, checked on resume; several ranks: rank 0's, once it has written the file
+        self._vocab_sha = self.dist.broadcast(self.run_dir.vocab_sha() if self.dist.is_main else None)
+        if prepared is not None:
+            self.train_corpus, self.valid_corpus = prepared.split("train"), prepared.split("valid")
+        else:
+            self.train_corpus = encode(config.train, vocab, config.unit)
+            self.valid_corpus = encode(config.valid, vocab, config.unit)
         model_config = config.model_config.with_vocab(len(vocab))
-        guard_training(config, model_config, vocab, self.train_corpus, self.valid_corpus)  # refuse before allocating
+        guard_training(config, model_config, vocab, self.train_corpus, self.valid_corpus,  # refuse before allocating
+                       **self._memory_share())
         torch.manual_seed(config.seed)
-        self.model = build_model(model_config, word_counts=vocab.counts, seed=config.seed, device=config.device)
+        self.model = build_model(model_config, word_counts=vocab.counts, seed=config.seed,
+                                 device=self.dist.device(config.device))
         capturable = config.graph and self.model.device.type == "cuda"  # the step count on the device
         self.optimizer = make_optimizer(config.optimizer, self.model.flat, lr=config.initial_lr, weight_decay=config.l2,
                                         decoupled_weight_decay=config.weight_decay, capturable=capturable)
@@ -124,9 +156,11 @@ class Trainer:
         generator = None  # dropout's masks come from their own generator, saved in every checkpoint
         if self.model.net.dropout.active:
             generator = dropout_generator(config.seed, self.model.device)
+        # several ranks: the gradients summed over them, with the loss, the tokens and a stop signal
+        self._reduction = self.dist.reduction(lambda: self._stop_signal)
         self.stepper = TrainStep(self.model, self.optimizer, k1=config.k1, k2=config.k2, truncation=config.truncation,
                                  ar=config.ar, tar=config.tar, clip=config.clip, independent=config.independent,
-                                 generator=generator)
+                                 generator=generator, reduce=self._reduction or no_reduction)
         self.static_step = StaticTrainStep(self.stepper) if config.graph else None  # --graph
         self.lr = config.initial_lr
         self.best = self.model.flat.like(self.model.flat.data.clone())  # the best weights on valid so far
@@ -149,6 +183,92 @@ class Trainer:
     def engine(self):
         """The BPTT(k1, k2) engine that carries the state across blocks (engine/tbptt.py)."""
         return self.stepper.engine
+
+    @property
+    def _progress(self) -> bool:
+        """The progress bar and the per-epoch lines: rank 0's alone."""
+        return self.config.progress and self.dist.is_main
+
+    # -- data-parallel training (training/distributed.py) ----------------------------------------------
+
+    def _memory_share(self) -> dict:
+        """What the memory guard needs of this rank: its largest share of --batch, and how many ranks share
+        this machine's memory (the CPU's ranks on one machine; each CUDA rank has its own device)."""
+        if not self.dist.active:
+            return {}
+        B, N = self.config.batch, self.dist.world
+        shared = self.dist.local_world if self.dist.device(self.config.device).type == "cpu" else 1
+        return {"streams": -(-B // N), "processes": shared}
+
+    def _share_block(self, x, y, mask):
+        """This rank's columns of a block (see distributed.py); the engine draws the masks of the whole
+        batch and keeps the same columns. An empty share (sentence mode, a short last batch) is one column
+        masked out: loss 0, gradients 0, 0 tokens, and the same draws and collectives as the other ranks."""
+        T, B = x.shape
+        start, stop = self.dist.share(B)
+        if stop == start:
+            self.engine.columns = (0, 1, B)
+            pad = torch.zeros((T, 1), dtype=x.dtype)
+            return pad, pad.clone(), torch.zeros((T, 1), dtype=torch.bool)
+        self.engine.columns = (start, stop, B)
+        part = None if mask is None else mask[:, start:stop]
+        c = self.config
+        if c.independent and c.tar and mask is not None:
+            # TAR's term is scaled by counted positions / counted pairs (engine/regularizers.py), which the
+            # engine reads from its own columns: scale it to the whole batch's ratio
+            def ratio(m):
+                m = torch.as_tensor(m, dtype=torch.float64)
+                return float(m.sum()), float((m[1:] * m[:-1]).sum())
+            n, pairs = ratio(mask)
+            n_own, pairs_own = ratio(part)
+            scale = n * pairs_own / (pairs * n_own) if pairs > 0 and pairs_own > 0 else 1.0
+            self.stepper.set_penalties(c.ar, c.tar * scale)
+        return x[:, start:stop], y[:, start:stop], part
+
+    def _stop_requested(self) -> int | None:
+        """The signal that stops the run at this step boundary: this process's own; with several ranks the
+        one they agreed on in the last step's reduction (the same on every rank: all stop at the same step)."""
+        if self._reduction is None:
+            return self._stop_signal
+        if self._reduction.signal is not None:
+            self._stop_signal = self._reduction.signal
+        return self._reduction.signal
+
+    def _agree_stop(self) -> int | None:
+        """A stop signal any rank got (a collective: called by every rank at the same point)."""
+        self._stop_signal = self.dist.agree_signal(self._stop_signal)
+        return self._stop_signal
+
+    def _all_finite(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """all_finite on every rank's state (the carried state differs between ranks)."""
+        return self.dist.all_agree(all_finite(tensors))
+
+    def _validate(self) -> tuple[Evaluation, bool]:
+        """(the valid evaluation, whether DIR holds a best model): rank 0's, broadcast to every rank."""
+        if self.dist.is_main:
+            result = evaluate_corpus(self.model, self.valid_corpus, self.vocab), self.run_dir.has_best_model()
+        else:
+            result = None
+        return self.dist.broadcast(result)
+
+    def _joined(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The state to write: the engine's carried state gathered from every rank along the streams, as
+        one process running all B streams would save it (rank 0; None on the others)."""
+        if not self.dist.active:
+            return tensors
+        engine = self.dist.gather_streams({k[7:]: t for k, t in tensors.items() if k.startswith("engine.")})
+        if engine is None:
+            return None
+        return {**{k: t for k, t in tensors.items() if not k.startswith("engine.")},
+                **{f"engine.{k}": t for k, t in engine.items()}}
+
+    def _own_columns(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of _joined: this rank's columns of the engine state of a checkpoint."""
+        if not self.dist.active:
+            return tensors
+        engine = self.dist.take_streams({k[7:]: t for k, t in tensors.items() if k.startswith("engine.")})
+        return {**{k: t for k, t in tensors.items() if not k.startswith("engine.")},
+                **{f"engine.{k}": t for k, t in engine.items()}}
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -174,6 +294,8 @@ class Trainer:
         """
         if self._snapshot is None:  # called outside run(): the state before the first step
             self._snapshot = self._copy_state(*self._state())
+        if self.dist.active:
+            x, y, mask = self._share_block(x, y, mask)
         if self.static_step is not None:  # --graph: the update is part of the replayed step
             loss_value, norm_value, tokens = self.static_step.run(x, y, self.lr)
         else:
@@ -202,10 +324,12 @@ class Trainer:
         c = self.config
         started = time.perf_counter()
         self._stop_signal = None
+        if self._reduction is not None:
+            self._reduction.signal = None
         with self._signals_caught():
             if self.best_eval is None:
-                self.best_eval = evaluate_corpus(self.model, self.valid_corpus, self.vocab)
-                if c.progress:
+                self.best_eval, _ = self._validate()
+                if self._progress:
                     v = self.valid_corpus
                     print(
                         f"vocabulary {len(self.vocab)} entries; train {self.train_corpus.tokens:,} tokens, "
@@ -220,11 +344,11 @@ class Trainer:
                     self.engine.reset()
                 t0 = time.perf_counter()
                 bar = tqdm(total=self.train_corpus.tokens, initial=self.epoch_tokens, desc=f"epoch {self.epoch}",
-                           unit="tok", disable=not c.progress, leave=False, mininterval=0.5)
+                           unit="tok", disable=not self._progress, leave=False, mininterval=0.5)
                 rolled_back = False
                 for x, y, mask in self._batches():
                     at_max = max_steps is not None and self.global_step >= max_steps
-                    if self._stop_signal is not None or at_max:
+                    if self._stop_requested() is not None or at_max:
                         bar.close()
                         self.epoch_seconds += time.perf_counter() - t0
                         if not self._checkpoint():
@@ -245,10 +369,10 @@ class Trainer:
                 if rolled_back:
                     continue  # the epoch goes on from the restored position
                 self.epoch_seconds += time.perf_counter() - t0
-                if not all_finite(self._state()[0]):
+                if not self._all_finite(self._state()[0]):
                     self._rollback("non-finite weights or optimizer state", self.global_step)
                     continue
-                if self._stop_signal is not None:  # stop before the (possibly long) validation
+                if self._agree_stop() is not None:  # stop before the (possibly long) validation
                     self.save_state()
                     return self._result(started, finished=False)
                 self._end_epoch()
@@ -282,15 +406,16 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         c = self.config
-        valid = evaluate_corpus(self.model, self.valid_corpus, self.vocab)
+        valid, has_best = self._validate()
         decision = self.schedule.update(valid.entropy_bits)
-        if decision.accept and valid.nats <= self.best_eval.nats or not self.run_dir.has_best_model():
+        if decision.accept and valid.nats <= self.best_eval.nats or not has_best:
             self.best_eval = valid
             self.best.data.copy_(self.model.flat.data)
-            self.run_dir.save_best(self.model, self._model_extra(valid))
+            if self.dist.is_main:
+                self.run_dir.save_best(self.model, self._model_extra(valid))
         elif not decision.accept:
             self.model.flat.data.copy_(self.best.data)  # rnnlm: an epoch that made valid worse is undone
-        if c.keep_epochs and decision.accept:  # for checkpoint averaging (bptt average)
+        if c.keep_epochs and decision.accept and self.dist.is_main:  # for checkpoint averaging (bptt average)
             self.run_dir.save_epoch(self.epoch, self.model, self._model_extra(valid), self.vocab)
         record = {
             "epoch": self.epoch,
@@ -303,7 +428,7 @@ class Trainer:
             "tokens_per_s": self.epoch_tokens / max(self.epoch_seconds, 1e-9),
         }
         self.history.append(record)  # metrics.jsonl is rewritten from it by save_state
-        if c.progress:
+        if self._progress:
             print(
                 f"epoch {self.epoch}: lr {self.lr:.3g}  train ppl {perplexity(record['train_entropy_bits']):.1f}  "
                 f"valid ppl {valid.perplexity:.2f}  {record['tokens_per_s']:,.0f} tok/s"
@@ -325,7 +450,7 @@ class Trainer:
     def _checkpoint(self) -> bool:
         """save_state; but if the state holds NaN or Inf, roll back instead and return False."""
         tensors, state = self._state()
-        if not all_finite(tensors):
+        if not self._all_finite(tensors):
             self._rollback("non-finite weights or optimizer state", self.global_step)
             return False
         self._write_state(tensors, state)
@@ -348,9 +473,10 @@ class Trainer:
         self.events.append(self.rollbacks.rollback(reason, epoch=fault_epoch, fault_step=fault_step,
                                                    restored_step=self.global_step, lr=lr))
         state_dir = self.run_dir.state_dir
-        print(f"rollback: {reason} at step {fault_step} (epoch {fault_epoch}); back to the state of step "
-              f"{self.global_step} in {state_dir}, learning rate halved to {lr:.3g}",
-              file=sys.stderr, flush=True)
+        if self.dist.is_main:
+            print(f"rollback: {reason} at step {fault_step} (epoch {fault_epoch}); back to the state of step "
+                  f"{self.global_step} in {state_dir}, learning rate halved to {lr:.3g}",
+                  file=sys.stderr, flush=True)
         self._write_state(*self._state())
         if self.rollbacks.diverged:
             raise TrainingDiverged(
@@ -399,11 +525,15 @@ class Trainer:
         return {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}, json.loads(json.dumps(state))
 
     def _write_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        self.run_dir.write_state(tensors, state)
+        """Rank 0 writes the state of all ranks (the carried state joined); every rank keeps its own copy."""
+        joined = self._joined(tensors)
+        if self.dist.is_main:
+            self.run_dir.write_state(joined, state)
         self._snapshot = self._copy_state(tensors, state)
         written = (len(self.history), len(self.events))
         if written != self._metrics_written:  # after the checkpoint: never ahead of it
-            self.run_dir.write_metrics(self._metrics())
+            if self.dist.is_main:
+                self.run_dir.write_metrics(self._metrics())
             self._metrics_written = written
 
     def _metrics(self) -> list[dict]:
@@ -453,8 +583,10 @@ class Trainer:
         self.best_eval = Evaluation(**state["best_eval"]) if state["best_eval"] else None
 
     @classmethod
-    def resume(cls, directory: str | Path, progress: bool = True) -> Trainer:
-        """Rebuild a trainer from DIR/checkpoint exactly as it was saved."""
+    def resume(cls, directory: str | Path, progress: bool = True, *, backend: str | None = None,
+               dist_timeout: float | None = None) -> Trainer:
+        """Rebuild a trainer from DIR/checkpoint exactly as it was saved (with any number of ranks: each
+        takes its columns of the carried state)."""
         run_dir = RunDirectory(directory)
         where = run_dir.state_dir / "config.json"
         tensors, state = run_dir.read_state()
@@ -463,8 +595,9 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: bad training section: {e}") from None
         config.model, config.progress = str(run_dir.path), progress
-        trainer = cls(config, vocab=Vocab.load(run_dir.vocab_path))
+        trainer = cls(config, vocab=Vocab.load(run_dir.vocab_path), backend=backend, dist_timeout=dist_timeout)
         try:
+            tensors = trainer._own_columns(tensors)
             trainer.load_state(tensors, state)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CheckpointError(f"{where}: the training state does not fit this run: {str(e)[:200]}") from None
@@ -507,7 +640,8 @@ def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: i
     it) and then raises KeyboardInterrupt, so that a caller such as the demo stops too.
     """
     trainer = Trainer(config)
-    trainer.run_dir.start_metrics()
+    if trainer.dist.is_main:
+        trainer.run_dir.start_metrics()
     result = trainer.run(max_steps, checkpoint_every)
     if result.interrupted is not None:
         name = signal.Signals(result.interrupted).name

@@ -16,6 +16,7 @@ the full layer's, the shape is not — and with bias "c" (V−1,).
 from __future__ import annotations
 
 import heapq
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as nnf  # nnf: F is the hidden activation everywhere else
 
 Tensor = torch.Tensor
+
 
 
 def huffman_tree(counts) -> tuple[list[list[int]], list[list[int]]]:
@@ -79,10 +81,78 @@ def pad_paths(paths: list[list[int]], codes: list[list[int]]) -> tuple[Tensor, T
 
 
 @dataclass
+class PathPairs:
+    """The (position, inner node) pairs of N targets' paths, P = Σ_n L(y_n) of them, position by position
+    (each position's nodes in increasing id order): the sparsity pattern of the (N, V−1) matrix of
+    decisions, in CSR form, and the same pairs grouped by node (the pattern transposed, for dV)."""
+
+    crow: Tensor  # (N+1,) int64: the pairs of position n are crow[n]:crow[n+1]
+    nodes: Tensor  # (P,) int64 inner-node ids
+    sign: Tensor  # (P,) ±1 (the dtype of S): +1 for bit 0, −1 for bit 1
+    pos: Tensor  # (P,) int64 the position of each pair
+    by_node: Tensor  # (P,) the pairs' order grouped by node (stable: positions increasing within a node)
+    node_ids: Tensor  # (U,) the distinct nodes, increasing
+    node_crow: Tensor  # (U+1,) int64: node_ids[u]'s pairs are by_node[node_crow[u]:node_crow[u+1]]
+
+
+def path_pairs(nodes: Tensor, signs: Tensor, mask: Tensor, targets: Tensor, dtype: torch.dtype) -> PathPairs:
+    """nodes, signs, mask (V,D) per word (nodes sorted within each path) , targets (N,) -> PathPairs."""
+    sel = mask[targets]  # (N,D)
+    lengths = sel.sum(dim=1)
+    crow = torch.zeros(targets.shape[0] + 1, dtype=torch.int64, device=targets.device)
+    torch.cumsum(lengths, 0, out=crow[1:])
+    pair_nodes = nodes[targets][sel]  # row-major: position by position
+    pos = torch.repeat_interleave(torch.arange(targets.shape[0], device=targets.device), lengths)
+    by_node = torch.argsort(pair_nodes, stable=True)
+    node_ids, counts = torch.unique_consecutive(pair_nodes[by_node], return_counts=True)
+    node_crow = torch.zeros(node_ids.shape[0] + 1, dtype=torch.int64, device=targets.device)
+    torch.cumsum(counts, 0, out=node_crow[1:])
+    return PathPairs(crow, pair_nodes, signs[targets][sel].to(dtype), pos, by_node, node_ids, node_crow)
+
+
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A CSR matrix over given indices. torch marks its sparse CSR tensors "beta" with a warning; the operations
+    used here (sampled_addmm, CSR × dense) are checked against the padded path in tests/test_hsm.py."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
+
+
+def sparse_path_forward(Vw: Tensor, c: Tensor | None, S: Tensor, pairs: PathPairs) -> Tensor:
+    """Vw (V−1,m), c (V−1,)|None, S (N,m) -> z (P,), z_p = v_{node_p} · s_{pos_p} + c_{node_p}.
+
+    The scores of the pairs only: a sampled dense-dense product (S Vᵀ sampled at the CSR pattern), no
+    (N,D,m) gather of node vectors."""
+    pattern = _csr(pairs.crow, pairs.nodes, S.new_zeros(pairs.nodes.shape[0]), (S.shape[0], Vw.shape[0]))
+    z = torch.sparse.sampled_addmm(pattern, S, Vw.t(), beta=0.0).values()
+    return z if c is None else z + c.index_select(0, pairs.nodes)
+
+
+def sparse_path_backward(Vw: Tensor, S: Tensor, pairs: PathPairs, dz: Tensor, dV: Tensor, dc: Tensor | None) -> Tensor:
+    """dz (P,) = ∂L/∂z_p -> dS (N,m); accumulates dV, dc into the rows of the nodes used.
+
+    forward was z_p = v_{node_p} · s_{pos_p} + c_{node_p}; with A (N, V−1) the sparse matrix of the dz:
+      ∂L/∂S = A Vw          (a CSR × dense product)
+      ∂L/∂v_k = Σ_{p: node_p = k} dz_p s_{pos_p} = (Aᵀ S)_k, over the distinct nodes only (Aᵀ compacted
+      to U rows, U = the nodes on the block's paths), then added into their rows of dV
+      ∂L/∂c_k = Σ_{p: node_p = k} dz_p
+    """
+    N = S.shape[0]
+    dS = _csr(pairs.crow, pairs.nodes, dz, (N, Vw.shape[0])) @ Vw
+    At = _csr(pairs.node_crow, pairs.pos.index_select(0, pairs.by_node), dz.index_select(0, pairs.by_node),
+              (pairs.node_ids.shape[0], N))
+    dV.index_add_(0, pairs.node_ids, At @ S)
+    if dc is not None:
+        dc.index_add_(0, pairs.nodes, dz)
+    return dS
+
+
+@dataclass
 class HierarchicalSoftmaxCache:
-    nodes: Tensor  # (N,D) inner-node ids on each target's path (padding: 0)
-    dz_scale: Tensor  # (N,D) w_n · mask · sign: ∂u/∂z times the position's weight, 0 on padding
-    sig: Tensor  # (N,D) σ(u), u = sign · z
+    nodes: Tensor | None  # (N,D) inner-node ids on each target's path (padding: 0); None on the sparse path
+    dz_scale: Tensor  # (N,D) w_n · mask · sign (0 on padding), or (P,) w · sign per pair: ∂u/∂z times the weight
+    sig: Tensor  # (N,D) or (P,): σ(u), u = sign · z
+    pairs: PathPairs | None = None  # the sparse path's pairs
 
 
 class HierarchicalSoftmaxOutput:
@@ -105,13 +175,24 @@ class HierarchicalSoftmaxOutput:
         V = self.vocab_size
         self.table_index = torch.where(self.mask, self.nodes + (V - 1) * bits, 2 * (V - 1))  # (V,D)
         self.depth = self.nodes.shape[1]
+        # each path's nodes in increasing id order (padding last), for the sparse path's CSR rows
+        key, order = torch.sort(torch.where(self.mask, self.nodes, V), dim=1, stable=True)
+        self.sorted_nodes = torch.where(self.mask, key, 0)
+        self.sorted_signs = self.signs.gather(1, order)
+        # the sparse path (sampled_addmm and CSR products, see PathPairs) on the CPU; the padded batched
+        # products elsewhere (and on the CPU with sparse=False: the reference the tests compare with)
+        self.sparse: bool | None = None
         self._device = torch.device("cpu")
 
     def _to(self, device: torch.device) -> None:
         if device != self._device:
             self.nodes, self.signs, self.mask = self.nodes.to(device), self.signs.to(device), self.mask.to(device)
+            self.sorted_nodes, self.sorted_signs = self.sorted_nodes.to(device), self.sorted_signs.to(device)
             self.table_index = self.table_index.to(device)
             self._device = device
+
+    def _use_sparse(self, device: torch.device) -> bool:
+        return device.type == "cpu" if self.sparse is None else self.sparse
 
     def param_shapes(self, vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
         if vocab_size != self.vocab_size:
@@ -134,6 +215,16 @@ class HierarchicalSoftmaxOutput:
     ) -> tuple[Tensor, HierarchicalSoftmaxCache]:
         """S (N,m), targets (N,) -> (L = −Σ_n w_n Σ_d mask · log σ(sign · z), cache)."""
         self._to(S.device)
+        if self._use_sparse(S.device):
+            pairs = path_pairs(self.sorted_nodes, self.sorted_signs, self.mask, targets, S.dtype)
+            u = pairs.sign * sparse_path_forward(params["V"], params.get("c"), S, pairs)  # (P,)
+            per_node = nnf.softplus(-u)  # −log σ(u)
+            if weights is None:
+                loss, scale = per_node.sum(), pairs.sign
+            else:
+                w = weights.index_select(0, pairs.pos)
+                loss, scale = (per_node * w).sum(), pairs.sign * w
+            return loss, HierarchicalSoftmaxCache(None, scale, torch.sigmoid(u), pairs)
         nodes = self.nodes[targets]  # (N,D)
         sign = self.signs[targets].to(S.dtype)  # (N,D) ±1, 0 on padding
         scale = sign if weights is None else sign * weights.unsqueeze(1)
@@ -160,7 +251,9 @@ class HierarchicalSoftmaxOutput:
         and z is linear in v, c, s: dv_{n_d} += ∂L/∂z_nd s_n, dc_{n_d} += ∂L/∂z_nd (a scatter-add:
         a node is on many paths), ds_n = Σ_d ∂L/∂z_nd v_{n_d}.
         """
-        dz = cache.dz_scale * (cache.sig - 1.0)  # (N,D)
+        dz = cache.dz_scale * (cache.sig - 1.0)  # (N,D), or (P,) on the sparse path
+        if cache.pairs is not None:
+            return sparse_path_backward(params["V"], S, cache.pairs, dz, grads["V"], grads.get("c"))
         nodes = cache.nodes
         flat_nodes = nodes.reshape(-1)
         m = S.shape[1]

@@ -1,0 +1,320 @@
+"""Data-parallel training (training/distributed.py): N ranks on gloo train the one model one process trains.
+
+The ranks of most tests are forked from this process (torch imported once) with torchrun's environment
+set (RANK, WORLD_SIZE, MASTER_ADDR, ...), each running the trainer's Python API in float64, so that the
+comparison with the one-process run can be tight (1e-10): the only difference is the order of the sums.
+The slow tests run the real `torchrun ... -m bptt train` (float32, 1e-5), kill a rank with SIGKILL and
+resume the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from bptt.storage.checkpoint import load_checkpoint
+from bptt.training import distributed
+from bptt.training.trainer import STATE_DIR, Trainer, TrainConfig, TrainingDiverged
+from conftest import write_corpus
+
+TIMEOUT = 60  # seconds for one group of ranks; only reached if something hangs
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+ELMAN = dict(hidden_size=8, batch=5, bptt=4)  # 5 streams: shares 2 and 3 on 2 ranks
+LSTM = dict(cell="lstm", layers=2, hidden_size=8, dropout=0.3, dropout_embedding=0.2, variational=True, batch=4,
+            bptt=3, bptt_block=2, output="nce")
+SENTENCES = dict(cell="gru", hidden_size=8, batch=4, independent=True, dropout=0.3, ar=1.0, tar=1.0,
+                 output="sampled")  # 41 sentences: the last batch has 1, and rank 0's share of it is empty
+
+
+@pytest.fixture(autouse=True)
+def no_torchrun_environment(monkeypatch):
+    """This process is the one-process run: no torchrun variables (they would make it a rank)."""
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "train.txt", 41, 0), write_corpus(tmp_path / "valid.txt", 12, 1)
+
+
+def config(corpus, model_dir, **kw) -> TrainConfig:
+    base = dict(train=corpus[0], valid=corpus[1], model=str(model_dir), dtype="float64", epochs=4, seed=3,
+                optimizer="adam", lr=0.01, progress=False)
+    return TrainConfig.from_options(**{**base, **kw})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, job, out: Path) -> None:
+    code = 1
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        trainer, result = job(rank)
+        torch.save({"flat": trainer.model.flat.data.clone(), "step": trainer.global_step,
+                    "interrupted": None if result is None else result.interrupted}, out / f"rank{rank}.pt")
+        code = 0
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+    finally:
+        os._exit(code)
+
+
+def run_ranks(world: int, job, out: Path) -> list[dict]:
+    """job(rank) -> (trainer, result) in `world` forked processes forming one process group; returns each
+    rank's final flat parameters, global step and stop signal. Fails (after killing them) on a hang."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, job, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    errors = "".join((out / f"rank{r}.err").read_text() for r in range(world) if (out / f"rank{r}.err").exists())
+    assert not hung and all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}\n{errors}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def fresh(cfg: TrainConfig, max_steps: int):
+    def job(rank):
+        trainer = Trainer(cfg)
+        return trainer, trainer.run(max_steps=max_steps)
+    return job
+
+
+def resumed(directory: Path, max_steps: int):
+    def job(rank):
+        trainer = Trainer.resume(directory, progress=False)
+        return trainer, trainer.run(max_steps=max_steps)
+    return job
+
+
+def assert_same_state(a_dir: Path, b_dir: Path, tol: float) -> None:
+    """Two checkpoints hold the same training state: every tensor (weights, best weights, optimizer
+    buffers, the carried state and history, generators) to `tol`, the JSON state (epoch, step, rate,
+    schedule, metrics) exactly but for timings."""
+    a, sa = load_checkpoint(a_dir / STATE_DIR)
+    b, sb = load_checkpoint(b_dir / STATE_DIR)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        if a[key].is_floating_point():
+            torch.testing.assert_close(b[key], a[key], rtol=tol, atol=tol, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+    for key in ("epoch", "step_in_epoch", "global_step", "lr", "done", "schedule", "events", "epoch_tokens"):
+        assert sa[key] == sb[key], key
+    assert sb["epoch_nats"] == pytest.approx(sa["epoch_nats"], rel=tol, abs=tol)
+    assert [r["accepted"] for r in sa["history"]] == [r["accepted"] for r in sb["history"]]
+    for ra, rb in zip(sa["history"], sb["history"]):
+        for key in ("valid_entropy_bits", "train_entropy_bits"):
+            assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), key
+
+
+def steps_per_epoch(cfg: TrainConfig) -> int:
+    return sum(1 for _ in Trainer(cfg)._batches())
+
+
+@pytest.mark.parametrize("kw", [ELMAN, LSTM, SENTENCES], ids=["elman-uneven", "lstm-dropout-bptt-block", "sentences"])
+def test_two_ranks_train_the_one_process_model(corpus, tmp_path, kw):
+    """2 ranks == 1 process over several steps across an epoch end (validation, schedule, best model):
+    the same checkpoint (weights, optimizer, carried state joined along the streams) to 1e-10 in
+    float64, and every rank's weights identical bit for bit."""
+    one = config(corpus, tmp_path / "one", **kw)
+    steps = steps_per_epoch(config(corpus, tmp_path / "count", **kw)) + 3
+    Trainer(one).run(max_steps=steps)
+    ranks = run_ranks(2, fresh(config(corpus, tmp_path / "two", **kw), steps), tmp_path / "out")
+    assert [r["step"] for r in ranks] == [steps, steps]
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    assert_same_state(tmp_path / "one", tmp_path / "two", 1e-10)
+    assert (tmp_path / "two" / "model.safetensors").is_file()  # the best model, written by rank 0
+
+
+def test_a_checkpoint_does_not_depend_on_the_number_of_ranks(corpus, tmp_path):
+    """Stopped with 2 ranks and resumed with 1, or stopped with 1 and resumed with 2: the weights of the
+    uninterrupted run (the carried state and BPTT history are gathered on save and split on resume)."""
+    steps = steps_per_epoch(config(corpus, tmp_path / "count", **LSTM))
+    stop, end = steps - 2, steps + 4  # a stop inside the first epoch, an end inside the second
+    Trainer(config(corpus, tmp_path / "straight", **LSTM)).run(max_steps=end)
+
+    run_ranks(2, fresh(config(corpus, tmp_path / "two-one", **LSTM), stop), tmp_path / "a")
+    Trainer.resume(tmp_path / "two-one", progress=False).run(max_steps=end)
+    assert_same_state(tmp_path / "straight", tmp_path / "two-one", 1e-10)
+
+    Trainer(config(corpus, tmp_path / "one-two", **LSTM)).run(max_steps=stop)
+    run_ranks(2, resumed(tmp_path / "one-two", end), tmp_path / "b")
+    assert_same_state(tmp_path / "straight", tmp_path / "one-two", 1e-10)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(corpus, tmp_path):
+    """SIGTERM to rank 1 alone at step 4: every rank stops after the same step with the state saved
+    (the flag travels in the step's reduction), and the resumed run ends where an uninterrupted one does."""
+    steps = steps_per_epoch(config(corpus, tmp_path / "count", **ELMAN)) + 3
+    Trainer(config(corpus, tmp_path / "straight", **ELMAN)).run(max_steps=steps)
+    cfg = config(corpus, tmp_path / "two", **ELMAN)
+
+    def job(rank):
+        trainer = Trainer(cfg)
+        if rank == 1:
+            step = trainer.train_step
+
+            def train_step(*args):
+                if trainer.global_step == 4:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return step(*args)
+            trainer.train_step = train_step
+        return trainer, trainer.run(max_steps=steps)
+
+    ranks = run_ranks(2, job, tmp_path / "out")
+    assert [(r["step"], r["interrupted"]) for r in ranks] == [(5, signal.SIGTERM)] * 2
+    _, state = load_checkpoint(tmp_path / "two" / STATE_DIR)
+    assert state["global_step"] == 5
+    run_ranks(2, resumed(tmp_path / "two", steps), tmp_path / "out2")
+    assert_same_state(tmp_path / "straight", tmp_path / "two", 1e-10)
+
+
+def test_the_ranks_roll_back_together(corpus, tmp_path):
+    """A gradient norm over --max-grad-norm is decided on the all-reduced gradient, the same on every rank:
+    the ranks roll back together, 5 times in a row, and stop as one process does (TrainingDiverged), with
+    the same events and the same state saved."""
+    kw = dict(ELMAN, max_grad_norm=1e-6)
+
+    def diverge(cfg):
+        trainer = Trainer(cfg)
+        with pytest.raises(TrainingDiverged):
+            trainer.run(max_steps=20)
+        return trainer, None
+
+    diverge(config(corpus, tmp_path / "one", **kw))
+    ranks = run_ranks(2, lambda rank: diverge(config(corpus, tmp_path / "two", **kw)), tmp_path / "out")
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    _, state = load_checkpoint(tmp_path / "two" / STATE_DIR)
+    assert len(state["events"]) == 5
+    assert_same_state(tmp_path / "one", tmp_path / "two", 1e-10)
+
+
+def test_shares_cover_the_batch_in_order():
+    for total in range(0, 12):
+        for world in range(1, 5):
+            shares = [distributed.share(total, r, world) for r in range(world)]
+            assert shares[0][0] == 0 and shares[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+            sizes = [stop - start for start, stop in shares]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_memory_guard_estimates_one_ranks_share(corpus, tmp_path):
+    """The guard estimates a rank's activations with its share of --batch and divides the machine's memory
+    among the ranks on it."""
+    from bptt.data import Vocab, encode
+    from bptt.training.resources import ResourceError, guard_training
+
+    cfg = config(corpus, tmp_path / "m", hidden_size=64, batch=4, bptt=35)
+    vocab = Vocab.build(cfg.train)
+    train, valid = encode(cfg.train, vocab), encode(cfg.valid, vocab)
+    model_config = cfg.model_config.with_vocab(len(vocab))
+    whole = guard_training(cfg, model_config, vocab, train, valid, available=1 << 40)
+    half = guard_training(cfg, model_config, vocab, train, valid, available=1 << 40, streams=2)
+    assert half.parts["activations"] * 2 == whole.parts["activations"]
+    with pytest.raises(ResourceError):
+        guard_training(cfg, model_config, vocab, train, valid, available=whole.total + 1, processes=2)
+
+
+# -- the real torchrun ----------------------------------------------------------------------------------
+
+CLI = ["--hidden", "8", "--batch", "5", "--bptt", "4", "--epochs", "3", "--seed", "1", "--quiet"]
+
+
+def torchrun(args: list[str], tmp_path: Path, *, timeout: float = TIMEOUT, nproc: int = 2,
+             logs: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    env["OMP_NUM_THREADS"] = "1"
+    extra = ["--log-dir", str(logs), "--redirects", "3"] if logs is not None else []
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), *extra, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def one_process(args: list[str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    done = subprocess.run([sys.executable, "-m", "bptt", *args], capture_output=True, text=True, timeout=TIMEOUT,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_one_process_model(corpus, tmp_path):
+    """`torchrun --standalone --nproc-per-node 2 -m bptt train ...` == `python -m bptt train ...` (float32)."""
+    data = ["--train", corpus[0], "--valid", corpus[1], *CLI, "--max-steps", "12"]
+    one_process(["train", *data, "--model", "one"], tmp_path)
+    done = torchrun(["-m", "bptt", "train", *data, "--model", "two"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("stopped at step 12") == 1  # rank 0 alone prints
+    assert_same_state(tmp_path / "one", tmp_path / "two", 1e-5)
+
+
+# torchrun runs this instead of `-m bptt` to kill rank KILL_RANK with SIGKILL just before its step KILL_STEP
+KILLED_WORKER = """
+import os, signal, sys
+from bptt.training.trainer import Trainer
+if os.environ.get("RANK") == os.environ["KILL_RANK"]:
+    step = Trainer.train_step
+    def train_step(self, *args):
+        if self.global_step == int(os.environ["KILL_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *args)
+    Trainer.train_step = train_step
+from bptt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_and_resume_finishes_it(corpus, tmp_path):
+    """SIGKILL to rank 1 mid-run: torchrun exits non-zero well within a minute, the surviving rank says so
+    in one line (no traceback), and `--resume` with torchrun finishes the run where an uninterrupted one ends."""
+    data = ["--train", corpus[0], "--valid", corpus[1], *CLI]
+    one_process(["train", *data, "--model", "straight"], tmp_path)
+    (tmp_path / "worker.py").write_text(KILLED_WORKER)
+    os.environ.update(KILL_RANK="1", KILL_STEP="7")
+    try:
+        started = time.monotonic()
+        done = torchrun(["worker.py", "train", *data, "--model", "two", "--checkpoint-every", "3",
+                         "--dist-timeout", "30"], tmp_path, timeout=90, logs=tmp_path / "logs")
+        elapsed = time.monotonic() - started
+    finally:
+        del os.environ["KILL_RANK"], os.environ["KILL_STEP"]
+    assert done.returncode != 0 and elapsed < 60, (done.returncode, elapsed)
+    survivor = Path(glob.glob(str(tmp_path / "logs" / "**" / "0" / "stderr.log"), recursive=True)[0]).read_text()
+    lines = [line for line in survivor.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 of 2:"), survivor
+    assert "--resume two" in lines[0]
+    _, state = load_checkpoint(tmp_path / "two" / STATE_DIR)
+    assert state["global_step"] == 6  # the last checkpoint before the kill
+    done = torchrun(["-m", "bptt", "train", "--resume", "two"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(tmp_path / "straight", tmp_path / "two", 1e-5)
