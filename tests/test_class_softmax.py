@@ -57,10 +57,17 @@ def test_gradients_against_finite_differences_masked_and_unmasked(bias):
     assert max_rel_error(grads, finite_difference_grads(model, x, y, h0)) <= 1e-6
 
 
+@pytest.mark.parametrize("scattered", [False, True], ids=["consecutive-classes", "scattered-classes"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_layer_gradient_against_autograd_of_the_factorized_probability(weighted):
+def test_layer_gradient_against_autograd_of_the_factorized_probability(weighted, scattered):
+    """Frequency binning makes every class a run of consecutive word ids, read and written as slices of
+    V and c; a class map whose classes are scattered over the ids takes the gather/scatter path."""
     model = class_model()
     layer: ClassSoftmaxOutput = model.output
+    assert all(span is not None for span in layer.spans)
+    if scattered:
+        layer = ClassSoftmaxOutput(torch.arange(11) % 4)  # words 0, 4, 8 in class 0, ...: no slices
+        assert all(span is None for span in layer.spans)
     S = torch.rand(7, 5, dtype=torch.float64) - 0.5
     y = torch.tensor([0, 3, 10, 10, 5, 1, 7])
     # position weights (a mask is weights of 0 and 1): 0 and fractions, in classes met more than once

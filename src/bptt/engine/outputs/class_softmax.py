@@ -50,8 +50,8 @@ def frequency_classes(counts, n_classes: int) -> np.ndarray:
 @dataclass
 class ClassSoftmaxCache:
     o_cls: Tensor  # (N,C) P(class | h), then overwritten by its gradient
-    groups: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
-    # per class present among the targets: (rows (n_c,), members (K_c,), inner targets (n_c,), o (n_c,K_c))
+    groups: list[tuple[int, Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list)
+    # per class c present among the targets: (c, rows (n_c,), S's rows (n_c,m), inner targets (n_c,), o (n_c,K_c))
     features: Tensor | None = None  # (N,K) direct-connection offsets, if any
 
 
@@ -74,6 +74,10 @@ class ClassSoftmaxOutput:
         self.index_in_class = torch.empty_like(word_class)  # word -> its position within its class
         for members in self.members:
             self.index_in_class[members] = torch.arange(members.numel())
+        # a class whose words are consecutive ids (frequency binning over count-sorted ids: every class) reads
+        # and writes its rows of V and c as a slice, a view: no gather, no scatter-add
+        self.spans = [slice(int(m[0]), int(m[-1]) + 1) if bool((m == torch.arange(int(m[0]), int(m[0]) + m.numel())).all())
+                      else None for m in self.members]
         self._device = torch.device("cpu")
 
     def _to(self, device: torch.device) -> None:
@@ -92,11 +96,16 @@ class ClassSoftmaxOutput:
         g = self._scores(params["Vc"], params.get("cc"), S)
         return g if features is None else direct_forward_(params["D"], features, self.word_class.numel(), g)
 
-    def _word_scores(self, params: dict[str, Tensor], S: Tensor, members: Tensor, features: Tensor | None) -> Tensor:
-        """S (n,m) of positions whose scores over the words `members` (K_c,) are wanted -> (n,K_c)."""
-        b = params["c"].index_select(0, members) if "c" in params else None
-        g = self._scores(params["V"].index_select(0, members), b, S)
-        return g if features is None else g.add_(direct_gather(params["D"], features, members.unsqueeze(0)))
+    def _class_rows(self, t: Tensor, c: int) -> Tensor:
+        """The rows of V (or c, or their gradients) of class c's words (K_c,…): a view when they are consecutive."""
+        span = self.spans[c]
+        return t[span] if span is not None else t.index_select(0, self.members[c])
+
+    def _word_scores(self, params: dict[str, Tensor], S: Tensor, c: int, features: Tensor | None) -> Tensor:
+        """S (n,m) of positions whose scores over class c's words (K_c,) are wanted -> (n,K_c)."""
+        b = self._class_rows(params["c"], c) if "c" in params else None
+        g = self._scores(self._class_rows(params["V"], c), b, S)
+        return g if features is None else g.add_(direct_gather(params["D"], features, self.members[c].unsqueeze(0)))
 
     def param_shapes(self, vocab_size: int, hidden_size: int, bias: bool) -> dict[str, tuple[int, ...]]:
         if vocab_size != self.word_class.numel():
@@ -125,14 +134,14 @@ class ClassSoftmaxOutput:
         for c, rows in zip(range(self.n_classes), torch.split(order, sizes)):
             if rows.numel() == 0:
                 continue
-            members = self.members[c]
             f_rows = None if features is None else features.index_select(0, rows)
-            g = self._word_scores(params, S.index_select(0, rows), members, f_rows)  # (n_c,K_c)
+            S_rows = S.index_select(0, rows)
+            g = self._word_scores(params, S_rows, c, f_rows)  # (n_c,K_c)
             inner = self.index_in_class[targets.index_select(0, rows)]
             w = None if weights is None else weights.index_select(0, rows)
             loss_c, o = softmax_cross_entropy_forward_(g, inner, w)
             loss = loss + loss_c
-            cache.groups.append((rows, members, inner, o))
+            cache.groups.append((c, rows, S_rows, inner, o))
         return loss, cache
 
     def backward(
@@ -160,15 +169,21 @@ class ClassSoftmaxOutput:
         if "cc" in grads:
             grads["cc"].add_(dg_cls.sum(dim=0))
         dS = dg_cls @ params["Vc"]
-        for rows, members, inner, o in cache.groups:
+        for c, rows, S_rows, inner, o in cache.groups:
+            members, span = self.members[c], self.spans[c]
             w = None if weights is None else weights.index_select(0, rows)
             dg = softmax_cross_entropy_backward_(o, inner, w)  # (n_c,K_c)
             if features is not None:  # forward was g_c += Σ_k D[h_k + w] for the class's words w
                 direct_gather_backward(features.index_select(0, rows), members.unsqueeze(0), dg, grads)
-            grads["V"].index_add_(0, members, dg.t() @ S.index_select(0, rows))
-            if "c" in grads:
-                grads["c"].index_add_(0, members, dg.sum(dim=0))
-            dS.index_add_(0, rows, dg @ params["V"].index_select(0, members))
+            if span is not None:  # the class's rows of dV and dc are a slice: accumulate into it
+                grads["V"][span].addmm_(dg.t(), S_rows)
+                if "c" in grads:
+                    grads["c"][span].add_(dg.sum(dim=0))
+            else:
+                grads["V"].index_add_(0, members, dg.t() @ S_rows)
+                if "c" in grads:
+                    grads["c"].index_add_(0, members, dg.sum(dim=0))
+            dS.index_add_(0, rows, dg @ self._class_rows(params["V"], c))
         return dS
 
     def log_probs(self, params: dict[str, Tensor], S: Tensor, features: Tensor | None = None) -> Tensor:
@@ -177,6 +192,6 @@ class ClassSoftmaxOutput:
         log_cls = torch.log_softmax(self._class_scores(params, S, features), dim=1)  # (N,C)
         out = torch.empty(S.shape[0], self.word_class.numel(), dtype=S.dtype, device=S.device)
         for c, members in enumerate(self.members):
-            inner = torch.log_softmax(self._word_scores(params, S, members, features), dim=1)
+            inner = torch.log_softmax(self._word_scores(params, S, c, features), dim=1)
             out[:, members] = inner + log_cls[:, c : c + 1]
         return out
