@@ -126,7 +126,7 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("serialisation failed")
 
-    monkeypatch.setattr(ckpt, "_st_save", boom)
+    monkeypatch.setattr(ckpt, "_st_save_file", boom)
     with pytest.raises(RuntimeError, match="serialisation failed"):
         save_checkpoint(directory, _model(seed=5).params, {"seed": 5})
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before

@@ -210,7 +210,7 @@ def test_check_memory_against_a_given_budget():
     message = str(info.value)
     assert message.startswith("--hidden 100000: needs about ")
     assert message.endswith("this machine has 21.3 GiB available")
-    assert "checkpoint" in message and "optimizer" in message
+    assert "rollback copy" in message and "optimizer" in message
 
 
 def test_sgd_needs_less_than_adam_and_hsm_less_than_softmax():

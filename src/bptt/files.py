@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -52,6 +53,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """atomic_write_bytes for a writer that writes a file by name (e.g. safetensors' save_file, which writes
+    each tensor from its own memory: no serialised copy of the whole file is ever held): write(tmp) fills
+    a temp file in the same directory, then fsync, os.replace, fsync dir, with the same guarantees."""
+    path = Path(path)
+    _remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -25,16 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
+from safetensors.torch import load_file as _st_load_file
+from safetensors.torch import save_file as _st_save_file
 
-from bptt.files import atomic_write_bytes
+from bptt.files import atomic_write_bytes, atomic_write_file
 
 Tensor = torch.Tensor
 
 CONFIG_NAME = "config.json"
 SHA_KEY = "weights_sha256"
 EMBEDDED_KEY = "bptt.config"  # safetensors header metadata: the config as JSON text
+HASH_CHUNK = 1 << 24  # files are hashed 16 MiB at a time: never held whole in memory
 
 
 class CheckpointError(ValueError):
@@ -63,12 +64,25 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"tensor {name!r} holds NaN or Inf values: a checkpoint never stores them")
     embedded = json.dumps(config, sort_keys=True)  # fail before writing
-    data = _st_save(cpu, metadata={EMBEDDED_KEY: embedded})
-    full = {**config, SHA_KEY: hashlib.sha256(data).hexdigest()}
-    payload = (json.dumps(full, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    digest: list[str] = []
+
+    def write(tmp: Path) -> None:  # each tensor written from its own memory: no serialised copy of the file
+        _st_save_file(cpu, tmp, metadata={EMBEDDED_KEY: embedded})
+        digest.append(file_sha256(tmp))
+
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(directory / f"{prefix}.safetensors", data)
-    atomic_write_bytes(directory / CONFIG_NAME, payload)
+    atomic_write_file(directory / f"{prefix}.safetensors", write)
+    full = {**config, SHA_KEY: digest[0]}
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read HASH_CHUNK bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read(path: Path) -> bytes:
@@ -80,14 +94,17 @@ def _read(path: Path) -> bytes:
         raise CheckpointError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
 
 
-def _embedded_config(data: bytes, path: Path) -> dict | None:
-    """The config in the header metadata of a valid safetensors file (bytes), None if it has none.
+def _embedded_config(path: Path) -> dict | None:
+    """The config in the header metadata of a valid safetensors file, None if it has none.
 
     The header is read as the format defines it (8-byte little-endian length, then JSON), no pickle.
     """
     try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > os.path.getsize(path) - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {os.path.getsize(path)}")
+            header = json.loads(f.read(n).decode("utf-8"))
         text = (header.get("__metadata__") or {}).get(EMBEDDED_KEY)
         if text is None:
             return None
@@ -132,15 +149,19 @@ def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
         expected = config.pop(SHA_KEY, None)
         if not isinstance(expected, str):
             raise CheckpointError(f"{config_path}: no {SHA_KEY!r} entry")
-    data = _read(weights_path)
-    try:
-        tensors = _st_load(data)
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint file {weights_path} is missing")
+    try:  # hashed in chunks, then each tensor copied out of a memory map: no copy of the whole file in memory,
+        # and no tensor that a later write of the file could change under the caller
+        actual = file_sha256(weights_path)
+        tensors = {name: t.clone() for name, t in _st_load_file(weights_path).items()}
+    except OSError as e:
+        raise CheckpointError(f"checkpoint file {weights_path} cannot be read: {e.strerror or e}") from None
     except Exception as e:  # safetensors raises SafetensorError (and others) on a bad file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{weights_path}: not a valid safetensors file: {msg}") from None
-    actual = hashlib.sha256(data).hexdigest()
     if config is None or actual != expected:
-        embedded = _embedded_config(data, weights_path)
+        embedded = _embedded_config(weights_path)
         if embedded is None and config is None:
             raise CheckpointError(f"checkpoint file {config_path} is missing")
         if embedded is None:

@@ -12,8 +12,11 @@ per block; P = number of parameters):
     best model        P·s            the copy of the best weights on valid
     rollback copy     (2 + k)·P·s    the last training state saved (weights, best, optimizer), kept in
                                      memory so that a diverging step can be rolled back
-    checkpoint        2·(2 + k)·P·s  that state serialized while it is written (safetensors builds the
-                                     file's bytes, then copies them)
+    checkpoint        (k + 1)·P·s    writing that state: the optimizer's buffers gathered into the parameters'
+                                     layout (a copy) and the matrices stored transposed (U) made contiguous;
+                                     safetensors' save_file then writes each tensor from its own memory and
+                                     the file is hashed 16 MiB at a time (storage/checkpoint.py): no
+                                     serialised copy of the file
     activations       a·L·k2·B·m·s   per layer, the cell's cache of the backward window and its errors
                                      (a = the cell's `cache_floats`, 4 for Elman, 18 for the LSTM;
                                      --independent: the longest sentence instead of k2)
@@ -56,6 +59,7 @@ from bptt.evaluation import eval_block
 from bptt.engine.cells import CELLS
 from bptt.model.config import ModelConfig
 from bptt.model.language_model import build_network
+from bptt.storage.checkpoint import HASH_CHUNK
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -170,7 +174,7 @@ def estimate_training_memory(
         "optimizer": k * P * s,
         "best model": P * s,
         "rollback copy": (2 + k) * P * s,
-        "checkpoint": 2 * (2 + k) * P * s,
+        "checkpoint": (k + 1) * P * s + HASH_CHUNK,
         "activations": activations * s,
         "output workspace": workspace,
         "evaluation": 2 * eval_block(V) * (V + m) * s,

@@ -519,17 +519,29 @@ class Trainer:
         return tensors, state
 
     @staticmethod
-    def _copy_state(tensors: dict[str, torch.Tensor], state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    def _copy_state(tensors: dict[str, torch.Tensor], state: dict,
+                    into: tuple[dict[str, torch.Tensor], dict] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """A private copy, as load_checkpoint would return it: tensors copied to the CPU (host memory, the
-        size of the checkpoint; none on the GPU), state through JSON."""
-        return {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}, json.loads(json.dumps(state))
+        size of the checkpoint; none on the GPU), state through JSON. into: an earlier copy whose tensors
+        are overwritten where the shapes agree, so that a new snapshot does not sit beside the old one
+        (for a large vocabulary each is gigabytes)."""
+        old = into[0] if into is not None else {}
+        copy = {}
+        for k, t in tensors.items():
+            t = t.detach()
+            kept = old.get(k)
+            if kept is not None and kept.shape == t.shape and kept.dtype == t.dtype and kept.device.type == "cpu":
+                copy[k] = kept.copy_(t)
+            else:
+                copy[k] = t.to("cpu", copy=True)
+        return copy, json.loads(json.dumps(state))
 
     def _write_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         """Rank 0 writes the state of all ranks (the carried state joined); every rank keeps its own copy."""
         joined = self._joined(tensors)
         if self.dist.is_main:
             self.run_dir.write_state(joined, state)
-        self._snapshot = self._copy_state(tensors, state)
+        self._snapshot = self._copy_state(tensors, state, into=self._snapshot)
         written = (len(self.history), len(self.events))
         if written != self._metrics_written:  # after the checkpoint: never ahead of it
             if self.dist.is_main:
