@@ -7,12 +7,15 @@ This module imports nothing from bptt: the data layer and the storage layer both
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
+
+HASH_CHUNK = 1 << 24  # files are hashed 16 MiB at a time: never held whole in memory
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -45,22 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     killed mid-write leaves path either old or new, and maybe a temp file ".{name}.*.tmp": the next
     write of the same path removes such leftovers (one writer per path is assumed).
     """
-    path = Path(path)
-    _remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_path(path.parent)
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -86,6 +74,15 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) ->
             pass
         raise
     fsync_path(path.parent)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file, read HASH_CHUNK bytes at a time (memory does not grow with the file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bptt import checks
-from bptt.files import fsync_path
+from bptt.files import file_sha256, fsync_path
 from bptt.data import (
     ENCODE_CHUNK,
     EOS_ID,
@@ -61,16 +61,6 @@ IDS_DTYPE = np.dtype("<u4")  # token ids: little-endian uint32
 STARTS_DTYPE = np.dtype("<i8")  # sentence starts: little-endian int64
 _TEMP_INFIX = ".tmp-"  # DATA.tmp-XXXXXXXX: the directory being built
 _OLD_INFIX = ".old-"  # DATA.old-XXXXXXXX: the directory --force replaces, removed once the new one is in place
-_HASH_BLOCK = 1 << 23  # bytes read at a time to hash a file
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 (hex) of a file, read in blocks of _HASH_BLOCK bytes (memory does not grow with it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- prepare ---------------------------------------------------------------------------------------------

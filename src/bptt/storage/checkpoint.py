@@ -18,7 +18,6 @@ No checkpoint ever holds a non-finite value: save_checkpoint refuses NaN and Inf
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,14 +27,13 @@ import torch
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
 
-from bptt.files import atomic_write_bytes, atomic_write_file
+from bptt.files import atomic_write_bytes, atomic_write_file, file_sha256
 
 Tensor = torch.Tensor
 
 CONFIG_NAME = "config.json"
 SHA_KEY = "weights_sha256"
 EMBEDDED_KEY = "bptt.config"  # safetensors header metadata: the config as JSON text
-HASH_CHUNK = 1 << 24  # files are hashed 16 MiB at a time: never held whole in memory
 
 
 class CheckpointError(ValueError):
@@ -74,15 +72,6 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
     atomic_write_file(directory / f"{prefix}.safetensors", write)
     full = {**config, SHA_KEY: digest[0]}
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file, read HASH_CHUNK bytes at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read(path: Path) -> bytes:

@@ -59,7 +59,7 @@ from bptt.evaluation import eval_block
 from bptt.engine.cells import CELLS
 from bptt.model.config import ModelConfig
 from bptt.model.language_model import build_network
-from bptt.storage.checkpoint import HASH_CHUNK
+from bptt.files import HASH_CHUNK
 
 GIB = 1 << 30
 MIB = 1 << 20
