@@ -72,6 +72,16 @@ def check_layer_against_autograd(layer, params, names, S, y, weights, reference)
     return float(loss), float(total.detach())
 
 
+def one_error_line(err: str, *needles: str) -> str:
+    """The single stderr line of a refused input; it must hold every needle and no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 def write_corpus(path, lines: int, seed: int) -> str:
     """A toy language: 'the <adj>? <noun> <verb>s' with agreement between noun and verb; a few hundred tokens."""
     rng = random.Random(seed)

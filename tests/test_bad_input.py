@@ -24,20 +24,10 @@ from bptt.cli import main
 from bptt.data import EOS, UNK, CorpusError, Vocab, encode, read_lines
 from bptt.storage.saved_model import load_model
 from bptt.scoring import score_file
-from conftest import train_tiny_model
+from conftest import one_error_line, train_tiny_model
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 WORDS = "the a cat dog sat ran on under mat rug".split()
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    """The single stderr line; it must hold every needle and no traceback."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

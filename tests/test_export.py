@@ -19,7 +19,7 @@ from bptt.commands.export import METADATA_KEY
 from bptt.data import Vocab
 from bptt.model import ElmanLM
 from bptt.storage.saved_model import load_model, save_model
-from conftest import write_corpus
+from conftest import one_error_line, write_corpus
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 V, M, T, B = 11, 5, 6, 3
@@ -226,13 +226,6 @@ def test_bad_tensors_are_refused():
 
 
 # -- the command ---------------------------------------------------------------------------------------
-
-
-def one_error_line(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture(scope="module")

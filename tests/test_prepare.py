@@ -30,6 +30,7 @@ from bptt.cli import main
 from bptt.data import EOS_ID, Corpus, CorpusError, SentenceBatches, StreamBatches, Vocab, encode, encode_chunks
 from bptt.engine.stream import token_blocks
 from bptt.prepared import load_prepared, prepare
+from conftest import one_error_line
 
 WORDS = "the a cat dog sat ran on under mat rug big small".split()
 EOS, UNK = "<eos>", "<unk>"
@@ -49,15 +50,6 @@ def texts(tmp_path_factory) -> dict[str, Path]:
     return {"train": write_text(root / "train.txt", 120, 0),
             "valid": write_text(root / "valid.txt", 25, 1, WORDS + ["zebra"]),
             "test": write_text(root / "test.txt", 20, 2, WORDS + ["<unk>", "yak"])}
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def sha256(path: Path) -> str:
