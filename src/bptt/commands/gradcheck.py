@@ -95,18 +95,10 @@ def run(args: argparse.Namespace) -> int:
             return _run_model(args)
         finally:
             torch.set_num_threads(threads)
-    dtype = resolve_dtype(args.dtype)
-    thresholds = THRESHOLDS[dtype]
-    truncation = None if args.truncation < 0 else args.truncation
-    biases = {"on": (True,), "off": (False,), "both": (True, False)}[args.bias]
+    thresholds, truncation, biases, sizes = _shared_options(args)
     columns = ["fd", "autograd", "rtrl"] + (["trunc"] if truncation is not None else [])
     titles = {"fd": "finite diff", "autograd": "autograd", "rtrl": "RTRL", "trunc": f"trunc k={truncation}"}
-    print(
-        f"bptt gradcheck: V={args.vocab} m={args.hidden} T={args.steps} B={args.batch} dtype={args.dtype} "
-        f"seed={args.seed}; max relative error of the BPTT gradient"
-    )
-    print("thresholds: " + ", ".join(f"{titles[c]} <= {thresholds[c]:.0e}" for c in columns))
-    sizes = dict(vocab=args.vocab, hidden=args.hidden, steps=args.steps, batch=args.batch, dtype=dtype, seed=args.seed)
+    _header(args, "", columns, titles, thresholds)
     rows: list[CheckRow] = []
     for bias in biases:
         for F, f, loss in combinations():
@@ -122,20 +114,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_model(args: argparse.Namespace) -> int:
     """The checks of one model configuration (check_model), every input side and bias setting."""
-    dtype = resolve_dtype(args.dtype)
-    thresholds = THRESHOLDS[dtype]
+    thresholds, truncation, biases, sizes = _shared_options(args)
     cell = args.cell or "elman"
-    truncation = None if args.truncation < 0 else args.truncation
-    biases = {"on": (True,), "off": (False,), "both": (True, False)}[args.bias]
     k1, k2 = bptt_blocks(args.steps)
     columns = ["fd", "autograd"] + (["trunc"] if truncation is not None else []) + ["k1k2"]
     titles = {"fd": "finite diff", "autograd": "autograd", "trunc": f"trunc k={truncation}", "k1k2": f"BPTT({k1},{k2})"}
-    print(
-        f"bptt gradcheck: cell={cell} layers={args.layers} dropout={args.dropout:g} V={args.vocab} m={args.hidden} "
-        f"T={args.steps} B={args.batch} dtype={args.dtype} seed={args.seed}; max relative error of the BPTT gradient"
-    )
-    print("thresholds: " + ", ".join(f"{titles[c]} <= {thresholds[c]:.0e}" for c in columns))
-    sizes = dict(vocab=args.vocab, hidden=args.hidden, steps=args.steps, batch=args.batch, dtype=dtype, seed=args.seed)
+    _header(args, f"cell={cell} layers={args.layers} dropout={args.dropout:g} ", columns, titles, thresholds)
     rows: list[CheckRow] = []
     for bias in biases:
         for variant, embedding_size, tied in embedding_variants(cell, args.hidden):
@@ -143,6 +127,24 @@ def _run_model(args: argparse.Namespace) -> int:
             rows += check_model(cell, layers=args.layers, dropout=args.dropout, embedding_size=embedding_size,
                                 tied=tied, bias=bias, truncation=truncation, label=label, **sizes)
     return _report(rows, columns, titles, thresholds, "model")
+
+
+def _shared_options(args: argparse.Namespace) -> tuple[dict[str, float], int | None, tuple[bool, ...], dict]:
+    """What both kinds of check read from the options: the dtype's thresholds, the truncation (None: full),
+    the bias settings, and the sizes every check takes (vocab, hidden, steps, batch, dtype, seed)."""
+    dtype = resolve_dtype(args.dtype)
+    truncation = None if args.truncation < 0 else args.truncation
+    biases = {"on": (True,), "off": (False,), "both": (True, False)}[args.bias]
+    sizes = dict(vocab=args.vocab, hidden=args.hidden, steps=args.steps, batch=args.batch, dtype=dtype, seed=args.seed)
+    return THRESHOLDS[dtype], truncation, biases, sizes
+
+
+def _header(args: argparse.Namespace, what: str, columns: list[str], titles: dict[str, str],
+            thresholds: dict[str, float]) -> None:
+    """The two lines above the table: what is checked, with which sizes, and each column's threshold."""
+    print(f"bptt gradcheck: {what}V={args.vocab} m={args.hidden} T={args.steps} B={args.batch} dtype={args.dtype} "
+          f"seed={args.seed}; max relative error of the BPTT gradient")
+    print("thresholds: " + ", ".join(f"{titles[c]} <= {thresholds[c]:.0e}" for c in columns))
 
 
 def _report(rows: list[CheckRow], columns: list[str], titles: dict[str, str], thresholds: dict[str, float],
