@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bptt import checks
-from bptt.files import file_sha256, fsync_path
+from bptt.files import atomic_write_json, file_sha256, fsync_path
 from bptt.data import (
     ENCODE_CHUNK,
     EOS_ID,
@@ -133,7 +133,7 @@ def prepare(
             "vocab": {"file": VOCAB_FILE, "size": len(vocab), "sha256": file_sha256(tmp / VOCAB_FILE)},
             "splits": splits,
         }
-        _write_meta(tmp / META_FILE, meta)  # last: a directory without it is not a prepared corpus
+        atomic_write_json(tmp / META_FILE, meta)  # last: a directory without it is not a prepared corpus
         mode = (tmp / "train.ids").stat().st_mode & 0o777  # the umask's, which the vocabulary's temp file lacks
         os.chmod(tmp / VOCAB_FILE, mode)
         os.chmod(tmp / META_FILE, mode)
@@ -196,14 +196,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_meta(path: Path, meta: dict) -> None:
-    """meta.json (indent 2, sorted keys), fsynced; atomic with the directory it is written into."""
-    with open(path, "wb") as f:
-        f.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class _HashedWriter:
@@ -295,9 +287,7 @@ class PreparedData:
             raise CorpusError(meta_path, f"has no {name!r} split (it has {', '.join(self.splits)})")
         entry = self.meta["splits"][name]
         files = {}
-        for kind, dtype, count in (("ids", IDS_DTYPE, entry["tokens"]), ("starts", STARTS_DTYPE, entry["sentences"])):
-            path = self.path / entry[kind]["file"]
-            _check_size(path, count * dtype.itemsize, f"{count} {'tokens' if kind == 'ids' else 'sentences'}")
+        for kind, path, dtype, count in _split_files(self.path, entry):
             if self.verify and (name, kind) not in self._verified:
                 actual = file_sha256(path)
                 if actual != entry[kind]["sha256"]:
@@ -311,6 +301,18 @@ class PreparedData:
             raise CorpusError(self.path / entry["ids"]["file"], "not a prepared corpus (sentence starts or the final "
                                                                 "<eos> do not line up); run bptt prepare again")
         return Corpus(ids, starts, int(entry["tokens"]), int(entry["oov"]), str(self.path / entry["ids"]["file"]))
+
+
+def _split_files(directory: Path, entry: dict) -> list[tuple[str, Path, np.dtype, int]]:
+    """(kind, path, dtype, count) of a split's .ids and .starts files, each checked to have the size its
+    meta.json entry implies."""
+    files = []
+    for kind, dtype, count, what in (("ids", IDS_DTYPE, entry["tokens"], "tokens"),
+                                     ("starts", STARTS_DTYPE, entry["sentences"], "sentences")):
+        path = directory / entry[kind]["file"]
+        _check_size(path, count * dtype.itemsize, f"{count} {what}")
+        files.append((kind, path, dtype, count))
+    return files
 
 
 def _check_size(path: Path, expected: int, what: str) -> None:
@@ -398,8 +400,6 @@ def load_prepared(path: str | os.PathLike, expected_sha256: str | None = None, v
     vocab = Vocab.load(vocab_path)
     if len(vocab) != meta["vocab"]["size"] or vocab.unit != meta["unit"]:
         raise CorpusError(vocab_path, f"does not match {meta_path} (size or unit)")
-    for name, entry in meta["splits"].items():
-        for kind, dtype, count in (("ids", IDS_DTYPE, entry["tokens"]), ("starts", STARTS_DTYPE, entry["sentences"])):
-            _check_size(path / entry[kind]["file"], count * dtype.itemsize,
-                        f"{count} {'tokens' if kind == 'ids' else 'sentences'}")
+    for entry in meta["splits"].values():
+        _split_files(path, entry)
     return PreparedData(path, meta, vocab, sha256, verify)
