@@ -256,19 +256,13 @@ class Trainer:
         one process running all B streams would save it (rank 0; None on the others)."""
         if not self.dist.active:
             return tensors
-        engine = self.dist.gather_streams({k[7:]: t for k, t in tensors.items() if k.startswith("engine.")})
-        if engine is None:
-            return None
-        return {**{k: t for k, t in tensors.items() if not k.startswith("engine.")},
-                **{f"engine.{k}": t for k, t in engine.items()}}
+        return _map_engine_state(tensors, self.dist.gather_streams)
 
     def _own_columns(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The inverse of _joined: this rank's columns of the engine state of a checkpoint."""
         if not self.dist.active:
             return tensors
-        engine = self.dist.take_streams({k[7:]: t for k, t in tensors.items() if k.startswith("engine.")})
-        return {**{k: t for k, t in tensors.items() if not k.startswith("engine.")},
-                **{f"engine.{k}": t for k, t in engine.items()}}
+        return _map_engine_state(tensors, self.dist.take_streams)
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -576,7 +570,7 @@ class Trainer:
         for k, p in self.model.params.items():
             p.copy_(tensors[f"param.{k}"])
             self.best[k].copy_(tensors[f"best.{k}"])
-        engine = {k.removeprefix("engine."): t for k, t in tensors.items() if k.startswith("engine.")}
+        engine = _engine_state(tensors)
         self.engine.load_state_dict({k: t.to(device, copy=True) for k, t in engine.items()})
         opt = unpack_state("opt", {k: t.to(device) for k, t in tensors.items() if k.startswith("opt.")},
                            state["optimizer"])
@@ -643,6 +637,20 @@ class Trainer:
             setattr(self.config, name, getattr(new, name))
         self.stepper.clip = self.config.clip
         self.stepper.set_penalties(self.config.ar, self.config.tar)
+
+
+def _engine_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The engine's part of a training state ("engine.*"), under the engine's own names."""
+    return {k.removeprefix("engine."): t for k, t in tensors.items() if k.startswith("engine.")}
+
+
+def _map_engine_state(tensors: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor] | None:
+    """tensors with their engine part replaced by fn(engine part); None when fn gives None."""
+    engine = fn(_engine_state(tensors))
+    if engine is None:
+        return None
+    return {**{k: t for k, t in tensors.items() if not k.startswith("engine.")},
+            **{f"engine.{k}": t for k, t in engine.items()}}
 
 
 def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
