@@ -140,11 +140,17 @@ def steps_per_epoch(cfg: TrainConfig) -> int:
     return sum(1 for _ in Trainer(cfg)._batches())
 
 
-@pytest.mark.parametrize("kw", [ELMAN, LSTM, SENTENCES], ids=["elman-uneven", "lstm-dropout-bptt-block", "sentences"])
+SPARSE_SGD = dict(ELMAN, output="class", classes=4, optimizer="sgd", lr=0.5)  # row-sparse (auto: exact)
+SPARSE_ADAM = dict(LSTM, sparse_updates="on")  # row-sparse, lazy
+
+
+@pytest.mark.parametrize("kw", [ELMAN, LSTM, SENTENCES, SPARSE_SGD, SPARSE_ADAM],
+                         ids=["elman-uneven", "lstm-dropout-bptt-block", "sentences", "sparse-sgd", "sparse-adam"])
 def test_two_ranks_train_the_one_process_model(corpus, tmp_path, kw):
     """2 ranks == 1 process over several steps across an epoch end (validation, schedule, best model):
     the same checkpoint (weights, optimizer, carried state joined along the streams) to 1e-10 in
-    float64, and every rank's weights identical bit for bit."""
+    float64, and every rank's weights identical bit for bit. Row-sparse updates too: the ranks'
+    gathered rows (different rows on each rank) summed over the union of their ids."""
     one = config(corpus, tmp_path / "one", **kw)
     steps = steps_per_epoch(config(corpus, tmp_path / "count", **kw)) + 3
     Trainer(one).run(max_steps=steps)

@@ -162,6 +162,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-decays", type=int, default=3, help="plateau schedule: early stop after N decays")
     parser.add_argument("--seed", type=int, default=0, help="seed: a CPU run is reproducible bit for bit")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--sparse-updates", choices=("auto", "on", "off"), default="auto",
+                        help="update the rows of the embedding and of a factorized output layer (class, hsm, nce, "
+                        "sampled) that a step used, not the whole matrices. sgd and adagrad without decay: the "
+                        "dense result; adam and rmsprop: lazy (an unused row's moments wait, like "
+                        "torch.optim.SparseAdam), weight decay only on used rows. auto (default): on where exact, "
+                        "and for any rule from a 100k-word vocabulary on")
     parser.add_argument("--graph", action="store_true",
                         help="replay each block's whole training step (forward, backward, clipping, update) as one "
                         "CUDA graph: one launch instead of hundreds (--device cuda; continuous streams without "
@@ -201,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
         halving_factor=args.halving_factor, schedule=args.schedule, decay_start=args.decay_start, lr_decay=args.lr_decay,
         patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, graph=args.graph,
+        sparse_updates=args.sparse_updates,
         progress=not args.quiet,
     ).validate()
 

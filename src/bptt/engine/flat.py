@@ -16,6 +16,12 @@ gradient: SGD, Adam and its relatives, decay). A name listed in
 `column_major` is stored as the transpose of a contiguous tensor (its columns are contiguous: the
 first layer's U, whose columns the input term gathers). Views keep their layout from buffer to
 buffer: gradients and optimizer buffers made by `like()` have the parameters' strides.
+
+Row-sparse gradients. The gradient of a matrix with a row per word (the embedding, the first layer's
+gathered U, the rows of a factorized output layer) is zero outside the rows a block used. A backward
+that writes such rows says which with `note_rows(grads, name, ids)`; a gradient buffer that keeps a
+`row_log` (training/sparse_rows.py) collects them, so that the step can zero, reduce, clip and update
+those rows only. `rows(name)` is a parameter's storage as (rows, width) with a row per word.
 """
 
 from __future__ import annotations
@@ -71,6 +77,12 @@ class Flat(dict):
         return Flat(self.shapes, dtype=self.data.dtype, device=self.data.device, column_major=self.column_major,
                     data=data)
 
+    def rows(self, name: str) -> Tensor:
+        """The storage of a matrix as (rows, width), one row per word: the tensor itself, or the transpose
+        of a column-major one (the first layer's U (G·m, V) is stored as a contiguous (V, G·m))."""
+        t = self[name]
+        return t.t() if name in self.column_major else t
+
     def zero_(self) -> Flat:
         self.data.zero_()
         return self
@@ -80,3 +92,11 @@ class Flat(dict):
         for name, view in self.items():
             view.copy_(tensors[name])
         return self
+
+
+def note_rows(grads: dict[str, Tensor], name: str, ids: Tensor) -> None:
+    """A backward wrote rows `ids` (any shape, repeats allowed) of grads[name] (Flat.rows): recorded when
+    grads keeps a row log for that name (row-sparse training), ignored otherwise."""
+    log = getattr(grads, "row_log", None)
+    if log is not None and name in log:
+        log[name].append(ids.reshape(-1))

@@ -37,6 +37,7 @@ import torch
 
 from bptt.engine.cells import INPUT_WEIGHT, Cell, CellCache, CellState, join_caches, tail_cache
 from bptt.engine.dropout import Dropout, Masks, draw_mask, dropout_backward, dropout_forward
+from bptt.engine.flat import note_rows
 from bptt.engine.inputs import (
     embed_backward,
     embed_forward,
@@ -176,6 +177,25 @@ class Network:
         gathered (no embedding), whose columns (one per word) the input term gathers."""
         return () if self.tied or self.embedding_size else (self.prefixes[0] + INPUT_WEIGHT,)
 
+    def lookup_name(self) -> str:
+        """The parameter whose rows the input words select: E, the tied output layer's V, or the first
+        layer's U (its columns, stored as rows: Flat.rows)."""
+        if self.tied:
+            return "V"
+        return "E" if self.embedding_size else self.prefixes[0] + INPUT_WEIGHT
+
+    def row_sparse(self) -> tuple[str, ...]:
+        """The parameters whose gradient a block writes in a few rows only (one per word): the one the
+        input words select (lookup_name), and the output layer's `row_params` (a factorized layer touches
+        the rows of the targets' classes, paths or samples; the full softmax every row, so none). A tied V
+        is row-sparse only when the output layer's rows are. Every backward that writes their rows notes
+        them (flat.note_rows)."""
+        out = tuple(getattr(self.output, "row_params", ()))
+        lookup = self.lookup_name()
+        if self.tied:
+            return out
+        return (lookup, *out)
+
     def embedding(self, tensors: dict[str, Tensor]) -> Tensor:
         """The embedding E (V,e) of a model with one (the output layer's V when tied), from the
         parameters or the gradients."""
@@ -287,6 +307,7 @@ class Network:
         output layer at the top, from the layer above below it): 0 is no BPTT in any layer; in a stack
         an error can reach further back than k steps in the lower layers (tests/test_stack.py)."""
         masks = cache.masks
+        note_rows(grads, self.lookup_name(), cache.inputs)  # the rows of the words read, written below
         dH = dropout_backward(dH, _mask(masks, "output"))
         for k in range(len(self.cells) - 1, -1, -1):
             p, g = self.layer_view(params, k), self.layer_view(grads, k)

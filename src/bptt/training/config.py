@@ -61,6 +61,9 @@ class TrainConfig:
     max_decays: int = 3  # plateau: stop early instead of a further decay
     seed: int = 0
     device: str = "cpu"
+    # the word-indexed matrices (embedding, factorized output rows) zeroed, clipped and updated row by row:
+    # auto | on | off (training/sparse_rows.py)
+    sparse_updates: str = "auto"
     graph: bool = False  # each block's whole step (update included) replayed as one CUDA graph (static step)
     progress: bool = True
     # a directory written by `bptt prepare`, instead of train and valid: its vocabulary and its memory-mapped
@@ -111,6 +114,9 @@ class TrainConfig:
         checks.non_negative_int("--decay-start", self.decay_start)
         checks.non_negative_int("--max-decays", self.max_decays)
         checks.number("--max-grad-norm", self.max_grad_norm, 0, what="a finite number >= 0 (0: off)")
+        checks.choice("--sparse-updates", self.sparse_updates, ("auto", "on", "off"))
+        if self.graph and self.sparse_updates == "on":
+            raise ValueError("--sparse-updates on does not go with --graph (a captured step has fixed shapes)")
         checks.device(self.device)  # before the corpora are read
         if self.graph:
             if self.independent or (self.bptt_block is not None and self.bptt_block != self.bptt):

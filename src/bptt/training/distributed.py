@@ -18,7 +18,9 @@ How N ranks compute exactly the one-process run's step:
     gradients   the streams are independent and the loss is a sum over positions divided by the counted
                 tokens of the whole batch: one all-reduce (SUM) of the flat gradient buffer per step and
                 one small one of (loss, tokens, stop signals) — `GradientSum`, the Reduction of
-                training/step.py — then the mean, the clipping and the update, the same on every rank,
+                training/step.py; with row-sparse updates (training/sparse_rows.py) the dense slices are
+                all-reduced and each word-indexed matrix's gathered rows all-gathered (ids and values,
+                padded to the longest), then summed over the union of the ids — then the mean, the clipping and the update, the same on every rank,
                 so the weights stay identical everywhere.
     randomness  dropout masks are drawn for the whole batch from the generator every rank seeds alike,
                 and each rank keeps its columns (TruncatedBPTT.columns); the noise of nce/sampled is one
@@ -53,6 +55,7 @@ import torch.distributed as dist
 
 from bptt.engine.flat import Flat
 from bptt.engine.tbptt import stream_dim
+from bptt.training.sparse_rows import RowSparseGrads
 
 Tensor = torch.Tensor
 
@@ -227,13 +230,44 @@ class GradientSum:
         small = torch.tensor([0.0, float(tokens), *signal_flags(self.stop())], dtype=torch.float64,
                              device=data.device)
         small[0] = loss.detach().reshape(())
+        sparse = isinstance(grads, RowSparseGrads)
         with _collective("summing the gradients"):
-            work = dist.all_reduce(data, op=dist.ReduceOp.SUM, async_op=True)
+            pieces = [data[s] for s in grads.dense] if sparse else [data]
+            works = [dist.all_reduce(piece, op=dist.ReduceOp.SUM, async_op=True) for piece in pieces]
             dist.all_reduce(small, op=dist.ReduceOp.SUM)
-            work.wait()
+            for work in works:
+                work.wait()
+            if sparse:
+                for name in grads.sparse:
+                    grads.ids[name], grads.row_values[name] = sum_rows(*grads.gathered(name))
             values = small.tolist()
         self.signal = agreed_signal(values[2:])
         return small[0], int(values[1])
+
+
+def sum_rows(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Each rank's gathered rows of a matrix (ids (n_r,), values (n_r, width)) summed over the ranks ->
+    (the union of the ids, increasing, and their summed rows): the counts all-gathered, then the ids and
+    the rows padded to the largest count and all-gathered."""
+    world = dist.get_world_size()
+    count = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    most = max(sizes)
+    padded_ids = ids.new_zeros(most)
+    padded_ids[: ids.numel()] = ids
+    padded = values.new_zeros(most, values.shape[1])
+    padded[: ids.numel()] = values
+    all_ids = [torch.empty_like(padded_ids) for _ in range(world)]
+    all_values = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(all_ids, padded_ids)
+    dist.all_gather(all_values, padded)
+    joined = torch.cat([t[:n] for t, n in zip(all_ids, sizes)])
+    union, where = torch.unique(joined, return_inverse=True)
+    summed = values.new_zeros(union.numel(), values.shape[1])
+    summed.index_add_(0, where, torch.cat([t[:n] for t, n in zip(all_values, sizes)]))
+    return union, summed
 
 
 _CURRENT: Group | None = None

@@ -31,9 +31,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim import adagrad as _adagrad
+from torch.optim import adam as _adam
+from torch.optim import rmsprop as _rmsprop
+from torch.optim import sgd as _sgd
 
 from bptt import checks
 from bptt.engine.flat import Flat
+from bptt.training.sparse_rows import RowBuffer, RowSparseGrads, dense_slices
 
 Tensor = torch.Tensor
 
@@ -47,19 +52,24 @@ FUSED = ("sgd", "adam", "adagrad")  # rules with a fused kernel in torch.optim
 def clip_grad_norm_(grads: dict[str, Tensor], max_norm: float | None) -> Tensor:
     """Global L2 norm over all grads; scale them in place by min(1, max_norm / (norm + 1e-6)).
 
-    The norm of each tensor (a view of the flat buffer), then the norm of those norms in float64; the
-    scale is applied once to the whole flat buffer (one pass; per tensor for a plain dict). max_norm
-    None or <= 0: no clipping (the norm is still returned). Returns the norm before clipping as a
-    0-d tensor on the grads' device; nothing is synchronised with the host.
+    The norm of each tensor (a view of the flat buffer; for row-sparse gradients each dense slice and
+    each matrix's gathered rows: training/sparse_rows.py), then the norm of those norms in float64; the
+    scale is applied once to the whole flat buffer (one pass; per tensor for a plain dict; to the same
+    parts for row-sparse gradients). max_norm None or <= 0: no clipping (the norm is still returned).
+    Returns the norm before clipping as a 0-d tensor on the grads' device; nothing is synchronised with
+    the host.
     """
-    tensors = list(grads.values())
+    sparse = isinstance(grads, RowSparseGrads)
+    tensors = grads.parts() if sparse else list(grads.values())
     if not tensors:
         return torch.zeros(())
     norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2).to(torch.float64) for g in tensors])
     total = torch.linalg.vector_norm(norms, 2)
     if max_norm is not None and max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        if isinstance(grads, Flat):
+        if sparse:
+            grads.mul_(scale.to(grads.data.dtype))
+        elif isinstance(grads, Flat):
             grads.data.mul_(scale.to(grads.data.dtype))
         else:
             for g in tensors:
@@ -68,73 +78,151 @@ def clip_grad_norm_(grads: dict[str, Tensor], max_norm: float | None) -> Tensor:
 
 
 class Optimizer:
-    """One of torch.optim's rules over a Flat of parameters; step(grads, lr) with a Flat of gradients."""
+    """One of torch.optim's rules over a Flat of parameters; step(grads, lr) with a Flat of gradients.
+
+    sparse_rows: matrices updated row by row (training/sparse_rows.py): step() then takes their
+    gathered rows from a RowSparseGrads and applies the same rule (torch.optim's functional form) to
+    those rows and their buffers only; every other parameter is updated as before."""
 
     def __init__(self, rule: str, params: Flat, *, lr: float = 1e-3, weight_decay: float = 0.0,
-                 decoupled_weight_decay: float = 0.0, capturable: bool = False, **hyper: float):
+                 decoupled_weight_decay: float = 0.0, capturable: bool = False, sparse_rows: tuple[str, ...] = (),
+                 **hyper: float):
         self.rule = checks.choice("--optimizer", str(rule).lower(), OPTIMIZERS)
         if not isinstance(params, Flat):
             raise TypeError("an Optimizer steps a Flat of parameters (engine/flat.py)")
         self.params = params
         self.weight_decay = checks.non_negative("weight decay", float(weight_decay))
         self.decoupled_weight_decay = checks.non_negative("decoupled weight decay", float(decoupled_weight_decay))
+        self.sparse_rows = tuple(sparse_rows)
+        unknown = [n for n in self.sparse_rows if n not in params or params[n].dim() != 2]
+        if unknown:
+            raise ValueError(f"sparse_rows names no matrix of the model: {unknown}")
+        if self.sparse_rows and capturable:
+            raise ValueError("row-sparse updates cannot be captured (their shapes change from step to step)")
         data = params.data
-        self.segments = [s for s in (params.matrices, slice(params.matrices.stop, params.numel)) if s.stop > s.start]
+        # the dense part: whole segments without sparse rows, else the slices between the row-sparse matrices
+        self.segments = dense_slices(params, self.sparse_rows)
         self.tensors = [torch.nn.Parameter(data[s]) for s in self.segments]  # share the flat buffer's memory
         decays = [s.start < params.matrices.stop for s in self.segments]  # the matrices' segment decays
-        adamw = self.rule == "adam" and self.decoupled_weight_decay > 0
-        coupled = self.weight_decay if not adamw else 0.0  # AdamW has no coupled term: added by step() then
+        self.decaying = [s for s, d in zip(self.segments, decays) if d]
+        self.adamw = self.rule == "adam" and self.decoupled_weight_decay > 0
+        coupled = self.weight_decay if not self.adamw else 0.0  # AdamW has no coupled term: added by step() then
         groups = []
         for tensor, decays_ in zip(self.tensors, decays):
-            wd = (self.decoupled_weight_decay if adamw else coupled) if decays_ else 0.0
+            wd = (self.decoupled_weight_decay if self.adamw else coupled) if decays_ else 0.0
             groups.append({"params": [tensor], "weight_decay": wd})
         kind: dict[str, bool] = {"fused": True} if self.rule in FUSED else {"foreach": True}
         if capturable and self.rule in ("adam", "rmsprop"):  # their step count lives on the device
             kind["capturable"] = True
         self.capturable = capturable
         hyper = {k: float(v) for k, v in hyper.items()}
+        self.hyper = hyper
         if self.rule == "sgd":
-            self._torch = torch.optim.SGD(groups, lr=lr, **kind)
+            self._torch = torch.optim.SGD(groups or _placeholder(data), lr=lr, **kind)
         elif self.rule == "adam":
-            cls = torch.optim.AdamW if adamw else torch.optim.Adam
-            self._torch = cls(groups, lr=lr, betas=(hyper.get("beta1", 0.9), hyper.get("beta2", 0.999)),
-                              eps=hyper.get("eps", 1e-8), **kind)
+            cls = torch.optim.AdamW if self.adamw else torch.optim.Adam
+            self._torch = cls(groups or _placeholder(data), lr=lr,
+                              betas=(hyper.get("beta1", 0.9), hyper.get("beta2", 0.999)), eps=hyper.get("eps", 1e-8),
+                              **kind)
         elif self.rule == "adagrad":
-            self._torch = torch.optim.Adagrad(groups, lr=lr, eps=hyper.get("eps", 1e-10), initial_accumulator_value=0.0,
-                                              **kind)
+            self._torch = torch.optim.Adagrad(groups or _placeholder(data), lr=lr, eps=hyper.get("eps", 1e-10),
+                                              initial_accumulator_value=0.0, **kind)
         else:
-            self._torch = torch.optim.RMSprop(groups, lr=lr, alpha=hyper.get("alpha", 0.99), eps=hyper.get("eps", 1e-8),
-                                              **kind)
+            self._torch = torch.optim.RMSprop(groups or _placeholder(data), lr=lr, alpha=hyper.get("alpha", 0.99),
+                                              eps=hyper.get("eps", 1e-8), **kind)
+        # the row-sparse matrices' buffers, (rows, width) like Flat.rows: name -> torch.optim state key -> tensor
+        self.sparse_state: dict[str, dict[str, Tensor]] = {
+            name: {theirs: torch.zeros_like(params.rows(name)) for theirs in BUFFERS[self.rule].values()}
+            for name in self.sparse_rows}
+        self._space = {name: {k: RowBuffer(params.rows(name)) for k in ("param", *BUFFERS[self.rule].values())}
+                       for name in self.sparse_rows}  # where the rows are gathered for the update
         self.t = 0  # steps taken
         self._scratch: Tensor | None = None
 
     def _decay_matrices_(self, lr: float | Tensor) -> None:
         """Decoupled decay outside the rule (all rules but Adam, which is AdamW then): p ← p (1 − lr·λ)."""
-        matrices = self.params.data[self.params.matrices]
-        matrices.mul_(1.0 - lr * self.decoupled_weight_decay)
+        for s in self.decaying:
+            self.params.data[s].mul_(1.0 - lr * self.decoupled_weight_decay)
 
     @torch.no_grad()
     def step(self, grads: Flat, lr: float | Tensor) -> None:
         """One update of the parameters with the gradients `grads` (a Flat of the parameters' layout, not
-        modified) at learning rate lr (a float, or a 0-d tensor)."""
+        modified; a RowSparseGrads, gathered, for an optimizer with sparse_rows) at learning rate lr (a
+        float, or a 0-d tensor)."""
         if grads.data.shape != self.params.data.shape:
             raise ValueError(f"the gradients have {grads.data.numel()} elements, the parameters {self.params.data.numel()}")
+        if self.sparse_rows and not isinstance(grads, RowSparseGrads):
+            raise TypeError("an optimizer with row-sparse matrices steps with RowSparseGrads (training/sparse_rows.py)")
         self.t += 1
         g = grads.data
-        if self.rule == "adam" and self.decoupled_weight_decay and self.weight_decay:  # AdamW + coupled L2
+        if self.adamw and self.weight_decay:  # AdamW + coupled L2 on the matrices
             if self._scratch is None:
                 self._scratch = torch.empty_like(g)
-            g = torch.add(g, self.params.data, alpha=self.weight_decay, out=self._scratch)
-            g[self.params.matrices.stop:] = grads.data[self.params.matrices.stop:]  # only the matrices decay
+            g = self._scratch
+            for s in self.segments:
+                g[s] = grads.data[s]
+            for s in self.decaying:
+                torch.add(grads.data[s], self.params.data[s], alpha=self.weight_decay, out=g[s])
         for tensor, segment in zip(self.tensors, self.segments):
             tensor.grad = g[segment]
         for group in self._torch.param_groups:
             group["lr"] = lr
         if self.decoupled_weight_decay and self.rule != "adam":
             self._decay_matrices_(lr)
-        self._torch.step()
+        if self.tensors:
+            self._torch.step()
         for tensor in self.tensors:
             tensor.grad = None
+        for name in self.sparse_rows:
+            self._step_rows(name, grads, lr)
+
+    def _step_rows(self, name: str, grads: RowSparseGrads, lr: float | Tensor) -> None:
+        """The rule on the rows of a row-sparse matrix that the step used, with their buffers: in place on
+        views of runs of consecutive rows (grads.runs), or gathered, updated and scattered back; the same
+        torch.optim functional rule as the dense update runs."""
+        ids = grads.ids[name]
+        if ids.numel() == 0:
+            return
+        rows, buffers, runs = self.params.rows(name), self.sparse_state[name], grads.runs[name]
+        if runs is not None:
+            p = [rows[a:b] for a, b in runs]
+            state = {k: [v[a:b] for a, b in runs] for k, v in buffers.items()}
+        else:
+            space = self._space[name]
+            p = [space["param"].gather(rows, ids)]
+            state = {k: [space[k].gather(v, ids)] for k, v in buffers.items()}
+        g = grads.row_views(name)
+        wd = self.weight_decay
+        if self.adamw and wd:
+            g = [gi + wd * pi for gi, pi in zip(g, p)]  # AdamW + coupled L2
+        if self.decoupled_weight_decay and self.rule != "adam":
+            torch._foreach_mul_(p, 1.0 - lr * self.decoupled_weight_decay)
+        self._functional(p, g, state, lr)
+        if runs is None:
+            rows.index_copy_(0, ids, p[0])
+            for k, v in buffers.items():
+                v.index_copy_(0, ids, state[k][0])
+
+    def _functional(self, p: list[Tensor], g: list[Tensor], state: dict[str, list[Tensor]], lr: float | Tensor) -> None:
+        """torch.optim's functional form of the rule over lists of tensors (updated in place), at step self.t."""
+        group, wd = self._torch.defaults, self.weight_decay
+        fused = self.rule in FUSED
+        steps = list(torch.full((len(p),), float(self.t - 1), dtype=torch.float32,
+                                device=p[0].device if fused else "cpu").unbind())  # one per tensor: each is advanced
+        if self.rule == "sgd":
+            _sgd.sgd(p, g, [None] * len(p), fused=fused, weight_decay=wd, momentum=0.0, lr=lr, dampening=0.0,
+                     nesterov=False, maximize=False)
+        elif self.rule == "adam":
+            beta1, beta2 = group["betas"]
+            _adam.adam(p, g, state["exp_avg"], state["exp_avg_sq"], [], steps, fused=fused,
+                       decoupled_weight_decay=self.adamw, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+                       weight_decay=self.decoupled_weight_decay if self.adamw else wd, eps=group["eps"], maximize=False)
+        elif self.rule == "adagrad":
+            _adagrad.adagrad(p, g, state["sum"], steps, fused=fused, lr=lr, weight_decay=wd, lr_decay=0.0,
+                             eps=group["eps"], maximize=False)
+        else:
+            _rmsprop.rmsprop(p, g, state["square_avg"], [], [], steps, foreach=False, lr=lr, alpha=group["alpha"],
+                             eps=group["eps"], weight_decay=wd, momentum=0.0, centered=False)
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -143,11 +231,13 @@ class Optimizer:
         out = {}
         for ours, theirs in BUFFERS[self.rule].items():
             pieces = [self._torch.state.get(t, {}).get(theirs) for t in self.tensors]
-            if any(p is None for p in pieces):
+            if any(p is None for p in pieces) or (not pieces and not self.t):
                 continue
             flat = self.params.like()
             for piece, segment in zip(pieces, self.segments):
                 flat.data[segment] = piece
+            for name, buffers in self.sparse_state.items():
+                flat.rows(name).copy_(buffers[theirs])
             out[ours] = flat
         return out
 
@@ -155,7 +245,7 @@ class Optimizer:
         """The tensors of torch.optim's state (buffers, step counts) as they are: what a captured step
         updates in place."""
         return [t for tensor in self.tensors for t in self._torch.state.get(tensor, {}).values()
-                if isinstance(t, Tensor)]
+                if isinstance(t, Tensor)] + [t for buffers in self.sparse_state.values() for t in buffers.values()]
 
     def state_dict(self) -> dict[str, Tensor | int | float]:
         """{"t": steps, "<buffer>.<parameter>": tensor, ...} (copies)."""
@@ -188,6 +278,8 @@ class Optimizer:
                     state[theirs].copy_(flat.data[segment])
                 else:
                     state[theirs] = flat.data[segment].clone()
+            for name, buffers in self.sparse_state.items():
+                buffers[theirs].copy_(flat.rows(name))
         for tensor in self.tensors:
             state = self._torch.state[tensor]
             if self.rule == "sgd":
@@ -202,19 +294,27 @@ class Optimizer:
         self.t = t
 
 
+def _placeholder(data: Tensor) -> list[dict[str, Any]]:
+    """A parameter group for a torch.optim rule with nothing dense to update (every parameter row-sparse):
+    torch.optim refuses an empty list; this zero-size parameter is never stepped."""
+    return [{"params": [torch.nn.Parameter(data[:0])], "weight_decay": 0.0}]
+
+
 def make_optimizer(name: str, params: Flat, *, lr: float = 1e-3, weight_decay: float = 0.0,
-                   decoupled_weight_decay: float = 0.0, capturable: bool = False, **hyper: float) -> Optimizer:
+                   decoupled_weight_decay: float = 0.0, capturable: bool = False, sparse_rows: tuple[str, ...] = (),
+                   **hyper: float) -> Optimizer:
     """'sgd' | 'adam' | 'adagrad' | 'rmsprop' (case-insensitive) over a Flat of parameters.
 
     weight_decay: L2 on weight matrices (g + wd·p); decoupled_weight_decay=λ: p ← p (1 − lr·λ) for weight
     matrices before each update (AdamW with adam). hyper: beta1, beta2, eps (adam), eps (adagrad),
-    alpha, eps (rmsprop). capturable: the step count on the device, for a step captured as a CUDA graph."""
+    alpha, eps (rmsprop). capturable: the step count on the device, for a step captured as a CUDA graph.
+    sparse_rows: matrices updated row by row (training/sparse_rows.py)."""
     try:
         rule = checks.choice("--optimizer", str(name).lower(), OPTIMIZERS)
     except ValueError:
         raise ValueError(f"unknown --optimizer {name!r}; choose one of {list(OPTIMIZERS)}") from None
     return Optimizer(rule, params, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                     capturable=capturable, **hyper)
+                     capturable=capturable, sparse_rows=sparse_rows, **hyper)
 
 
 class SGD(Optimizer):

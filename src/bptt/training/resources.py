@@ -27,6 +27,11 @@ per block; P = number of parameters):
                                      n = min(N, 32M / V) positions (outputs/full.py forward_backward);
                                      class: N·(C + mean class size of a target); hsm: N·depth·m;
                                      nce/sampled: N·64 + 64·m
+    row-sparse rows   1.25·(2 + k)·n·w·s  with row-sparse updates (training/sparse_rows.py), per word-indexed
+                                     matrix of width w: its gradient's and its optimizer's gathered rows, at
+                                     most n = the rows a block can use (the embedding: k2·B words; class: N
+                                     times the mean class size of a target; hsm: N·depth; nce/sampled:
+                                     N + 64), in buffers a quarter larger than the most met
     evaluation        2·b·V·s        the valid set goes through in blocks of b = eval_block(V) positions
     data              16·(T+1)·B     each block's int64 copy (the batchers and the evaluation read the ids
                                      lazily); --independent: + 24 bytes per training sentence (the starts,
@@ -60,6 +65,7 @@ from bptt.engine.cells import CELLS
 from bptt.model.config import ModelConfig
 from bptt.model.language_model import build_network
 from bptt.files import HASH_CHUNK
+from bptt.training import sparse_rows
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -137,12 +143,13 @@ def estimate_training_memory(
     longest_sentence: int = 0,
     word_counts: Any = None,
     train_sentences: int = 0,
+    row_sparse: tuple[str, ...] = (),
 ) -> MemoryEstimate:
     """The memory a training run of the model `config` (with its vocab_size) needs at its peak, by part
     (see the module docstring). Arithmetic on Python integers and the shapes the network declares:
     nothing of the model's size is allocated, and absurd sizes give absurd (not overflowing) numbers.
     train_tokens and valid_tokens are not counted (the corpora are read lazily: see "data");
-    train_sentences is, with independent."""
+    train_sentences is, with independent. row_sparse: the matrices updated row by row (sparse_rows.choose)."""
     V, m, B = int(config.vocab_size), int(config.hidden_size), int(batch)
     s = torch.empty((), dtype=config.torch_dtype).element_size()
     k2 = int(k2 if k2 is not None else k1)
@@ -162,6 +169,20 @@ def estimate_training_memory(
         workspace = 2 * (N * (NOISE_SAMPLES + 1) + NOISE_SAMPLES * m) * s
     if config.direct:  # the (N, order) int64 n-gram offsets and their gather
         workspace += N * int(config.direct_order) * 8 * 3
+    rows = 0  # row-sparse updates: the most rows of each matrix a step gathers, times its width
+    if row_sparse:
+        net = build_network(config, word_counts=word_counts)
+        shapes, lookup = net.param_shapes(), net.lookup_name()
+        if output == "class":
+            used = N * max(1.0, _class_positions_factor(word_counts, classes, V) - min(classes, V))
+        elif output == "hsm":
+            used = N * (math.ceil(math.log2(max(V, 2))) + 8)
+        else:
+            used = N + NOISE_SAMPLES
+        for name in row_sparse:
+            height, width = shapes[name] if name not in net.column_major() else reversed(shapes[name])
+            n = (T * B if name == lookup else 0) + (used if name == "V" else 0)
+            rows += int(min(height, n)) * width
     cache_floats = getattr(CELLS[config.cell], "cache_floats", 4) * config.layers
     activations = cache_floats * T * B * m + 2 * T * B * config.embedding
     if config.dropout or config.input_dropout:
@@ -177,6 +198,7 @@ def estimate_training_memory(
         "checkpoint": (k + 1) * P * s + HASH_CHUNK,
         "activations": activations * s,
         "output workspace": workspace,
+        "row-sparse rows": int(1.25 * (2 + k) * rows * s),
         "evaluation": 2 * eval_block(V) * (V + m) * s,
         "data": 16 * (T + 1) * B + (24 * int(train_sentences) if independent else 0),
     }
@@ -264,10 +286,15 @@ def check_memory(est: MemoryEstimate, device: str | torch.device, culprit: str,
 def estimate_for_config(config: Any, model_config: ModelConfig, train_tokens: int = 0, valid_tokens: int = 0,
                         longest_sentence: int = 0, word_counts: Any = None, train_sentences: int = 0) -> MemoryEstimate:
     """estimate_training_memory for a bptt.training.TrainConfig and the model it trains (with its vocab_size)."""
+    names = sparse_rows.choose(
+        getattr(config, "sparse_updates", "off"), rule=config.optimizer, weight_decay=config.l2,
+        decoupled_weight_decay=config.weight_decay, vocab_size=model_config.vocab_size, graph=config.graph,
+        row_sparse=build_network(model_config, word_counts=word_counts).row_sparse())
     return estimate_training_memory(
         model_config, batch=config.batch, k1=config.k1, k2=config.k2, optimizer=config.optimizer,
         train_tokens=train_tokens, valid_tokens=valid_tokens, independent=config.independent,
         longest_sentence=longest_sentence, word_counts=word_counts, train_sentences=train_sentences,
+        row_sparse=names,
     )
 
 

@@ -2,6 +2,8 @@
 
     gradients   the engine: BPTT(k1, k2) with the state carried across blocks (engine/tbptt.py), or,
                 for sentences (--independent), one sweep from the zero state (engine/sweep.py)
+    rows        with row-sparse updates (training/sparse_rows.py), the rows of the word-indexed matrices
+                the block wrote, gathered
     reduction   where data-parallel training combines the gradients of several processes: one
                 all-reduce of the flat gradient buffer (training/distributed.py, GradientSum; the
                 identity in one process)
@@ -31,6 +33,7 @@ from bptt.engine.sweep import loss_and_grads
 from bptt.engine.tbptt import TruncatedBPTT
 from bptt.training.cuda_graph import GraphedStep
 from bptt.training.optim import Optimizer, clip_grad_norm_
+from bptt.training.sparse_rows import RowSparseGrads
 
 Tensor = torch.Tensor
 
@@ -64,6 +67,8 @@ class TrainStep:
         self.check_inputs = check_inputs
         self.engine = TruncatedBPTT(model, k1, k2, truncation, ar, tar, generator)  # generator: dropout's masks
         self.engine.check_inputs = check_inputs
+        if optimizer.sparse_rows:  # the optimizer updates these matrices row by row: gradients that keep rows
+            self.engine.grads = RowSparseGrads(model.flat, optimizer.sparse_rows)
         self.grads: Flat = self.engine.grads
         self.reduce = reduce
 
@@ -96,14 +101,28 @@ class TrainStep:
         0-d, tokens): the loss summed over the block's tokens, the norm of the mean gradient, both on the
         device (nothing is read back to the host)."""
         loss, tokens = self.gradients(x, y, mask)
-        loss, tokens = self.reduce(self.grads, loss, tokens)
-        self.grads.data.div_(tokens)  # the mean over the block's counted tokens
-        return loss, clip_grad_norm_(self.grads, self.clip), tokens
+        grads = self.grads
+        if isinstance(grads, RowSparseGrads):
+            grads.gather_()
+        loss, tokens = self.reduce(grads, loss, tokens)
+        if isinstance(grads, RowSparseGrads):
+            grads.div_(tokens)  # the mean over the block's counted tokens
+            norm = clip_grad_norm_(grads, self.clip)
+            grads.store_()
+            return loss, norm, tokens
+        grads.data.div_(tokens)  # the mean over the block's counted tokens
+        return loss, clip_grad_norm_(grads, self.clip), tokens
 
     def compute(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[float, float, int]:
         """forward_backward, with the loss and the norm read back to the host (one synchronisation)."""
         loss, norm, tokens = self.forward_backward(x, y, mask)
         return (*read_back(loss, norm), tokens)
+
+    def discard(self) -> None:
+        """Forget a rejected step's gradients, the whole buffer (row-sparse gradients otherwise zero only the
+        rows the engine wrote: whatever else a fault left in the buffer goes too)."""
+        self.grads.zero_()
+        self.grads.data.zero_()
 
     def apply(self, lr: float) -> None:
         """The update rule over the parameters with the gradients of the last compute()."""

@@ -55,7 +55,7 @@ from bptt.evaluation import Evaluation, evaluate_corpus
 from bptt.model import build_model
 from bptt.storage.checkpoint import CheckpointError, pack_state, rng_state, set_rng_state, unpack_state
 from bptt.storage.saved_model import VOCAB_FILE, VOCAB_SHA_KEY
-from bptt.training import distributed
+from bptt.training import distributed, sparse_rows
 from bptt.training.config import TrainConfig
 from bptt.training.divergence import (
     MAX_ROLLBACKS,
@@ -145,8 +145,13 @@ class Trainer:
         self.model = build_model(model_config, word_counts=vocab.counts, seed=config.seed,
                                  device=self.dist.device(config.device))
         capturable = config.graph and self.model.device.type == "cuda"  # the step count on the device
+        self.sparse_rows = sparse_rows.choose(  # the matrices updated row by row (training/sparse_rows.py)
+            config.sparse_updates, rule=config.optimizer, weight_decay=config.l2,
+            decoupled_weight_decay=config.weight_decay, vocab_size=len(vocab), row_sparse=self.model.net.row_sparse(),
+            graph=config.graph)
         self.optimizer = make_optimizer(config.optimizer, self.model.flat, lr=config.initial_lr, weight_decay=config.l2,
-                                        decoupled_weight_decay=config.weight_decay, capturable=capturable)
+                                        decoupled_weight_decay=config.weight_decay, capturable=capturable,
+                                        sparse_rows=self.sparse_rows)
         if config.schedule == "mikolov":
             self.schedule = MikolovSchedule(config.min_improvement, config.halving_factor)
         elif config.schedule == "step":
@@ -463,6 +468,7 @@ class Trainer:
         fault_step = self.global_step + 1 if fault_step is None else fault_step
         lr = self.lr * ROLLBACK_LR_SCALE
         self.load_state(*self._snapshot)
+        self.stepper.discard()
         self.lr = lr
         self.events.append(self.rollbacks.rollback(reason, epoch=fault_epoch, fault_step=fault_step,
                                                    restored_step=self.global_step, lr=lr))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bptt import checks
+from bptt.engine.flat import note_rows
 from bptt.engine.losses import softmax_cross_entropy_backward_, softmax_cross_entropy_forward_
 from bptt.engine.outputs.direct import direct_backward, direct_forward_, direct_gather, direct_gather_backward
 
@@ -59,6 +60,7 @@ class ClassSoftmaxOutput:
     """Softmax over classes times softmax within the target's class; cross-entropy loss only."""
 
     forward_is_nll = True  # forward's loss is exactly −Σ ln P(target): evaluation needs no log_probs
+    row_params = ("V",)  # a block writes the rows of its targets' classes only (noted: flat.note_rows)
 
     def __init__(self, word_class, loss: str = "cross_entropy", output_activation_name: str = "softmax"):
         if loss != "cross_entropy" or output_activation_name != "softmax":
@@ -175,6 +177,7 @@ class ClassSoftmaxOutput:
             dg = softmax_cross_entropy_backward_(o, inner, w)  # (n_c,K_c)
             if features is not None:  # forward was g_c += Σ_k D[h_k + w] for the class's words w
                 direct_gather_backward(features.index_select(0, rows), members.unsqueeze(0), dg, grads)
+            note_rows(grads, "V", members)
             if span is not None:  # the class's rows of dV and dc are a slice: accumulate into it
                 grads["V"][span].addmm_(dg.t(), S_rows)
                 if "c" in grads:

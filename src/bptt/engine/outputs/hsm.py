@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf  # nnf: F is the hidden activation everywhere else
 
+from bptt.engine.flat import note_rows
+
 Tensor = torch.Tensor
 
 
@@ -159,6 +161,7 @@ class HierarchicalSoftmaxOutput:
     """Binary decisions along the target's Huffman path; cross-entropy loss only."""
 
     forward_is_nll = True  # forward's loss is exactly −Σ ln P(target): evaluation needs no log_probs
+    row_params = ("V",)  # a block writes the rows of the nodes on its targets' paths only (flat.note_rows)
 
     # Upper bound on the N·V·D elements log_probs gathers at once (chunks over N above it).
     LOG_PROBS_CHUNK_ELEMENTS = 1 << 24
@@ -253,10 +256,12 @@ class HierarchicalSoftmaxOutput:
         """
         dz = cache.dz_scale * (cache.sig - 1.0)  # (N,D), or (P,) on the sparse path
         if cache.pairs is not None:
+            note_rows(grads, "V", cache.pairs.node_ids)
             return sparse_path_backward(params["V"], S, cache.pairs, dz, grads["V"], grads.get("c"))
         nodes = cache.nodes
         flat_nodes = nodes.reshape(-1)
         m = S.shape[1]
+        note_rows(grads, "V", flat_nodes)
         grads["V"].index_add_(0, flat_nodes, (dz.unsqueeze(2) * S.unsqueeze(1)).reshape(-1, m))
         if "c" in grads:
             grads["c"].index_add_(0, flat_nodes, dz.reshape(-1))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bptt import checks
+from bptt.engine.flat import note_rows
 from bptt.engine.losses import softmax_cross_entropy_backward_, softmax_cross_entropy_forward_
 from bptt.engine.outputs.full import FullOutput, linear_forward
 
@@ -77,6 +78,7 @@ class _SampledOutputBase:
     """Shared by NCE and sampled softmax: parameters, noise, scores, their backward, exact log_probs."""
 
     name = "sampled"
+    row_params = ("V",)  # a block writes the rows of its targets and noise words only (flat.note_rows)
 
     def __init__(
         self,
@@ -167,6 +169,8 @@ class _SampledOutputBase:
         (index_add_ sums repeated ids: a word met twice, as a target or a sample, gets both terms.)
         """
         V = params["V"]
+        note_rows(grads, "V", targets)
+        note_rows(grads, "V", samples)
         grads["V"].index_add_(0, targets, S * dy.unsqueeze(1))
         grads["V"].index_add_(0, samples, dx.t() @ S)
         if "c" in grads:
