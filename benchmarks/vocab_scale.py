@@ -7,7 +7,9 @@ For each --vocab V (0: every word of the training text), `bptt prepare --max-voc
 output layer a fresh process builds bptt's trainer on that DATA (`--hidden`, `--batch`, `--bptt`, Adam;
 class: √V classes), trains --warmup blocks, then times --steps blocks (validation excluded) and reports
 tokens/s and its peak RSS (the kernel's ru_maxrss of that process: model, optimizer, rollback snapshot,
-one checkpoint written after the timed steps). The full softmax is skipped above --max-softmax words (at
+one checkpoint written after the timed steps), once per --sparse-updates mode (off: every row of every
+matrix zeroed, clipped and updated each step; on: the rows the step used, training/sparse_rows.py;
+Adam's lazy form), with the memory guard's estimate beside the peak. The full softmax is skipped above --max-softmax words (at
 V = 800k one step of it is over a teraflop).
 """
 
@@ -24,15 +26,17 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time, torch
 from bptt.training.trainer import TrainConfig, Trainer
-data, model, output, hidden, batch, bptt, warmup, steps, threads = sys.argv[1:10]
+data, model, output, hidden, batch, bptt, warmup, steps, threads, sparse = sys.argv[1:11]
 torch.set_num_threads(int(threads))
 options = dict(output=output, hidden_size=int(hidden))
 if output == "class":
     from bptt.prepared import load_prepared
     options["classes"] = max(2, round(len(load_prepared(data).vocab) ** 0.5))
 config = TrainConfig.from_options(train=None, valid=None, data=data, model=model, batch=int(batch), bptt=int(bptt),
-                                  progress=False, **options)
+                                  sparse_updates=sparse, progress=False, **options)
 trainer = Trainer(config)
+from bptt.training.resources import estimate_for_config
+estimate = estimate_for_config(config, trainer.model.config, word_counts=trainer.vocab.counts).total
 blocks = trainer._batches()
 for _ in range(int(warmup)):
     trainer.train_step(*next(blocks))
@@ -43,7 +47,8 @@ for _ in range(int(steps)):
 seconds = time.perf_counter() - start
 trainer.save_state()
 print(json.dumps({"vocab": len(trainer.vocab), "tokens_per_s": (trainer.epoch_tokens - tokens) / seconds,
-                  "step_ms": 1000 * seconds / int(steps),
+                  "step_ms": 1000 * seconds / int(steps), "sparse": sparse, "rows": list(trainer.sparse_rows),
+                  "estimate_mib": estimate / 2**20,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -60,6 +65,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-softmax", type=int, default=200_000, help="skip the full softmax above this vocabulary")
+    p.add_argument("--sparse-updates", nargs="+", default=["off", "on"], choices=["off", "on", "auto"],
+                   help="the modes to run each cell in (default: off and on)")
     p.add_argument("--work", help="keep the prepared corpora and runs here (default: a temporary directory)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="vocab_scale."))
@@ -74,13 +81,13 @@ def main() -> int:
             if V:
                 cmd += ["--max-vocab", str(V)]
             subprocess.run(cmd, check=True)
-        for output in args.outputs:
+        for output, sparse in ((o, s) for o in args.outputs for s in args.sparse_updates):
             if output == "softmax" and (V == 0 or V > args.max_softmax):
                 continue
-            model = work / f"run-{V or 'all'}-{output}"
+            model = work / f"run-{V or 'all'}-{output}-{sparse}"
             run = subprocess.run([sys.executable, "-c", CHILD, str(data), str(model), output, str(args.hidden),
-                                  str(args.batch), str(args.bptt), str(args.warmup), str(args.steps), str(args.threads)],
-                                 capture_output=True, text=True)
+                                  str(args.batch), str(args.bptt), str(args.warmup), str(args.steps), str(args.threads),
+                                  sparse], capture_output=True, text=True)
             if run.returncode != 0:
                 print(f"V {V or 'all'} {output}: failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
@@ -88,9 +95,12 @@ def main() -> int:
             r["output"] = output
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print("\n| V | output | tokens/s | ms per step | peak RSS MiB |\n|---:|---|---:|---:|---:|")
+    print("\n| V | output | sparse updates | tokens/s | ms per step | peak RSS MiB | guard's estimate MiB |\n"
+          "|---:|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['vocab']:,} | {r['output']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:,.0f} | {r['peak_rss_mib']:,.0f} |")
+        mode = f"{r['sparse']} ({', '.join(r['rows']) or 'none'})" if r["sparse"] != "off" else "off"
+        print(f"| {r['vocab']:,} | {r['output']} | {mode} | {r['tokens_per_s']:,.0f} | {r['step_ms']:,.0f} | "
+              f"{r['peak_rss_mib']:,.0f} | {r['estimate_mib']:,.0f} |")
     return 0
 
 

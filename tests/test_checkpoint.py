@@ -53,6 +53,38 @@ def test_round_trip_bit_exact(tmp_path):
     assert len(on_disk["weights_sha256"]) == 64
 
 
+def test_transposed_matrices_are_written_without_a_copy_and_read_back(tmp_path, monkeypatch):
+    """save_checkpoint(transposed=True) (the training state): a column-major matrix is written as its
+    contiguous transpose, named in the header, and comes back in its own shape; .contiguous() copies
+    nothing. Model files (the default) keep every tensor in its own shape."""
+    model = _model()
+    U = model.params["U"]
+    assert not U.is_contiguous() and U.t().is_contiguous()
+    copies = []
+    real = torch.Tensor.contiguous
+
+    def contiguous(t, *args, **kwargs):
+        out = real(t, *args, **kwargs)
+        if out.data_ptr() != t.data_ptr():
+            copies.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    save_checkpoint(tmp_path / "state", dict(model.params), {"x": 1}, transposed=True)
+    assert copies == []
+    save_checkpoint(tmp_path / "model", dict(model.params), {"x": 1})
+    assert copies == [tuple(U.shape)]
+    from safetensors import safe_open
+    with safe_open(tmp_path / "state" / "model.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()[ckpt.TRANSPOSED_KEY]) == ["U"]
+        assert tuple(f.get_tensor("U").shape) == tuple(reversed(U.shape))
+    with safe_open(tmp_path / "model" / "model.safetensors", framework="pt") as f:
+        assert ckpt.TRANSPOSED_KEY not in f.metadata() and tuple(f.get_tensor("U").shape) == tuple(U.shape)
+    for directory in ("state", "model"):
+        tensors, _ = load_checkpoint(tmp_path / directory)
+        assert all(torch.equal(tensors[k], p) and tensors[k].shape == p.shape for k, p in model.params.items())
+
+
 def test_round_trip_with_optimizer_and_rng_state(tmp_path):
     model = _model()
     opt = make_optimizer("adam", model.params)
@@ -322,3 +354,23 @@ def test_save_and_load_never_pickle(tmp_path, monkeypatch):
     (directory / "config.json").unlink()  # the embedded config is read without pickle too
     tensors, config = load_checkpoint(directory)
     assert config["seed"] == 0 and torch.equal(tensors["V"], model.params["V"])
+
+
+def test_the_training_state_stores_column_major_matrices_as_they_are(tmp_path):
+    """A trainer's checkpoint writes the first layer's U (weights, best weights, Adam's m and v) as its
+    contiguous transpose, and a resumed trainer reads them back in their own shape."""
+    from safetensors import safe_open
+
+    from bptt.training.trainer import STATE_DIR, TrainConfig, Trainer
+    from conftest import write_corpus
+
+    config = TrainConfig.from_options(train=write_corpus(tmp_path / "t.txt", 20, 0),
+                                      valid=write_corpus(tmp_path / "v.txt", 5, 1), model=str(tmp_path / "m"),
+                                      hidden_size=5, batch=2, bptt=3, epochs=1, progress=False)
+    trainer = Trainer(config)
+    trainer.run(max_steps=3)
+    with safe_open(tmp_path / "m" / STATE_DIR / "model.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()[ckpt.TRANSPOSED_KEY]) == ["best.U", "opt.m.U", "opt.v.U", "param.U"]
+    resumed = Trainer.resume(tmp_path / "m", progress=False)
+    assert torch.equal(resumed.model.params["U"], trainer.model.params["U"])
+    assert torch.equal(resumed.optimizer.state_dict()["v.U"], trainer.optimizer.state_dict()["v.U"])

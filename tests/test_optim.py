@@ -214,6 +214,41 @@ def test_state_dict_is_a_copy_and_bad_keys_rejected():
         make_optimizer("adam", params).load_state_dict({"t": 1, "m.nope": torch.zeros(2)})
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_state_views_are_the_live_buffers_in_the_parameters_layout(sparse):
+    """state_dict(copy=False) (what a checkpoint writes): the values of the copy, each in its parameter's
+    shape and strides (U column-major), sharing the optimizer's memory, and moving with the next step."""
+    params = _params()
+    names = ("U",) if sparse else ()
+    opt = make_optimizer("adam", params, lr=LR, sparse_rows=names)
+    grads = _grad_sequence(params, 2)
+    if sparse:
+        from bptt.training.sparse_rows import RowSparseGrads
+        sparse_grads = []
+        for g in grads:
+            rg = RowSparseGrads(params, names)
+            rg.data.copy_(g.data)
+            rg.row_log["U"].append(torch.arange(rg.rows("U").shape[0]))
+            rg.gather_()
+            sparse_grads.append(rg)
+        grads = sparse_grads
+    opt.step(grads[0], LR)
+    views, copies = opt.state_dict(copy=False), opt.state_dict()
+    assert views.keys() == copies.keys()
+    owned = [t.untyped_storage().data_ptr() for t in opt.state_tensors()]
+    for key, copy in copies.items():
+        if key == "t":
+            continue
+        name = key.partition(".")[2]
+        view = views[key]
+        assert torch.equal(view, copy) and view.stride() == params[name].stride(), key
+        assert view.untyped_storage().data_ptr() in owned, key  # no memory of its own
+        assert copy.untyped_storage().data_ptr() not in owned, key
+    opt.step(grads[1], LR)
+    assert not torch.equal(views["m.U"], copies["m.U"])  # live
+    assert torch.equal(views["m.U"], opt.state_dict()["m.U"])
+
+
 def test_make_optimizer_unknown_name_mentions_flag():
     params = _params()
     with pytest.raises(ValueError, match="--optimizer 'lbfgs'"):

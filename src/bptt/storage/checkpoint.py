@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open as _st_safe_open
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
 
@@ -34,6 +35,9 @@ Tensor = torch.Tensor
 CONFIG_NAME = "config.json"
 SHA_KEY = "weights_sha256"
 EMBEDDED_KEY = "bptt.config"  # safetensors header metadata: the config as JSON text
+# safetensors header metadata: a JSON list of the tensors written as their transpose (save_checkpoint's
+# transposed=True), which load_checkpoint transposes back
+TRANSPOSED_KEY = "bptt.transposed"
 
 
 class CheckpointError(ValueError):
@@ -44,7 +48,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict,
-                    prefix: str = "model") -> None:
+                    prefix: str = "model", transposed: bool = False) -> None:
     """Write DIR/{prefix}.safetensors and DIR/config.json (config + weights_sha256); create DIR if needed.
 
     Tensors are made contiguous and moved to the CPU (the caller's tensors are not changed).
@@ -53,11 +57,18 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
     not JSON-able. The weights file also carries config in its header metadata, so the directory
     stays loadable if the process dies between the two renames (see the module docstring).
     Temp files left in DIR by an earlier killed save of these two files are removed.
+    transposed=True: a matrix that is the transpose of a contiguous tensor (the first layer's column-major
+    U) is written as that tensor and named in the header (TRANSPOSED_KEY); load_checkpoint gives it back
+    transposed. No contiguous copy is made (at V = 800k, hundreds of MB per such tensor); for the training
+    state, read only by load_checkpoint. Model files keep every tensor in its own shape.
     """
     directory = Path(directory)
     if SHA_KEY in config:
         raise ValueError(f"config must not contain the reserved key {SHA_KEY!r}")
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    flipped = sorted(name for name, t in tensors.items() if transposed and t.dim() == 2 and not t.is_contiguous()
+                     and t.t().is_contiguous())
+    cpu = {name: (t.detach().t() if name in flipped else t.detach()).to("cpu").contiguous()
+           for name, t in tensors.items()}
     for name, t in cpu.items():
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"tensor {name!r} holds NaN or Inf values: a checkpoint never stores them")
@@ -65,7 +76,10 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
     digest: list[str] = []
 
     def write(tmp: Path) -> None:  # each tensor written from its own memory: no serialised copy of the file
-        _st_save_file(cpu, tmp, metadata={EMBEDDED_KEY: embedded})
+        metadata = {EMBEDDED_KEY: embedded}
+        if flipped:
+            metadata[TRANSPOSED_KEY] = json.dumps(flipped)
+        _st_save_file(cpu, tmp, metadata=metadata)
         digest.append(file_sha256(tmp))
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -144,6 +158,8 @@ def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
         # and no tensor that a later write of the file could change under the caller
         actual = file_sha256(weights_path)
         tensors = {name: t.clone() for name, t in _st_load_file(weights_path).items()}
+        with _st_safe_open(weights_path, framework="pt") as f:
+            flipped = json.loads((f.metadata() or {}).get(TRANSPOSED_KEY, "[]"))
     except OSError as e:
         raise CheckpointError(f"checkpoint file {weights_path} cannot be read: {e.strerror or e}") from None
     except Exception as e:  # safetensors raises SafetensorError (and others) on a bad file
@@ -159,6 +175,9 @@ def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
                 f"in {config_path} (torn or mixed checkpoint)"
             )
         config = embedded
+    if not isinstance(flipped, list) or any(name not in tensors or tensors[name].dim() != 2 for name in flipped):
+        raise CheckpointError(f"{weights_path}: malformed {TRANSPOSED_KEY!r} entry in its header")
+    tensors.update({name: tensors[name].t() for name in flipped})  # written as their transpose: back
     device = torch.device(device)
     if device.type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}

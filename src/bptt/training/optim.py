@@ -247,12 +247,34 @@ class Optimizer:
         return [t for tensor in self.tensors for t in self._torch.state.get(tensor, {}).values()
                 if isinstance(t, Tensor)] + [t for buffers in self.sparse_state.values() for t in buffers.values()]
 
-    def state_dict(self) -> dict[str, Tensor | int | float]:
-        """{"t": steps, "<buffer>.<parameter>": tensor, ...} (copies)."""
+    def state_dict(self, copy: bool = True) -> dict[str, Tensor | int | float]:
+        """{"t": steps, "<buffer>.<parameter>": tensor, ...}: copies, or with copy=False views of the live
+        buffers in the parameters' shapes and layouts (no memory: what a checkpoint writes and the
+        rollback snapshot copies; they change with the next step)."""
         out: dict[str, Tensor | int | float] = {"t": self.t}
-        for ours, flat in self._buffers().items():
-            out.update({f"{ours}.{name}": view.clone() for name, view in flat.items()})
+        if copy:
+            for ours, flat in self._buffers().items():
+                out.update({f"{ours}.{name}": view for name, view in flat.items()})  # the flat is a fresh copy
+            return out
+        for ours, theirs in BUFFERS[self.rule].items():
+            pieces = [self._torch.state.get(t, {}).get(theirs) for t in self.tensors]
+            if any(p is None for p in pieces) or (not pieces and not self.t):
+                continue  # before the first step: no buffers yet
+            for name, shape in self.params.shapes.items():
+                out[f"{ours}.{name}"] = self._buffer_view(name, shape, pieces, theirs)
         return out
+
+    def _buffer_view(self, name: str, shape: tuple[int, ...], pieces: list[Tensor], theirs: str) -> Tensor:
+        """Parameter `name`'s part of a buffer of the rule, as a view in the parameter's shape and layout."""
+        if name in self.sparse_state:
+            rows = self.sparse_state[name][theirs]  # (rows, width), as Flat.rows
+            return rows.t() if name in self.params.column_major else rows
+        a, b = self.params.offsets[name]
+        segment, piece = next((s, p) for s, p in zip(self.segments, pieces) if s.start <= a and b <= s.stop)
+        flat = piece[a - segment.start:b - segment.start]
+        if name in self.params.column_major:
+            return flat.view(tuple(reversed(shape))).t()
+        return flat.view(shape)
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """Restore a state_dict (buffers copied, in place where they exist); a state without buffers

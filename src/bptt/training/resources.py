@@ -12,11 +12,12 @@ per block; P = number of parameters):
     best model        P·s            the copy of the best weights on valid
     rollback copy     (2 + k)·P·s    the last training state saved (weights, best, optimizer), kept in
                                      memory so that a diverging step can be rolled back
-    checkpoint        (k + 1)·P·s    writing that state: the optimizer's buffers gathered into the parameters'
-                                     layout (a copy) and the matrices stored transposed (U) made contiguous;
-                                     safetensors' save_file then writes each tensor from its own memory and
-                                     the file is hashed 16 MiB at a time (storage/checkpoint.py): no
-                                     serialised copy of the file
+    checkpoint        p_max + 16 MiB writing that state: the tensors are written as they are, the optimizer's
+                                     buffers as views (Optimizer.state_dict(copy=False)) and a column-major
+                                     U as its contiguous transpose (save_checkpoint(transposed=True)), each
+                                     from its own memory by safetensors' save_file; what remains is the
+                                     finiteness check's mask of one tensor (p_max bytes, the largest
+                                     parameter's elements) and the file hashed 16 MiB at a time
     activations       a·L·k2·B·m·s   per layer, the cell's cache of the backward window and its errors
                                      (a = the cell's `cache_floats`, 4 for Elman, 18 for the LSTM;
                                      --independent: the longest sentence instead of k2)
@@ -29,9 +30,11 @@ per block; P = number of parameters):
                                      nce/sampled: N·64 + 64·m
     row-sparse rows   1.25·(2 + k)·n·w·s  with row-sparse updates (training/sparse_rows.py), per word-indexed
                                      matrix of width w: its gradient's and its optimizer's gathered rows, at
-                                     most n = the rows a block can use (the embedding: k2·B words; class: N
-                                     times the mean class size of a target; hsm: N·depth; nce/sampled:
-                                     N + 64), in buffers a quarter larger than the most met
+                                     most n = the rows a block can use (the embedding: k2·B words; class:
+                                     none when its classes average RUN_ROWS words or more — whole classes
+                                     are runs of rows, updated as views — else N times the mean class
+                                     size of a target; hsm: N·depth; nce/sampled: N + 64), in buffers a
+                                     quarter larger than the most met
     evaluation        2·b·V·s        the valid set goes through in blocks of b = eval_block(V) positions
     data              16·(T+1)·B     each block's int64 copy (the batchers and the evaluation read the ids
                                      lazily); --independent: + 24 bytes per training sentence (the starts,
@@ -155,7 +158,9 @@ def estimate_training_memory(
     k2 = int(k2 if k2 is not None else k1)
     T = max(1, int(longest_sentence)) if independent else k2  # steps in the backward window
     N = (max(1, int(longest_sentence)) if independent else int(k1)) * B  # positions per block
-    P = parameter_count(config, word_counts)
+    shapes = build_network(config, word_counts=word_counts).param_shapes()
+    P = sum(math.prod(shape) for shape in shapes.values())
+    largest = max(math.prod(shape) for shape in shapes.values())
     k = OPTIMIZER_BUFFERS.get(optimizer, 2)
     output, classes = config.output, config.classes
     if output == "softmax":  # forward_backward's chunks: at most OUTPUT_CHUNK_SCORES scores at once
@@ -173,7 +178,9 @@ def estimate_training_memory(
     if row_sparse:
         net = build_network(config, word_counts=word_counts)
         shapes, lookup = net.param_shapes(), net.lookup_name()
-        if output == "class":
+        if output == "class" and V / max(1, min(classes, V)) >= sparse_rows.RUN_ROWS:
+            used = 0  # whole classes, spans of a vocabulary sorted by frequency: runs of views, nothing gathered
+        elif output == "class":
             used = N * max(1.0, _class_positions_factor(word_counts, classes, V) - min(classes, V))
         elif output == "hsm":
             used = N * (math.ceil(math.log2(max(V, 2))) + 8)
@@ -195,7 +202,7 @@ def estimate_training_memory(
         "optimizer": k * P * s,
         "best model": P * s,
         "rollback copy": (2 + k) * P * s,
-        "checkpoint": (k + 1) * P * s + HASH_CHUNK,
+        "checkpoint": largest + HASH_CHUNK,
         "activations": activations * s,
         "output workspace": workspace,
         "row-sparse rows": int(1.25 * (2 + k) * rows * s),

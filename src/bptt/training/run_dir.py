@@ -68,7 +68,7 @@ class RunDirectory:
     # -- the training state --------------------------------------------------------------------------
 
     def write_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        save_checkpoint(self.state_dir, tensors, state)
+        save_checkpoint(self.state_dir, tensors, state, transposed=True)  # U as stored: no copy
 
     def write_metrics(self, records: list[dict]) -> None:
         text = "".join(json.dumps(r) + "\n" for r in records)

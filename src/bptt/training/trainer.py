@@ -495,7 +495,7 @@ class Trainer:
         tensors.update({f"engine.{k}": t for k, t in self.engine.state_dict().items()})
         if hasattr(self.model.output, "state_dict"):  # e.g. the noise generator of NCE / sampled softmax
             tensors.update({f"output.{k}": t for k, t in self.model.output.state_dict().items()})
-        opt_tensors, opt_scalars = pack_state("opt", self.optimizer.state_dict())
+        opt_tensors, opt_scalars = pack_state("opt", self.optimizer.state_dict(copy=False))  # views
         tensors.update(opt_tensors)
         tensors.update(rng_state())
         state = {
