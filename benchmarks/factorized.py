@@ -13,7 +13,9 @@ over the epoch, validation excluded).
 bptt is timed through its trainer (bptt.training.Trainer: the same step, checks and update as `bptt train`),
 over --steps blocks of its PTB stream after 5 warm-up blocks, validation excluded like faster-rnnlm's
 figure: tokens trained / seconds, for each output layer and hidden size, `--batch 160 --bptt 35`
-(Adam; class: 100 classes; --activation: tanh, bptt's default, or sigmoid, faster-rnnlm's). The sides alternate in --rounds rounds so that a busy phase of a shared machine
+(class: 100 classes; --activation: tanh, bptt's default, or sigmoid, faster-rnnlm's; --optimizer: adam, bptt's
+default, or sgd, faster-rnnlm's rule, which also makes bptt update only the rows a step used:
+--sparse-updates auto). The sides alternate in --rounds rounds so that a busy phase of a shared machine
 hits both; the table gives the median round.
 """
 
@@ -53,14 +55,16 @@ def faster_rnnlm_words_per_s(binary: str, data: Path, hidden: int, threads: int,
     return statistics.median(speeds)
 
 
-def bptt_trainer(data: Path, output: str, hidden: int, model_dir: str, activation: str = "tanh"):
+def bptt_trainer(data: Path, output: str, hidden: int, model_dir: str, activation: str = "tanh",
+                 optimizer: str = "adam"):
     from bptt.training.trainer import TrainConfig, Trainer
 
     options = dict(output=output, hidden_size=hidden, hidden_activation=activation)
     if output == "class":
         options["classes"] = 100
     config = TrainConfig.from_options(train=str(data / "ptb.train.txt"), valid=str(data / "ptb.valid.txt"),
-                                      model=model_dir, batch=160, bptt=35, progress=False, **options)
+                                      model=model_dir, batch=160, bptt=35, optimizer=optimizer, progress=False,
+                                      **options)
     return Trainer(config)
 
 
@@ -83,18 +87,19 @@ def main() -> int:
     p.add_argument("--outputs", nargs="+", default=["hsm", "class"])
     p.add_argument("--threads", type=int, default=2, help="threads of both sides")
     p.add_argument("--activation", default="tanh", help="bptt's hidden activation (faster-rnnlm: sigmoid)")
+    p.add_argument("--optimizer", default="adam", help="bptt's update rule (faster-rnnlm: plain SGD, i.e. sgd)")
     p.add_argument("--steps", type=int, default=60, help="timed bptt blocks per round (160 × 35 tokens each)")
     p.add_argument("--seconds", type=float, default=25.0, help="faster-rnnlm's run per round")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} threads; "
-          f"{args.rounds} rounds, median shown", flush=True)
+          f"{args.rounds} rounds, median shown; bptt: {args.activation}, {args.optimizer}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hidden in args.hidden:
             trainers = {out: bptt_trainer(args.data, out, hidden, os.path.join(tmp, f"{out}{hidden}"),
-                                     args.activation)
+                                     args.activation, args.optimizer)
                         for out in args.outputs}
             results: dict[str, list[float]] = {name: [] for name in ["faster-rnnlm", *args.outputs]}
             for _ in range(args.rounds):
