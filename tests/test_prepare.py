@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 import os
 import random
 import subprocess
@@ -133,8 +134,8 @@ def test_meta_json(texts, tmp_path):
         "bptt-prepared", 1, "word", 1, 10)
     assert meta["vocab"] == {"file": "vocab.json", "size": 10, "sha256": sha256(out / "vocab.json")}
     assert sorted(meta["splits"]) == ["train", "valid"]  # no --test: no test split
-    assert sorted(os.listdir(out)) == ["meta.json", "train.ids", "train.starts", "valid.ids", "valid.starts",
-                                       "vocab.json"]
+    assert sorted(os.listdir(out)) == ["meta.json", "train.ids", "train.oov", "train.starts", "valid.ids",
+                                       "valid.oov", "valid.starts", "vocab.json"]
     vocab = Vocab.load(out / "vocab.json")
     for split in ("train", "valid"):
         entry, corpus = meta["splits"][split], encode(texts[split], vocab)
@@ -146,6 +147,10 @@ def test_meta_json(texts, tmp_path):
         assert entry["starts"] == {"file": f"{split}.starts", "sha256": sha256(out / f"{split}.starts")}
         assert (out / f"{split}.ids").read_bytes() == corpus.ids.astype("<u4").tobytes()
         assert (out / f"{split}.starts").read_bytes() == corpus.sentence_starts.astype("<i8").tobytes()
+        assert entry["sentence_oov"] == {"file": f"{split}.oov", "sha256": sha256(out / f"{split}.oov")}
+        assert (out / f"{split}.oov").read_bytes() == corpus.sentence_oov.astype("<u4").tobytes()
+        assert corpus.sentence_oov.sum() == corpus.oov > 0
+        assert np.array_equal(load_prepared(out).split(split).sentence_oov, corpus.sentence_oov)
     assert result.bytes_read == 2 * texts["train"].stat().st_size + texts["valid"].stat().st_size
     assert not list(tmp_path.glob("data.*"))  # no temporary sibling left
     with pytest.raises(CorpusError, match="no 'test' split"):
@@ -503,6 +508,44 @@ def test_eval_data_equals_eval_text(texts, data_dir, tmp_path, capsys):
     prepare(no_test, texts["train"], texts["valid"], progress=False)
     assert main(["eval", "--model", str(model), "--data", str(no_test)]) == 2
     one_error_line(capsys.readouterr().err, str(no_test / "meta.json"), "'test'")
+
+
+def test_score_data_equals_score_text(texts, data_dir, tmp_path, capsys):
+    """bptt score --data DATA --split S prints what --text prints for the split's text: every sentence's
+    log-probability, tokens and OOV count (the split's .oov file), and the same summary but the path; a
+    DATA without .oov files (prepared before they existed) scores the same with the OOV counts null."""
+    model = tmp_path / "m"
+    assert main(["train", "--data", str(data_dir), "--model", str(model), *SMALL]) == 0
+    capsys.readouterr()
+    for split in ("test", "valid"):
+        assert main(["score", "--model", str(model), "--text", str(texts[split]), "--json"]) == 0
+        out, err = capsys.readouterr()
+        from_text = [json.loads(line) for line in out.splitlines()]
+        assert main(["score", "--model", str(model), "--data", str(data_dir), "--split", split, "--json"]) == 0
+        out, err_data = capsys.readouterr()
+        assert [json.loads(line) for line in out.splitlines()] == from_text  # equal, not close
+        assert err_data.split(":", 1)[1] == err.split(":", 1)[1]
+    assert sum(r["oov"] for r in from_text) > 0
+    old = tmp_path / "old"  # a DATA written before the per-sentence OOV counts
+    shutil.copytree(data_dir, old)
+    meta = json.loads((old / "meta.json").read_text())
+    for entry in meta["splits"].values():
+        del entry["sentence_oov"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    for split in meta["splits"]:
+        (old / f"{split}.oov").unlink()
+    assert main(["score", "--model", str(model), "--data", str(old), "--split", "valid", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["oov"] for r in records] == [None] * len(from_text)
+    assert [r["log10_prob"] for r in records] == [r["log10_prob"] for r in from_text]
+    other = tmp_path / "other"  # another vocabulary: refused
+    prepare(other, texts["valid"], texts["valid"], texts["test"], progress=False)
+    assert main(["score", "--model", str(model), "--data", str(other)]) == 2
+    one_error_line(capsys.readouterr().err, str(other / "vocab.json"), str(model))
+    assert main(["score", "--model", str(model), "--text", str(texts["test"]), "--split", "test"]) == 2
+    one_error_line(capsys.readouterr().err, "--split")
+    assert main(["score", "--model", str(model)]) == 2
+    one_error_line(capsys.readouterr().err, "--text")
 
 
 def test_guard_estimate_does_not_grow_with_the_corpus():

@@ -370,7 +370,8 @@ class Corpus:
     tokens:          N = len(ids), `<eos>` tokens included.
     oov:             tokens mapped to `<unk>` that were not a literal `<unk>` in the text.
     path:            the file it was read from.
-    sentence_oov:    (S,) int32, those tokens per sentence (None for a prepared corpus).
+    sentence_oov:    (S,) int32, those tokens per sentence (a uint32 memmap for a prepared corpus; None for
+                     one prepared before bptt wrote them).
     """
 
     ids: np.ndarray

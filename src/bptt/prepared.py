@@ -7,9 +7,12 @@ and appended to its files — and writes
     DATA/vocab.json        the vocabulary (Vocab.save)
     DATA/{split}.ids       (N,) the token ids, raw little-endian uint32, `<eos>` closing every line
     DATA/{split}.starts    (S,) raw little-endian int64, the index in .ids of each sentence's first token
+    DATA/{split}.oov       (S,) raw little-endian uint32, each sentence's words outside the vocabulary
+                           (read as <unk>; `bptt score --data` reports them per sentence)
     DATA/meta.json         format and version; unit, min_count, max_vocab; the vocabulary's size and the
                            sha256 of vocab.json; per split: tokens, sentences, oov, its source (path,
-                           bytes, sha256) and the sha256 of its .ids and .starts files
+                           bytes, sha256) and the sha256 of its .ids, .starts and .oov files (a DATA
+                           written before .oov existed has none: its sentences' OOV counts are unknown)
 
 for split in train, valid and (optionally) test. The directory is built as a temporary sibling
 (DATA.tmp-XXXXXXXX), every file fsynced, meta.json last, and renamed into place at the end: a prepare
@@ -59,6 +62,7 @@ VOCAB_FILE = "vocab.json"
 SPLITS = ("train", "valid", "test")
 IDS_DTYPE = np.dtype("<u4")  # token ids: little-endian uint32
 STARTS_DTYPE = np.dtype("<i8")  # sentence starts: little-endian int64
+OOV_DTYPE = np.dtype("<u4")  # words outside the vocabulary per sentence: little-endian uint32
 _TEMP_INFIX = ".tmp-"  # DATA.tmp-XXXXXXXX: the directory being built
 _OLD_INFIX = ".old-"  # DATA.old-XXXXXXXX: the directory --force replaces, removed once the new one is in place
 
@@ -224,15 +228,18 @@ def _write_split(directory: Path, split: str, source: str, vocab: Vocab, unit: s
     """Encode `source` chunk by chunk into directory/{split}.ids and .starts; its entry of meta.json."""
     ids = _HashedWriter(directory / f"{split}.ids", IDS_DTYPE)
     starts = _HashedWriter(directory / f"{split}.starts", STARTS_DTYPE)
+    oovs = _HashedWriter(directory / f"{split}.oov", OOV_DTYPE)
     oov = 0
     try:
         for chunk_ids, chunk_starts, chunk_oov in encode_chunks(source, vocab, unit, chunk_tokens, progress):
             ids.write(chunk_ids)
             starts.write(chunk_starts)
+            oovs.write(chunk_oov)
             oov += int(chunk_oov.sum())
     finally:
         ids.close()
         starts.close()
+        oovs.close()
     return {
         "tokens": ids.count,
         "sentences": starts.count,
@@ -240,6 +247,7 @@ def _write_split(directory: Path, split: str, source: str, vocab: Vocab, unit: s
         "source": {"path": os.path.abspath(source), "bytes": os.path.getsize(source), "sha256": file_sha256(source)},
         "ids": {"file": f"{split}.ids", "sha256": ids.hash.hexdigest()},
         "starts": {"file": f"{split}.starts", "sha256": starts.hash.hexdigest()},
+        "sentence_oov": {"file": f"{split}.oov", "sha256": oovs.hash.hexdigest()},
     }
 
 
@@ -279,8 +287,9 @@ class PreparedData:
         return tuple(s for s in SPLITS if s in self.meta["splits"])
 
     def split(self, name: str) -> Corpus:
-        """The split `name` (train, valid, test) as a Corpus: ids (N,) uint32 and sentence_starts (S,) int64,
-        read-only memory maps of DATA/{name}.ids and .starts; sentence_oov None. With verify (the default),
+        """The split `name` (train, valid, test) as a Corpus: ids (N,) uint32, sentence_starts (S,) int64 and
+        sentence_oov (S,) uint32 (None for a DATA without .oov files), read-only memory maps of DATA/{name}.ids,
+        .starts and .oov. With verify (the default),
         the files' sha256 are checked against meta.json the first time (the files are read once, in blocks)."""
         meta_path = self.path / META_FILE
         if name not in self.meta["splits"]:
@@ -296,19 +305,22 @@ class PreparedData:
                                             "the file was modified or corrupted; run bptt prepare again")
                 self._verified.add((name, kind))
             files[kind] = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
-        ids, starts = files["ids"], files["starts"]
+        ids, starts, sentence_oov = files["ids"], files["starts"], files.get("sentence_oov")
         if int(starts[0]) != 0 or int(ids[-1]) != EOS_ID or not 0 <= int(starts[-1]) < len(ids):
             raise CorpusError(self.path / entry["ids"]["file"], "not a prepared corpus (sentence starts or the final "
                                                                 "<eos> do not line up); run bptt prepare again")
-        return Corpus(ids, starts, int(entry["tokens"]), int(entry["oov"]), str(self.path / entry["ids"]["file"]))
+        return Corpus(ids, starts, int(entry["tokens"]), int(entry["oov"]), str(self.path / entry["ids"]["file"]),
+                      sentence_oov)
 
 
 def _split_files(directory: Path, entry: dict) -> list[tuple[str, Path, np.dtype, int]]:
-    """(kind, path, dtype, count) of a split's .ids and .starts files, each checked to have the size its
-    meta.json entry implies."""
+    """(kind, path, dtype, count) of a split's .ids, .starts and (when listed) .oov files, each checked to have
+    the size its meta.json entry implies."""
     files = []
-    for kind, dtype, count, what in (("ids", IDS_DTYPE, entry["tokens"], "tokens"),
-                                     ("starts", STARTS_DTYPE, entry["sentences"], "sentences")):
+    kinds = [("ids", IDS_DTYPE, entry["tokens"], "tokens"), ("starts", STARTS_DTYPE, entry["sentences"], "sentences")]
+    if "sentence_oov" in entry:
+        kinds.append(("sentence_oov", OOV_DTYPE, entry["sentences"], "sentences"))
+    for kind, dtype, count, what in kinds:
         path = directory / entry[kind]["file"]
         _check_size(path, count * dtype.itemsize, f"{count} {what}")
         files.append((kind, path, dtype, count))
@@ -359,10 +371,12 @@ def _check_meta(meta_path: Path, meta: Any) -> None:
         _check_count(meta_path, f"{name}.tokens", entry.get("tokens"), 1)
         _check_count(meta_path, f"{name}.sentences", entry.get("sentences"), 1)
         _check_count(meta_path, f"{name}.oov", entry.get("oov"), 0)
-        for kind in ("ids", "starts"):
+        for kind, suffix in (("ids", "ids"), ("starts", "starts"), ("sentence_oov", "oov")):
             f = entry.get(kind)
-            if not isinstance(f, dict) or f.get("file") != f"{name}.{kind}" or not isinstance(f.get("sha256"), str):
-                raise _bad_meta(meta_path, f"{name}.{kind} must hold 'file' ({name}.{kind}) and 'sha256'")
+            if kind == "sentence_oov" and f is None:
+                continue  # written before the per-sentence OOV counts existed
+            if not isinstance(f, dict) or f.get("file") != f"{name}.{suffix}" or not isinstance(f.get("sha256"), str):
+                raise _bad_meta(meta_path, f"{name}.{kind} must hold 'file' ({name}.{suffix}) and 'sha256'")
 
 
 def load_prepared(path: str | os.PathLike, expected_sha256: str | None = None, verify: bool = True) -> PreparedData:

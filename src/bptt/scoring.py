@@ -34,8 +34,9 @@ class ScoredText:
 
     ln_probs: np.ndarray  # (S,) float64, ln P(sentence + <eos>)
     tokens: np.ndarray  # (S,) int64, predicted tokens per sentence, <eos> included
-    oov: np.ndarray  # (S,) int64, words mapped to <unk> per sentence
+    oov: np.ndarray | None  # (S,) int64, words mapped to <unk> per sentence (None: not known per sentence)
     path: str = ""
+    total_oov_known: int | None = None  # the corpus's OOV count when `oov` is None
 
     @property
     def log10_probs(self) -> np.ndarray:
@@ -47,7 +48,7 @@ class ScoredText:
 
     @property
     def total_oov(self) -> int:
-        return int(self.oov.sum())
+        return int(self.oov.sum()) if self.oov is not None else int(self.total_oov_known or 0)
 
     @property
     def perplexity(self) -> float:
@@ -65,7 +66,7 @@ def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64) -> np.ndarray
     that the (rows, V) block stays bounded too.
     """
     batch_size = checks.positive_int("batch_size", batch_size)
-    ids = np.asarray(corpus.ids, dtype=np.int64)
+    ids = corpus.ids  # int32 in memory or a prepared corpus's uint32 memory map: read where gathered
     starts = np.asarray(corpus.sentence_starts, dtype=np.int64)
     lengths = np.diff(np.append(starts, len(ids)))
     out = np.zeros(len(starts), dtype=np.float64)
@@ -82,8 +83,8 @@ def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64) -> np.ndarray
             t = np.arange(lo, min(lo + steps, int(b_lengths.max())))[:, None]  # (T', 1)
             mask = t < b_lengths[None, :]  # (T', B)
             pos = np.where(mask, b_starts[None, :] + t, 0)  # target positions, 0 where padded
-            targets = np.where(mask, ids[pos], 0)
-            inputs = np.where(mask & (t > 0), ids[np.maximum(pos - 1, 0)], EOS_ID)
+            targets = np.where(mask, ids[pos], 0).astype(np.int64)
+            inputs = np.where(mask & (t > 0), ids[np.maximum(pos - 1, 0)], EOS_ID).astype(np.int64)
             x = torch.from_numpy(inputs).to(model.device)
             y = torch.from_numpy(targets).to(model.device)
             H, features = stream.forward(x)  # (T', B, m), the state carried to the next piece
@@ -99,7 +100,11 @@ def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64) -> np.ndarray
     return out
 
 
+def score_corpus(model, corpus: Corpus) -> ScoredText:
+    """Every sentence of an encoded corpus (a text's, or a split of `bptt prepare`'s DATA) scored."""
+    oov = None if corpus.sentence_oov is None else np.asarray(corpus.sentence_oov, dtype=np.int64)
+    return ScoredText(sentence_ln_probs(model, corpus), corpus.sentence_lengths, oov, corpus.path, corpus.oov)
+
+
 def score_file(model, vocab: Vocab, path: str | os.PathLike, unit: str = "word") -> ScoredText:
-    corpus = encode(path, vocab, unit)
-    oov = corpus.sentence_oov.astype(np.int64)
-    return ScoredText(sentence_ln_probs(model, corpus), corpus.sentence_lengths, oov, corpus.path)
+    return score_corpus(model, encode(path, vocab, unit))

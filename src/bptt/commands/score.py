@@ -1,5 +1,8 @@
 """`bptt score`: the log10 (or ln) probability of every line of a text, each sentence from a fresh
 state with <eos> as its history (rnnlm -nbest style), <eos> included; a summary on stderr.
+
+With --data DATA --split S, the sentences of a split of `bptt prepare`'s DATA (memory-mapped: a test
+set of any size), which must have been prepared with the model's vocabulary.
 """
 
 from __future__ import annotations
@@ -7,38 +10,59 @@ from __future__ import annotations
 import json
 import sys
 
-from bptt.scoring import score_file
+from bptt.data import CorpusError, encode
+from bptt.prepared import VOCAB_FILE, load_prepared
+from bptt.scoring import score_corpus
 from bptt.storage.saved_model import load_model, saved_unit
 
 EXAMPLES = """examples:
   bptt score --model m --text nbest.txt > scores.txt
   bptt score --model m --text test.txt --ln
   bptt score --model m --text test.txt --json
+  bptt score --model m --data ptb-data --split test    # a split of bptt prepare's DATA
 """
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model directory written by bptt train")
-    parser.add_argument("--text", required=True, help="sentences to score, one per line (.txt or .gz)")
+    parser.add_argument("--text", help="sentences to score, one per line (.txt or .gz)")
+    parser.add_argument("--data", metavar="DATA", help="instead of --text: a directory written by bptt prepare "
+                        "with the model's vocabulary")
+    parser.add_argument("--split", choices=("train", "valid", "test"), default=None,
+                        help="with --data: the split to score (default test)")
     parser.add_argument("--ln", action="store_true", help="natural logarithms instead of log10")
     parser.add_argument(
         "--json", action="store_true",
-        help="one JSON object per line: sentence (1-based, over non-blank lines), tokens, oov, "
-        "log10_prob (ln_prob with --ln)",
+        help="one JSON object per line: sentence (1-based, over non-blank lines), tokens, oov (null for a DATA "
+        "prepared before per-sentence counts were kept), log10_prob (ln_prob with --ln)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
 def run(args) -> int:
+    if (args.text is None) == (args.data is None):
+        raise ValueError("bptt score needs --text F or --data DATA" if args.text is None
+                         else "--data: give either --text F or --data DATA, not both")
+    if args.split is not None and args.data is None:
+        raise ValueError("--split: only with --data DATA")
     model, vocab, config = load_model(args.model, args.device)
     unit = saved_unit(config, vocab)
-    result = score_file(model, vocab, args.text, unit)
+    if args.data is not None:
+        prepared = load_prepared(args.data)
+        if prepared.vocab.words != vocab.words or prepared.unit != unit:
+            raise CorpusError(prepared.path / VOCAB_FILE, f"is not the vocabulary of the model {args.model} (prepared "
+                              "from other texts or options): score its text with --text instead")
+        corpus = prepared.split(args.split or "test")
+    else:
+        corpus = encode(args.text, vocab, unit)
+    result = score_corpus(model, corpus)
     scores = result.ln_probs if args.ln else result.log10_probs
     key = "ln_prob" if args.ln else "log10_prob"
     lines = []
     for i, score in enumerate(scores.tolist()):
         if args.json:
-            record = {"sentence": i + 1, "tokens": int(result.tokens[i]), "oov": int(result.oov[i])}
+            oov = None if result.oov is None else int(result.oov[i])
+            record = {"sentence": i + 1, "tokens": int(result.tokens[i]), "oov": oov}
             lines.append(json.dumps({**record, key: score}))
         else:
             lines.append(f"{score:.6f}")
