@@ -21,8 +21,10 @@ ALLOWED = {
     "data": {"checks", "files"},
     "prepared": {"data", "checks", "files"},
     "storage": {"storage", "files", "data", "model", "engine", "checks"},
+    "interpolation": {"data"},
     "evaluation": {"engine", "model", "data", "checks"},
     "scoring": {"engine", "model", "data", "checks"},
+    "rescoring": {"engine", "model", "data", "interpolation", "checks"},
     "sampling": {"engine", "model", "data", "checks"},
     "grammar": {"engine", "data"},
     "training": {"training", "engine", "model", "data", "prepared", "storage", "evaluation", "checks", "files"},
@@ -30,7 +32,7 @@ ALLOWED = {
     "verify": {"engine", "model", "oracle", "checks"},
     "benchmark": {"engine", "model", "training", "checks"},
     "commands": {"commands", "training", "engine", "model", "data", "prepared", "storage", "evaluation", "scoring", "sampling",
-                 "grammar", "verify", "benchmark", "checks", "files"},
+                 "grammar", "verify", "benchmark", "checks", "files", "interpolation", "rescoring"},
     "cli": {"commands", "package"},
     "package": {"engine", "model"},  # bptt/__init__.py
     "main": {"cli"},  # bptt/__main__.py

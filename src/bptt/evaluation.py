@@ -103,11 +103,32 @@ def dynamic_stream_nats(model, ids: np.ndarray, eos_id: int, lr: float, block: i
     return total
 
 
-def evaluate_corpus(model, corpus, vocab, dynamic: float | None = None, block: int = 35) -> Evaluation:
+@torch.no_grad()
+def stream_token_ln_probs(model, ids: np.ndarray, eos_id: int, block: int | None = None) -> np.ndarray:
+    """ln P(w_t | w_<t) of every token of a token array, one stream from <eos>, in order: (N,) float64."""
+    if block is None:
+        block = eval_block(model.vocab_size)
+    stream = Stream(model, 1)
+    out = np.empty(len(ids), dtype=np.float64)
+    done = 0
+    for x, y in token_blocks(ids, eos_id, block, model.device):
+        picked = stream.log_probs(x).gather(2, y.unsqueeze(2)).reshape(-1)
+        out[done : done + picked.numel()] = picked.double().cpu().numpy()
+        done += picked.numel()
+    return out
+
+
+def evaluate_corpus(model, corpus, vocab, dynamic: float | None = None, block: int = 35, other=None) -> Evaluation:
     """An encoded corpus (bptt.data.Corpus) as one stream -> its Evaluation (nats, tokens, OOV).
 
     dynamic=lr: dynamic evaluation (dynamic_stream_nats, blocks of `block` tokens; changes the model).
+    other: an interpolation.OtherModel: each token's probability mixed with the other model's.
     """
+    if other is not None:
+        if dynamic is not None:
+            raise ValueError("--dynamic does not combine with --lm-prob (the interpolated model is not trained)")
+        ln_p = stream_token_ln_probs(model, corpus.ids, vocab.id(EOS))
+        return Evaluation(corpus.tokens, -float(other.mix(ln_p).sum()), corpus.oov, corpus.path)
     if dynamic is None:
         nats = stream_nats(model, corpus.ids, vocab.id(EOS))
     else:

@@ -56,14 +56,15 @@ class ScoredText:
 
 
 @torch.no_grad()
-def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64) -> np.ndarray:
+def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64, per_token: np.ndarray | None = None) -> np.ndarray:
     """(S,) float64: ln P(w_1 .. w_n <eos>) of every sentence, each from a fresh state with history <eos>.
 
     Sentences go through the model sorted by length, up to `batch_size` of similar lengths at a time
     (padded to the longest of them, the padding masked out), and a batch goes through time in pieces
     of at most _POSITIONS_PER_PASS // B steps with the state carried: memory stays bounded whatever
     the length of a line. Only the unpadded positions go through the output layer, in row chunks so
-    that the (rows, V) block stays bounded too.
+    that the (rows, V) block stays bounded too. per_token: an (N,) float64 array that receives each
+    token's ln P, in corpus order (for interpolation).
     """
     batch_size = checks.positive_int("batch_size", batch_size)
     ids = corpus.ids  # int32 in memory or a prepared corpus's uint32 memory map: read where gathered
@@ -96,14 +97,25 @@ def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64) -> np.ndarray
                 log_p = model.net.log_probs(model.params, states[r : r + rows_per_chunk], chunk)
                 picked = log_p.gather(1, wanted[r : r + rows_per_chunk, None]).squeeze(1).double()
                 sums.index_add_(0, columns[r : r + rows_per_chunk], picked)
+                if per_token is not None:
+                    t_rows, b_rows = (x[r : r + rows_per_chunk].cpu().numpy() for x in rows)
+                    per_token[pos[t_rows, b_rows]] = picked.cpu().numpy()
         out[sel] = sums.cpu().numpy()
     return out
 
 
-def score_corpus(model, corpus: Corpus) -> ScoredText:
-    """Every sentence of an encoded corpus (a text's, or a split of `bptt prepare`'s DATA) scored."""
+def score_corpus(model, corpus: Corpus, other=None) -> ScoredText:
+    """Every sentence of an encoded corpus (a text's, or a split of `bptt prepare`'s DATA) scored; other: an
+    interpolation.OtherModel, whose probabilities are mixed with bptt's token by token."""
     oov = None if corpus.sentence_oov is None else np.asarray(corpus.sentence_oov, dtype=np.int64)
-    return ScoredText(sentence_ln_probs(model, corpus), corpus.sentence_lengths, oov, corpus.path, corpus.oov)
+    if other is None:
+        ln_probs = sentence_ln_probs(model, corpus)
+    else:
+        per_token = np.zeros(corpus.tokens, dtype=np.float64)
+        sentence_ln_probs(model, corpus, per_token=per_token)
+        starts = np.asarray(corpus.sentence_starts, dtype=np.int64)
+        ln_probs = np.add.reduceat(other.mix(per_token), starts) if len(starts) else np.zeros(0)
+    return ScoredText(ln_probs, corpus.sentence_lengths, oov, corpus.path, corpus.oov)
 
 
 def score_file(model, vocab: Vocab, path: str | os.PathLike, unit: str = "word") -> ScoredText:

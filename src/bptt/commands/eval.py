@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from bptt import interpolation
 from bptt.data import CorpusError, encode
 from bptt.evaluation import evaluate_corpus
 from bptt.prepared import SPLITS, VOCAB_FILE, load_prepared
@@ -32,6 +33,7 @@ def add_arguments(parser) -> None:
                         help="with --data: the split to evaluate (default test)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    interpolation.add_arguments(parser)
     parser.add_argument("--dynamic", type=float, default=None, metavar="LR",
                         help="dynamic evaluation (rnnlm -dynamic): after scoring each block, one SGD step on it "
                         "with rate LR per token; the saved model is not changed")
@@ -45,6 +47,10 @@ def run(args) -> int:
                          else "--data: give either --test F or --data DATA, not both")
     if args.split is not None and args.data is None:
         raise ValueError("--split: only with --data DATA")
+    if (args.lm_prob is None) != (args.lam is None):
+        interpolation.from_arguments(args, 0)  # the option error, before the model is loaded
+    if args.lm_prob is not None and args.dynamic is not None:
+        raise ValueError("--dynamic does not combine with --lm-prob (the interpolated model is not trained)")
     model, vocab, config = load_model(args.model, args.device)
     if args.data is not None:
         prepared = load_prepared(args.data)
@@ -54,7 +60,8 @@ def run(args) -> int:
         corpus = prepared.split(args.split or "test")
     else:
         corpus = encode(args.test, vocab, saved_unit(config, vocab))
-    result = evaluate_corpus(model, corpus, vocab, args.dynamic, args.dynamic_block)
+    other = interpolation.from_arguments(args, corpus.tokens)
+    result = evaluate_corpus(model, corpus, vocab, args.dynamic, args.dynamic_block, other)
     dynamic = {} if args.dynamic is None else {"dynamic_lr": args.dynamic, "dynamic_block": args.dynamic_block}
     if args.json:
         print(json.dumps({**result.to_json(), **dynamic}))

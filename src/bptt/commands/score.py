@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from bptt import interpolation
 from bptt.data import CorpusError, encode
 from bptt.prepared import VOCAB_FILE, load_prepared
 from bptt.scoring import score_corpus
@@ -36,6 +37,7 @@ def add_arguments(parser) -> None:
         help="one JSON object per line: sentence (1-based, over non-blank lines), tokens, oov (null for a DATA "
         "prepared before per-sentence counts were kept), log10_prob (ln_prob with --ln)",
     )
+    interpolation.add_arguments(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
@@ -45,6 +47,8 @@ def run(args) -> int:
                          else "--data: give either --text F or --data DATA, not both")
     if args.split is not None and args.data is None:
         raise ValueError("--split: only with --data DATA")
+    if (args.lm_prob is None) != (args.lam is None):
+        interpolation.from_arguments(args, 0)  # the option error, before the model is loaded
     model, vocab, config = load_model(args.model, args.device)
     unit = saved_unit(config, vocab)
     if args.data is not None:
@@ -55,7 +59,7 @@ def run(args) -> int:
         corpus = prepared.split(args.split or "test")
     else:
         corpus = encode(args.text, vocab, unit)
-    result = score_corpus(model, corpus)
+    result = score_corpus(model, corpus, interpolation.from_arguments(args, corpus.tokens))
     scores = result.ln_probs if args.ln else result.log10_probs
     key = "ln_prob" if args.ln else "log10_prob"
     lines = []

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open as _st_safe_open
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
 
@@ -35,9 +34,10 @@ Tensor = torch.Tensor
 CONFIG_NAME = "config.json"
 SHA_KEY = "weights_sha256"
 EMBEDDED_KEY = "bptt.config"  # safetensors header metadata: the config as JSON text
-# safetensors header metadata: a JSON list of the tensors written as their transpose (save_checkpoint's
-# transposed=True), which load_checkpoint transposes back
-TRANSPOSED_KEY = "bptt.transposed"
+# the name suffix of a tensor written as its transpose (save_checkpoint's transposed=True), which
+# load_checkpoint transposes back (a name, not a header entry: safetensors writes header entries in no fixed
+# order, and a checkpoint's bytes must not change when nothing has)
+TRANSPOSED_SUFFIX = "@T"
 
 
 class CheckpointError(ValueError):
@@ -58,8 +58,8 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
     stays loadable if the process dies between the two renames (see the module docstring).
     Temp files left in DIR by an earlier killed save of these two files are removed.
     transposed=True: a matrix that is the transpose of a contiguous tensor (the first layer's column-major
-    U) is written as that tensor and named in the header (TRANSPOSED_KEY); load_checkpoint gives it back
-    transposed. No contiguous copy is made (at V = 800k, hundreds of MB per such tensor); for the training
+    U) is written as that tensor, its name suffixed with TRANSPOSED_SUFFIX; load_checkpoint gives it back
+    transposed, under its own name. No contiguous copy is made (at V = 800k, hundreds of MB per such tensor); for the training
     state, read only by load_checkpoint. Model files keep every tensor in its own shape.
     """
     directory = Path(directory)
@@ -67,8 +67,8 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
         raise ValueError(f"config must not contain the reserved key {SHA_KEY!r}")
     flipped = sorted(name for name, t in tensors.items() if transposed and t.dim() == 2 and not t.is_contiguous()
                      and t.t().is_contiguous())
-    cpu = {name: (t.detach().t() if name in flipped else t.detach()).to("cpu").contiguous()
-           for name, t in tensors.items()}
+    cpu = {(name + TRANSPOSED_SUFFIX if name in flipped else name):
+           (t.detach().t() if name in flipped else t.detach()).to("cpu").contiguous() for name, t in tensors.items()}
     for name, t in cpu.items():
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"tensor {name!r} holds NaN or Inf values: a checkpoint never stores them")
@@ -76,10 +76,7 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
     digest: list[str] = []
 
     def write(tmp: Path) -> None:  # each tensor written from its own memory: no serialised copy of the file
-        metadata = {EMBEDDED_KEY: embedded}
-        if flipped:
-            metadata[TRANSPOSED_KEY] = json.dumps(flipped)
-        _st_save_file(cpu, tmp, metadata=metadata)
+        _st_save_file(cpu, tmp, metadata={EMBEDDED_KEY: embedded})
         digest.append(file_sha256(tmp))
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,8 +155,6 @@ def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
         # and no tensor that a later write of the file could change under the caller
         actual = file_sha256(weights_path)
         tensors = {name: t.clone() for name, t in _st_load_file(weights_path).items()}
-        with _st_safe_open(weights_path, framework="pt") as f:
-            flipped = json.loads((f.metadata() or {}).get(TRANSPOSED_KEY, "[]"))
     except OSError as e:
         raise CheckpointError(f"checkpoint file {weights_path} cannot be read: {e.strerror or e}") from None
     except Exception as e:  # safetensors raises SafetensorError (and others) on a bad file
@@ -175,9 +170,11 @@ def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
                 f"in {config_path} (torn or mixed checkpoint)"
             )
         config = embedded
-    if not isinstance(flipped, list) or any(name not in tensors or tensors[name].dim() != 2 for name in flipped):
-        raise CheckpointError(f"{weights_path}: malformed {TRANSPOSED_KEY!r} entry in its header")
-    tensors.update({name: tensors[name].t() for name in flipped})  # written as their transpose: back
+    for stored in [name for name in tensors if name.endswith(TRANSPOSED_SUFFIX)]:  # written transposed: back
+        name = stored[: -len(TRANSPOSED_SUFFIX)]
+        if name in tensors or tensors[stored].dim() != 2:
+            raise CheckpointError(f"{weights_path}: tensor {stored!r} is not the transpose of a matrix of its own")
+        tensors[name] = tensors.pop(stored).t()
     device = torch.device(device)
     if device.type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}

@@ -1,0 +1,262 @@
+"""`bptt rescore` (bptt/rescoring.py): n-best rescoring in rnnlm, Kaldi and SRILM format 3.
+
+References that share no code with the rescorer: `bptt score` (every hypothesis from the zero state) and
+`bptt eval` over a text (one continuous stream), whose total log-probability difference gives a
+hypothesis' score from the state after the sentences before it (--carry first, best); the OOV rule,
+the interpolation and the SRILM combination are checked token by token against their formulas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bptt.cli import main
+from conftest import one_error_line, write_corpus
+
+LN10 = math.log(10)
+
+# utterances of the toy language, with two words outside it ("zebra", "a") and a literal <unk>
+NBEST = [
+    ("1", "the cat meows"), ("1", "the cat meows loudly"), ("1", "the dog meows"),
+    ("2", "the big dog barks"), ("2", "the big zebra barks"),
+    ("3", "the bird sings"), ("3", "a bird <unk> sings"), ("3", "the the the"),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rescore")
+    train, valid = write_corpus(root / "t.txt", 80, 0), write_corpus(root / "v.txt", 10, 1)
+    assert main(["train", "--train", train, "--valid", valid, "--model", str(root / "m"), "--hidden", "8",
+                 "--epochs", "2", "--quiet", "--direct", "0.001", "--direct-order", "3"]) == 0
+    return root / "m"
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def run(capsys, *argv):
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def score_lines(capsys, model, tmp_path, sentences):
+    """bptt score's ln P of each sentence (the zero state, </s> included)."""
+    code, out, _ = run(capsys, "score", "--model", str(model), "--text", write(tmp_path / "s.txt", sentences),
+                       "--json", "--ln")
+    assert code == 0
+    return [json.loads(line)["ln_prob"] for line in out.splitlines()]
+
+
+def stream_ln(capsys, model, tmp_path, sentences):
+    """ln P of a text read as one continuous stream (bptt eval: −entropy · tokens)."""
+    code, out, _ = run(capsys, "eval", "--model", str(model), "--test", write(tmp_path / "e.txt", sentences),
+                       "--json")
+    assert code == 0
+    r = json.loads(out)
+    return -r["entropy_bits"] * r["tokens"] * math.log(2)
+
+
+def test_carry_none_is_bptt_score_in_every_format(model, tmp_path, capsys):
+    sentences = [text for _, text in NBEST]
+    expected = score_lines(capsys, model, tmp_path, sentences)
+    rnnlm = write(tmp_path / "r.txt", [f"{i} {t}" for i, t in NBEST])
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", rnnlm, "--format", "rnnlm")
+    assert code == 0
+    assert [float(x) for x in out.split()] == pytest.approx([e / LN10 for e in expected], abs=1e-6)
+    assert "8 hypotheses, 3 utterances" in err and "2 OOV" in err  # zebra, a; the literal <unk> is not OOV
+    kaldi = write(tmp_path / "k.txt", [f"utt{i}-{k} {t}" for k, (i, t) in enumerate(NBEST)])
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert [r[0] for r in rows] == [f"utt{i}-{k}" for k, (i, _) in enumerate(NBEST)]
+    assert [float(r[1]) for r in rows] == pytest.approx([-e for e in expected], abs=1e-6)
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi", "--per-word")
+    assert code == 0
+    for line, (_, text), e in zip(out.splitlines(), NBEST, expected):
+        costs = [float(c) for c in line.split()[1:]]
+        assert len(costs) == len(text.split()) + 1  # every word and </s>
+        assert sum(costs) == pytest.approx(-e, abs=1e-5)
+
+
+def test_srilm3_replaces_or_combines_the_lm_score(model, tmp_path, capsys):
+    group = [t for i, t in NBEST if i == "3"]
+    expected = score_lines(capsys, model, tmp_path, group)
+    lines = [f"-{100 + k}.5 -7.25 {len(t.split())} {t}" for k, t in enumerate(group)]
+    path = write(tmp_path / "n.srilm", lines)
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", "srilm3")
+    assert code == 0
+    for line, original, e in zip(out.splitlines(), lines, expected):
+        got, had = line.split(), original.split()
+        assert got[0] == had[0] and got[2:] == had[2:]  # ascore, nwords, words as read
+        assert float(got[1]) == pytest.approx(e / LN10, abs=1e-6)
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", "srilm3",
+                       "--lm-weight", "12", "--word-penalty", "-0.5")
+    assert code == 0
+    for line, text, e in zip(out.splitlines(), group, expected):
+        assert float(line.split()[1]) == pytest.approx(12 * e / LN10 - 0.5 * len(text.split()), abs=1e-5)
+
+
+@pytest.mark.parametrize("carry", ["first", "best"])
+def test_carried_state_is_the_continuous_stream_through_the_chosen_hypotheses(model, tmp_path, capsys, carry):
+    """--carry first/best: hypothesis h of utterance u scores ln P(chosen_1 … chosen_{u−1} h) − ln P(chosen_1 …
+    chosen_{u−1}) of one continuous stream (bptt eval), chosen = the first or the best hypothesis."""
+    path = write(tmp_path / "r.txt", [f"{i} {t}" for i, t in NBEST])
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", "rnnlm",
+                       "--carry", carry)
+    assert code == 0
+    got = [float(x) * LN10 for x in out.split()]
+    before: list[str] = []
+    k = 0
+    for u in ("1", "2", "3"):
+        group = [t for i, t in NBEST if i == u]
+        base = stream_ln(capsys, model, tmp_path, before) if before else 0.0
+        expected = [stream_ln(capsys, model, tmp_path, before + [t]) - base for t in group]
+        assert got[k : k + len(group)] == pytest.approx(expected, abs=1e-5)
+        pick = 0 if carry == "first" else max(range(len(group)), key=lambda j: got[k + j])
+        before.append(group[pick])
+        k += len(group)
+    assert before[1] != before[0]
+    none = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", "rnnlm")[1]
+    assert [float(x) for x in none.split()][3:] != pytest.approx([x / LN10 for x in got][3:], abs=1e-5)
+
+
+def test_oov_logprob_replaces_exactly_the_oov_tokens(model, tmp_path, capsys):
+    kaldi = write(tmp_path / "k.txt", [f"u{i}-{k} {t}" for k, (i, t) in enumerate(NBEST)])
+    plain = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi", "--per-word")[1]
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi",
+                         "--per-word", "--oov-logprob", "-5")
+    assert code == 0 and "2 OOV (scored as log10 -5)" in err
+    for a, b, (_, text) in zip(plain.splitlines(), out.splitlines(), NBEST):
+        words = text.split() + ["</s>"]
+        for word, x, y in zip(words, a.split()[1:], b.split()[1:]):
+            if word in ("zebra", "a"):
+                assert float(y) == pytest.approx(5 * LN10, abs=1e-6) and float(x) != pytest.approx(float(y))
+            else:
+                assert float(y) == float(x)
+
+
+def test_interpolation_with_lm_prob_token_by_token(model, tmp_path, capsys):
+    kaldi = write(tmp_path / "k.txt", [f"u{i}-{k} {t}" for k, (i, t) in enumerate(NBEST)])
+    plain = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi", "--per-word")[1]
+    costs = [float(c) for line in plain.splitlines() for c in line.split()[1:]]
+    other = [0.5 / (1 + i % 7) for i in range(len(costs))]
+    probs = write(tmp_path / "p.txt", [f"{p:.12g}" for p in other])
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi",
+                         "--per-word", "--lm-prob", probs, "--lambda", "0.3")
+    assert code == 0 and "lambda 0.3" in err
+    mixed = [float(c) for line in out.splitlines() for c in line.split()[1:]]
+    expected = [-math.log(0.3 * math.exp(-c) + 0.7 * p) for c, p in zip(costs, other)]
+    assert mixed == pytest.approx(expected, abs=1e-5)
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi",
+                       "--per-word", "--lm-prob", probs, "--lambda", "1")
+    assert [float(c) for line in out.splitlines() for c in line.split()[1:]] == pytest.approx(costs, abs=1e-6)
+
+
+BAD_NBEST = [
+    ("rnnlm", ["1 the cat", "x the dog"], 2, "integer"),
+    ("rnnlm", ["1 the cat", "2 the dog", "1 the cow"], 3, "consecutive"),
+    ("rnnlm", ["1 the cat", "", "1 the dog"], 2, "blank"),
+    ("kaldi", ["utt-1 the cat", "utt the dog"], 2, "uttid-k"),
+    ("srilm3", ["-10 -5 2 the cat", "-11 -5 3 the cat"], 2, "nwords"),
+    ("srilm3", ["-10 nan 2 the cat"], 1, "lscore"),
+    ("srilm3", ["-10 -5"], 1, "format 3"),
+]
+
+
+@pytest.mark.parametrize("fmt, lines, line, needle", BAD_NBEST)
+def test_a_malformed_nbest_line_is_one_error_and_nothing_is_written(model, tmp_path, capsys, fmt, lines, line, needle):
+    path = write(tmp_path / "bad.txt", lines)
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", fmt)
+    assert code == 2 and out == ""
+    one_error_line(err, f"{path}:{line}", needle)
+
+
+@pytest.mark.parametrize("values, needle", [
+    (["0.5"] * 3, "3 probabilities for the 7 tokens"),
+    (["0.5"] * 8, ":8: more probabilities than the 7 tokens"),
+    (["0.5", "0", "0.5", "0.5", "0.5", "0.5", "0.5"], ":2: probability 0 is outside (0, 1]"),
+    (["0.5", "1.5"] + ["0.5"] * 5, ":2: probability 1.5 is outside (0, 1]"),
+    (["0.5", "abc"] + ["0.5"] * 5, ":2: probability 'abc' is not a number"),
+])
+def test_a_bad_probability_file_is_one_error_and_nothing_is_written(model, tmp_path, capsys, values, needle):
+    nbest = write(tmp_path / "n.txt", ["1 the cat", "1 the dog barks"])  # 3 + 4 tokens
+    probs = write(tmp_path / "p.txt", values)
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm",
+                         "--lm-prob", probs, "--lambda", "0.5")
+    assert code == 2 and out == ""
+    one_error_line(err, probs, needle)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--per-word"], "--per-word"), (["--lm-weight", "2"], "--lm-weight"), (["--lambda", "0.5"], "--lm-prob"),
+    (["--oov-logprob", "3"], "--oov-logprob"),
+])
+def test_option_errors(model, tmp_path, capsys, extra, needle):
+    nbest = write(tmp_path / "n.txt", ["1 the cat"])
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm", *extra)
+    assert code == 2 and out == ""
+    one_error_line(err, needle)
+
+
+def test_score_interpolates_sentence_by_sentence(model, tmp_path, capsys):
+    """bptt score --lm-prob: each sentence's Σ log(λ p_bptt + (1−λ) p_other) over its tokens, p_bptt from
+    the rescorer's per-token costs (another code path: the hypotheses padded and batched by utterance)."""
+    sentences = [text for _, text in NBEST]
+    kaldi = write(tmp_path / "k.txt", [f"u{k}-{k} {t}" for k, t in enumerate(sentences)])
+    per_word = run(capsys, "rescore", "--model", str(model), "--nbest", kaldi, "--format", "kaldi", "--per-word")[1]
+    costs = [[float(c) for c in line.split()[1:]] for line in per_word.splitlines()]
+    n = sum(len(c) for c in costs)
+    other = [0.9 / (2 + i % 5) for i in range(n)]
+    probs = write(tmp_path / "p.txt", [f"{p:.12g}" for p in other])
+    text = write(tmp_path / "s.txt", sentences)
+    code, out, _ = run(capsys, "score", "--model", str(model), "--text", text, "--ln", "--lm-prob", probs,
+                       "--lambda", "0.3")
+    assert code == 0
+    it = iter(other)
+    expected = [sum(math.log(0.3 * math.exp(-c) + 0.7 * next(it)) for c in sentence) for sentence in costs]
+    assert [float(x) for x in out.split()] == pytest.approx(expected, abs=1e-5)
+    plain = run(capsys, "score", "--model", str(model), "--text", text)[1]
+    assert run(capsys, "score", "--model", str(model), "--text", text, "--lm-prob", probs, "--lambda", "1")[1] == plain
+    code, out, err = run(capsys, "score", "--model", str(model), "--text", text, "--lm-prob",
+                         write(tmp_path / "few.txt", ["0.5"] * (n - 1)), "--lambda", "0.5")
+    assert code == 2 and out == ""
+    one_error_line(err, "few.txt", f"{n - 1} probabilities for the {n} tokens")
+
+
+def test_eval_interpolates_token_by_token(model, tmp_path, capsys):
+    """bptt eval --lm-prob: perplexity exp(−mean ln(λ p_bptt + (1−λ) p_other)) over the text read as one
+    stream; λ = 1 is bptt's own evaluation, λ = 0 the other model's alone."""
+    from bptt.data import EOS, encode
+    from bptt.evaluation import stream_nats, stream_token_ln_probs
+    from bptt.storage.saved_model import load_model
+
+    sentences = [text for _, text in NBEST]
+    text = write(tmp_path / "e.txt", sentences)
+    lm, vocab, _ = load_model(model)
+    corpus = encode(text, vocab)
+    ln_p = stream_token_ln_probs(lm, corpus.ids, vocab.id(EOS))
+    assert -ln_p.sum() == pytest.approx(stream_nats(lm, corpus.ids, vocab.id(EOS)), rel=1e-6)
+    other = [0.9 / (2 + i % 5) for i in range(corpus.tokens)]
+    probs = write(tmp_path / "p.txt", [f"{p:.12g}" for p in other])
+    plain = json.loads(run(capsys, "eval", "--model", str(model), "--test", text, "--json")[1])
+    for lam in (1.0, 0.0, 0.4):
+        code, out, _ = run(capsys, "eval", "--model", str(model), "--test", text, "--json", "--lm-prob", probs,
+                           "--lambda", str(lam))
+        assert code == 0
+        mixed = [math.log(lam * math.exp(a) + (1 - lam) * b) for a, b in zip(ln_p, other)]
+        expected = math.exp(-sum(mixed) / corpus.tokens)
+        assert json.loads(out)["perplexity"] == pytest.approx(expected, rel=1e-9)
+        if lam == 1.0:
+            assert json.loads(out)["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6)
+    code, out, err = run(capsys, "eval", "--model", str(model), "--test", text, "--lm-prob", probs, "--lambda", "0.5",
+                         "--dynamic", "0.1")
+    assert code == 2 and out == ""
+    one_error_line(err, "--dynamic", "--lm-prob")
