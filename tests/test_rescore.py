@@ -260,3 +260,113 @@ def test_eval_interpolates_token_by_token(model, tmp_path, capsys):
                          "--dynamic", "0.1")
     assert code == 2 and out == ""
     one_error_line(err, "--dynamic", "--lm-prob")
+
+
+# -- n-gram interpolation through KenLM ------------------------------------------------------------------
+
+UNIGRAMS = {"<s>": None, "</s>": 0.2, "<unk>": 0.01, "the": 0.25, "cat": 0.06, "dog": 0.06, "bird": 0.06,
+            "cow": 0.06, "meows": 0.05, "barks": 0.05, "sings": 0.05, "moos": 0.05, "big": 0.03, "small": 0.03,
+            "old": 0.03, "loudly": 0.01}
+
+
+def unigram_arpa(path):
+    """A bigram ARPA file (KenLM reads order 2 and up) whose one bigram has its word's unigram probability and
+    whose back-off weights are 1: every token scores its unigram probability."""
+    lines = ["\\data\\", f"ngram 1={len(UNIGRAMS)}", "ngram 2=1", "", "\\1-grams:"]
+    for word, p in UNIGRAMS.items():
+        lines.append(f"{-99 if p is None else math.log10(p):.8f}\t{word}\t0")
+    lines += ["", "\\2-grams:", f"{math.log10(UNIGRAMS['the']):.8f}\t<s> the", "", "\\end\\"]
+    return write(path, lines)
+
+
+def unigram_probs(sentences):
+    return [UNIGRAMS.get(w, UNIGRAMS["<unk>"]) for s in sentences for w in s.split() + ["</s>"]]
+
+
+@pytest.fixture
+def have_kenlm():
+    pytest.importorskip("kenlm", reason="KenLM's Python module is not installed (pip install 'bptt[ngram]')")
+
+
+def test_ngram_interpolation_is_the_lm_prob_of_its_probabilities(model, tmp_path, capfd, have_kenlm):
+    """--ngram ARPA gives what --lm-prob gives with the n-gram's probabilities of the same tokens (a unigram
+    table, so they are known here), in eval, score and rescore; OOV words get the n-gram's <unk>. What KenLM's
+    C++ writes to the process's stderr is muted (capfd: the file descriptor, not sys.stderr)."""
+    arpa = unigram_arpa(tmp_path / "u.arpa")
+    sentences = [text for _, text in NBEST]
+    text = write(tmp_path / "t.txt", sentences)
+    probs = write(tmp_path / "p.txt", [f"{p:.12g}" for p in unigram_probs(sentences)])
+    for command in (["eval", "--test", text, "--json"], ["score", "--text", text]):
+        with_ngram = run(capfd, command[0], "--model", str(model), *command[1:], "--ngram", arpa, "--lambda", "0.6")
+        with_probs = run(capfd, command[0], "--model", str(model), *command[1:], "--lm-prob", probs, "--lambda", "0.6")
+        assert with_ngram[0] == with_probs[0] == 0
+        assert len(with_ngram[2].splitlines()) == (0 if command[0] == "eval" else 1)  # KenLM's own chatter muted
+        if command[0] == "eval":
+            a, b = json.loads(with_ngram[1]), json.loads(with_probs[1])
+            assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-7)
+        else:
+            assert [float(x) for x in with_ngram[1].split()] == pytest.approx([float(x) for x in with_probs[1].split()],
+                                                                             abs=2e-6)
+    nbest = write(tmp_path / "n.txt", [f"{i} {t}" for i, t in NBEST])
+    a = run(capfd, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm", "--ngram", arpa,
+            "--lambda", "0.6")[1]
+    b = run(capfd, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm", "--lm-prob", probs,
+            "--lambda", "0.6")[1]
+    assert [float(x) for x in a.split()] == pytest.approx([float(x) for x in b.split()], abs=2e-6)
+
+
+def test_lambda_auto_maximises_the_validation_likelihood(model, tmp_path, capsys, have_kenlm):
+    arpa = unigram_arpa(tmp_path / "u.arpa")
+    valid = write_corpus(tmp_path / "v.txt", 30, 7)
+    sentences = [line for line in open(valid).read().splitlines() if line.strip()]
+    probs = write(tmp_path / "p.txt", [f"{p:.12g}" for p in unigram_probs(sentences)])
+    test = write(tmp_path / "t.txt", [text for _, text in NBEST])
+    code, out, _ = run(capsys, "eval", "--model", str(model), "--test", test, "--json", "--ngram", arpa, "--lambda",
+                       "auto", "--lambda-valid", valid)
+    assert code == 0
+    lam = json.loads(out)["lambda"]
+    assert 0.0 < lam < 1.0
+
+    def valid_perplexity(x):
+        r = run(capsys, "eval", "--model", str(model), "--test", valid, "--json", "--lm-prob", probs, "--lambda", str(x))
+        return json.loads(r[1])["perplexity"]
+
+    best = valid_perplexity(lam)
+    assert best <= valid_perplexity(max(0.0, lam - 0.02)) and best <= valid_perplexity(min(1.0, lam + 0.02))
+    assert best < valid_perplexity(1.0) and best < valid_perplexity(0.0)
+
+
+BAD_ARPA = [
+    (["ngram 1=1"], 1, "\\data\\"),
+    (["\\data\\", "ngram 1=x"], 2, "ngram 1=COUNT"),
+    (["\\data\\", "ngram 1=2", "", "\\1-grams:", "-1.0\tthe", "\\end\\"], 6, "\\end\\ before"),
+    (["\\data\\", "ngram 1=1", "", "\\1-grams:", "abc\tthe", "\\end\\"], 5, "log10 probability 'abc'"),
+    (["\\data\\", "ngram 1=1", "", "\\1-grams:", "-1.0\tthe\tfoo\tbar", "\\end\\"], 5, "fields"),
+    (["\\data\\", "ngram 1=1", "", "\\2-grams:"], 4, "unexpected section"),
+    (["\\data\\", "ngram 1=1", "", "\\1-grams:", "-1.0\tthe"], None, "truncated"),
+]
+
+
+@pytest.mark.parametrize("lines, line, needle", BAD_ARPA)
+def test_an_arpa_file_that_does_not_parse_is_one_error(model, tmp_path, capsys, lines, line, needle):
+    arpa = write(tmp_path / "bad.arpa", lines)
+    text = write(tmp_path / "t.txt", ["the cat meows"])
+    code, out, err = run(capsys, "score", "--model", str(model), "--text", text, "--ngram", arpa, "--lambda", "0.5")
+    assert code == 2 and out == ""
+    one_error_line(err, f"{arpa}:{line}" if line else arpa, needle)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--lambda", "auto", "--lm-prob", "x"], "--lambda auto needs --ngram"),
+    (["--lambda", "auto", "--ngram", "x"], "--lambda-valid"),
+    (["--lambda", "2", "--ngram", "x"], "--lambda"),
+    (["--lambda", "half", "--ngram", "x"], "--lambda"),
+    (["--ngram", "x"], "--lambda"),
+    (["--lambda-valid", "x", "--lambda", "0.5", "--ngram", "x"], "--lambda-valid"),
+    (["--lm-prob", "x", "--ngram", "y", "--lambda", "0.5"], "--ngram"),
+])
+def test_interpolation_option_errors(model, tmp_path, capsys, extra, needle):
+    text = write(tmp_path / "t.txt", ["the cat meows"])
+    code, out, err = run(capsys, "eval", "--model", str(model), "--test", text, *extra)
+    assert code == 2 and out == ""
+    one_error_line(err, needle)

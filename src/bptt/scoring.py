@@ -104,6 +104,13 @@ def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64, per_token: np
     return out
 
 
+def token_ln_probs(model, corpus: Corpus) -> np.ndarray:
+    """(N,) float64: ln P of every token of a corpus in order, each sentence from a fresh state."""
+    per_token = np.zeros(corpus.tokens, dtype=np.float64)
+    sentence_ln_probs(model, corpus, per_token=per_token)
+    return per_token
+
+
 def score_corpus(model, corpus: Corpus, other=None) -> ScoredText:
     """Every sentence of an encoded corpus (a text's, or a split of `bptt prepare`'s DATA) scored; other: an
     interpolation.OtherModel, whose probabilities are mixed with bptt's token by token."""
@@ -111,10 +118,9 @@ def score_corpus(model, corpus: Corpus, other=None) -> ScoredText:
     if other is None:
         ln_probs = sentence_ln_probs(model, corpus)
     else:
-        per_token = np.zeros(corpus.tokens, dtype=np.float64)
-        sentence_ln_probs(model, corpus, per_token=per_token)
         starts = np.asarray(corpus.sentence_starts, dtype=np.int64)
-        ln_probs = np.add.reduceat(other.mix(per_token), starts) if len(starts) else np.zeros(0)
+        mixed = other.mix(token_ln_probs(model, corpus))
+        ln_probs = np.add.reduceat(mixed, starts) if len(starts) else np.zeros(0)
     return ScoredText(ln_probs, corpus.sentence_lengths, oov, corpus.path, corpus.oov)
 
 

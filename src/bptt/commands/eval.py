@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 from bptt import interpolation
-from bptt.data import CorpusError, encode
-from bptt.evaluation import evaluate_corpus
+from bptt.data import EOS, CorpusError, encode, read_lines
+from bptt.evaluation import evaluate_corpus, stream_token_ln_probs
 from bptt.prepared import SPLITS, VOCAB_FILE, load_prepared
 from bptt.storage.saved_model import load_model, saved_unit
 
@@ -47,10 +47,11 @@ def run(args) -> int:
                          else "--data: give either --test F or --data DATA, not both")
     if args.split is not None and args.data is None:
         raise ValueError("--split: only with --data DATA")
-    if (args.lm_prob is None) != (args.lam is None):
-        interpolation.from_arguments(args, 0)  # the option error, before the model is loaded
-    if args.lm_prob is not None and args.dynamic is not None:
-        raise ValueError("--dynamic does not combine with --lm-prob (the interpolated model is not trained)")
+    interpolation.check_arguments(args)  # the option errors, before the model is loaded
+    if args.lam is not None and args.dynamic is not None:
+        raise ValueError("--dynamic does not combine with --lm-prob or --ngram (the interpolated model is not trained)")
+    if args.ngram is not None and args.data is not None:
+        raise ValueError("--ngram reads the words of the text: give --test F, not --data")
     model, vocab, config = load_model(args.model, args.device)
     if args.data is not None:
         prepared = load_prepared(args.data)
@@ -60,15 +61,23 @@ def run(args) -> int:
         corpus = prepared.split(args.split or "test")
     else:
         corpus = encode(args.test, vocab, saved_unit(config, vocab))
-    other = interpolation.from_arguments(args, corpus.tokens)
+    def valid_ln_probs(path):  # --lambda auto: bptt's tokens of the validation text, read as one stream
+        valid = encode(path, vocab, unit)
+        return stream_token_ln_probs(model, valid.ids, vocab.id(EOS)), read_lines(path, unit)
+
+    unit = saved_unit(config, vocab)
+    sentences = interpolation.text_sentences(args.test, unit) if args.ngram is not None else None
+    other = interpolation.from_arguments(args, corpus.tokens, sentences, valid_ln_probs)
     result = evaluate_corpus(model, corpus, vocab, args.dynamic, args.dynamic_block, other)
     dynamic = {} if args.dynamic is None else {"dynamic_lr": args.dynamic, "dynamic_block": args.dynamic_block}
     if args.json:
-        print(json.dumps({**result.to_json(), **dynamic}))
+        mixed = {} if other is None else {"interpolated_with": other.path, "lambda": other.lam}
+        print(json.dumps({**result.to_json(), **dynamic, **mixed}))
     else:
         print(
             f"{corpus.path}: perplexity {result.perplexity:.2f}, entropy {result.entropy_bits:.4f} bits/token, "
             f"{result.tokens} tokens, {result.oov} OOV ({100 * result.oov / result.tokens:.2f} %)"
             + (f"; dynamic evaluation, rate {args.dynamic:g}, blocks of {args.dynamic_block}" if dynamic else "")
+            + (f"; interpolated with {other.path}, lambda {other.lam:.6g}" if other is not None else "")
         )
     return 0

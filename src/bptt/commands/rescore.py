@@ -19,7 +19,9 @@ import math
 import sys
 
 from bptt import interpolation
+from bptt.data import encode, read_lines
 from bptt.rescoring import CARRY, FORMATS, Rescorer, count_tokens, parse_nbest, utterances
+from bptt.scoring import token_ln_probs
 from bptt.storage.saved_model import load_model, saved_unit
 
 EXAMPLES = """examples:
@@ -28,6 +30,7 @@ EXAMPLES = """examples:
   bptt rescore --model m --nbest nbest.txt --format kaldi --per-word > costs.txt
   bptt rescore --model m --nbest utt1.nbest --format srilm3 --lm-weight 12 --word-penalty -0.5
   bptt rescore --model m --nbest nbest.txt --format rnnlm --lm-prob ngram.probs --lambda 0.5
+  bptt rescore --model m --nbest nbest.txt --format kaldi --ngram 5gram.arpa --lambda auto --lambda-valid valid.txt
 """
 
 
@@ -54,14 +57,19 @@ def run(args) -> int:
         raise ValueError("--per-word: only with --format kaldi")
     if (args.lm_weight != 1.0 or args.word_penalty != 0.0) and args.format != "srilm3":
         raise ValueError("--lm-weight and --word-penalty: only with --format srilm3")
-    if (args.lm_prob is None) != (args.lam is None):
-        interpolation.from_arguments(args, 0)  # the option error, before the model is loaded
+    interpolation.check_arguments(args)  # the option errors, before the model is loaded
     if args.oov_logprob is not None and not (math.isfinite(args.oov_logprob) and args.oov_logprob <= 0):
         raise ValueError(f"--oov-logprob must be a finite log10 probability <= 0, got {args.oov_logprob}")
     model, vocab, config = load_model(args.model, args.device)
     unit = saved_unit(config, vocab)
     hyps = parse_nbest(args.nbest, args.format)  # the whole input checked before anything is written
-    other = interpolation.from_arguments(args, count_tokens(hyps, unit))
+    def valid_ln_probs(path):  # --lambda auto: bptt's tokens of the validation text, sentence by sentence
+        return token_ln_probs(model, encode(path, vocab, unit)), read_lines(path, unit)
+
+    if args.ngram is not None and unit != "word":
+        raise ValueError("--ngram: only for word models (an n-gram model over words scores the same tokens)")
+    other = interpolation.from_arguments(args, count_tokens(hyps, unit), lambda: (h.words for h in hyps),
+                                         valid_ln_probs)
     rescorer = Rescorer(model, vocab, unit, args.carry, args.oov_logprob, other)
     n_utterances = 0
     for group in utterances(hyps):
@@ -82,7 +90,7 @@ def run(args) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
     oov_rule = "the model's <unk>" if args.oov_logprob is None else f"log10 {args.oov_logprob:g}"
-    mixed = "" if other is None else f"; interpolated with {other.path}, lambda {other.lam:g}"
+    mixed = "" if other is None else f"; interpolated with {other.path}, lambda {other.lam:.6g}"
     print(f"{args.nbest}: {len(hyps)} hypotheses, {n_utterances} utterances, {rescorer.tokens} tokens "
           f"(</s> included), {rescorer.oov} OOV (scored as {oov_rule}); carry {args.carry}{mixed}", file=sys.stderr)
     return 0

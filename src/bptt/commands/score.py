@@ -11,9 +11,9 @@ import json
 import sys
 
 from bptt import interpolation
-from bptt.data import CorpusError, encode
+from bptt.data import CorpusError, encode, read_lines
 from bptt.prepared import VOCAB_FILE, load_prepared
-from bptt.scoring import score_corpus
+from bptt.scoring import score_corpus, token_ln_probs
 from bptt.storage.saved_model import load_model, saved_unit
 
 EXAMPLES = """examples:
@@ -47,8 +47,9 @@ def run(args) -> int:
                          else "--data: give either --text F or --data DATA, not both")
     if args.split is not None and args.data is None:
         raise ValueError("--split: only with --data DATA")
-    if (args.lm_prob is None) != (args.lam is None):
-        interpolation.from_arguments(args, 0)  # the option error, before the model is loaded
+    interpolation.check_arguments(args)  # the option errors, before the model is loaded
+    if args.ngram is not None and args.data is not None:
+        raise ValueError("--ngram reads the words of the text: give --text F, not --data")
     model, vocab, config = load_model(args.model, args.device)
     unit = saved_unit(config, vocab)
     if args.data is not None:
@@ -59,7 +60,12 @@ def run(args) -> int:
         corpus = prepared.split(args.split or "test")
     else:
         corpus = encode(args.text, vocab, unit)
-    result = score_corpus(model, corpus, interpolation.from_arguments(args, corpus.tokens))
+    def valid_ln_probs(path):  # --lambda auto: bptt's tokens of the validation text, sentence by sentence
+        return token_ln_probs(model, encode(path, vocab, unit)), read_lines(path, unit)
+
+    sentences = interpolation.text_sentences(args.text, unit) if args.ngram is not None else None
+    other = interpolation.from_arguments(args, corpus.tokens, sentences, valid_ln_probs)
+    result = score_corpus(model, corpus, other)
     scores = result.ln_probs if args.ln else result.log10_probs
     key = "ln_prob" if args.ln else "log10_prob"
     lines = []
@@ -74,7 +80,8 @@ def run(args) -> int:
     total_log10 = float(result.log10_probs.sum())
     print(
         f"{result.path}: {len(scores)} lines, {result.total_tokens} tokens, {result.total_oov} OOV, "
-        f"total log10 prob {total_log10:.4f}, perplexity {result.perplexity:.2f}",
+        f"total log10 prob {total_log10:.4f}, perplexity {result.perplexity:.2f}"
+        + (f"; interpolated with {other.path}, lambda {other.lam:.6g}" if other is not None else ""),
         file=sys.stderr,
     )
     return 0
