@@ -25,6 +25,7 @@ ALLOWED = {
     "evaluation": {"engine", "model", "data", "checks"},
     "scoring": {"engine", "model", "data", "checks"},
     "rescoring": {"engine", "model", "data", "interpolation", "checks"},
+    "diagnostics": {"engine", "model", "checks"},
     "sampling": {"engine", "model", "data", "checks"},
     "grammar": {"engine", "data"},
     "training": {"training", "engine", "model", "data", "prepared", "storage", "evaluation", "checks", "files"},
@@ -32,7 +33,7 @@ ALLOWED = {
     "verify": {"engine", "model", "oracle", "checks"},
     "benchmark": {"engine", "model", "training", "checks"},
     "commands": {"commands", "training", "engine", "model", "data", "prepared", "storage", "evaluation", "scoring", "sampling",
-                 "grammar", "verify", "benchmark", "checks", "files", "interpolation", "rescoring"},
+                 "grammar", "verify", "benchmark", "checks", "files", "interpolation", "rescoring", "diagnostics"},
     "cli": {"commands", "package"},
     "package": {"engine", "model"},  # bptt/__init__.py
     "main": {"cli"},  # bptt/__main__.py

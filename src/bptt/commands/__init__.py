@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("bptt.commands.demo", "learn a grammar with a known entropy rate; full BPTT vs truncation 0 on its long-range part"),
     "score": ("bptt.commands.score", "log10 probability of every sentence of a text (rnnlm -nbest style)"),
     "rescore": ("bptt.commands.rescore", "rescore n-best lists (rnnlm, Kaldi, SRILM format 3), optionally interpolated"),
+    "diagnose": ("bptt.commands.diagnose", "gradient flow through time: error norms against the lag, Jacobian products, truncation"),
     "generate": ("bptt.commands.generate", "sample text from a model: temperature, top-k, prompt"),
     "plot": ("bptt.commands.plot", "learning curves (perplexity, learning rate per epoch) of a training run as PNG"),
     "average": ("bptt.commands.average", "average the weights of epochs kept by train --keep-epochs into a new model"),

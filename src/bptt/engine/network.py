@@ -296,7 +296,7 @@ class Network:
         return dropout_forward(X, _mask(masks, "output")), new_state, NetCache(inputs, caches, features, masks)
 
     def backward(self, params: dict[str, Tensor], cache: NetCache, dH: Tensor, grads: dict[str, Tensor],
-                 truncation: int | None = None) -> None:
+                 truncation: int | None = None, trace: dict[int, tuple[Tensor, Tensor]] | None = None) -> None:
         """dH (T,B,m) = ∂L/∂h̃^t of the top layer's output as the output layer read it -> accumulates every
         layer's gradients into grads (dH is overwritten).
 
@@ -305,13 +305,18 @@ class Network:
         dA_k = cell_k.backward(dH_k), then dU_k and dH_{k−1} from the input term's backward, masked.
         truncation=k applies in each layer, counted from where an error enters that layer (from the
         output layer at the top, from the layer above below it): 0 is no BPTT in any layer; in a stack
-        an error can reach further back than k steps in the lower layers (tests/test_stack.py)."""
+        an error can reach further back than k steps in the lower layers (tests/test_stack.py).
+        trace: a dict that receives, per layer k, (the errors dH_k that arrived at its output (a copy),
+        its dA_k): what `bptt diagnose` turns into ∂L/∂h at every step (the cells' hidden_errors)."""
         masks = cache.masks
         note_rows(grads, self.lookup_name(), cache.inputs)  # the rows of the words read, written below
         dH = dropout_backward(dH, _mask(masks, "output"))
         for k in range(len(self.cells) - 1, -1, -1):
             p, g = self.layer_view(params, k), self.layer_view(grads, k)
+            arrived = dH.clone() if trace is not None else None  # the cell's backward may overwrite dH
             dA = self.cells[k].backward(p, cache.layers[k], dH, g, truncation)
+            if trace is not None:
+                trace[k] = (arrived, dA)
             if k == 0 and not self.embedding_size:
                 embed_backward(cache.inputs, dropout_backward(dA, _mask(masks, "input")), g[INPUT_WEIGHT])
             elif k == 0 and self._per_word(cache.inputs, masks):

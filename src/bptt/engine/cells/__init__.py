@@ -88,6 +88,25 @@ class Cell(Protocol):
 
     def state_at(self, cache: CellCache, t: int) -> CellState: ...
 
+    # optional, for `bptt diagnose`: ∂L/∂h^t at every step (T,B,m) of a full backward, from its dA and the
+    # errors dH that arrived from above (hidden_errors below: the cells whose h enters the next step only
+    # through W h)
+    # def hidden_errors(self, params, cache, dA, dH) -> Tensor: ...
+
+
+def hidden_errors(W: Tensor, dA: Tensor, dH: Tensor) -> Tensor:
+    """W (G·m,m), dA (T,B,G·m) = ∂L/∂A^t of a full backward, dH (T,B,m) the errors arriving from above ->
+    ∂L/∂h^t (T,B,m) at every step, for a cell whose h^t reaches step t+1 only through the gate
+    pre-activations G^{t+1} = A^{t+1} + W h^t + b (Elman: G = 1; the LSTM, whose c carries its own
+    error):
+        ∂L/∂h^t = dH^t + Wᵀ ∂L/∂G^{t+1} = dH^t + Wᵀ dA^{t+1}     (∂G/∂A = I: dA is ∂L/∂G)
+    and ∂L/∂h^T = dH^T at the last step (nothing after the window)."""
+    T, B, Gm = dA.shape
+    out = dH.clone(memory_format=torch.contiguous_format)
+    if T > 1:
+        out[:-1].view(-1, W.shape[1]).addmm_(dA[1:].reshape(-1, Gm), W)
+    return out
+
 
 def join_caches(first: CellCache, second: CellCache) -> CellCache:
     """The cache of two consecutive runs of a cell as one: second started where first ended."""

@@ -17,7 +17,7 @@ import torch
 from bptt.checks import optional_int
 from bptt.engine.activations import HiddenActivation
 from bptt.engine.activations import hidden_activation as lookup_hidden_activation
-from bptt.engine.cells import CellCache, CellState
+from bptt.engine.cells import CellCache, CellState, hidden_errors
 
 Tensor = torch.Tensor
 
@@ -149,6 +149,12 @@ class ElmanCell:
                  truncation: int | None = None) -> Tensor:
         """dH (T,B,m) -> dA (T,B,m) = δ; accumulates dW, db."""
         return elman_backward(params["W"], self.F, cache.state0[0], cache.steps["H"], dH, grads, truncation)
+
+    @staticmethod
+    def hidden_errors(params: dict[str, Tensor], cache: CellCache, dA: Tensor, dH: Tensor) -> Tensor:
+        """∂L/∂h^t (T,B,m) at every step of a full backward (bptt diagnose): h^t reaches step t+1 only
+        through W h^t, so ∂L/∂h^t = dH^t + Wᵀ dA^{t+1} (cells.hidden_errors)."""
+        return hidden_errors(params["W"], dA, dH)
 
     @staticmethod
     def state_at(cache: CellCache, t: int) -> CellState:

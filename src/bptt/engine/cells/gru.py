@@ -172,5 +172,23 @@ class GRUCell:
         return delta
 
     @staticmethod
+    def hidden_errors(params: dict[str, Tensor], cache: CellCache, dA: Tensor, dH: Tensor) -> Tensor:
+        """∂L/∂h^t (T,B,m) at every step of a full backward (bptt diagnose), from dA = [δ_r; δ_z; δ_n] and
+        the errors dH from above. h^t reaches step t+1 directly and through W:
+            ∂L/∂h^t = dH^t + z^{t+1} ⊙ ∂L/∂h^{t+1} + Wᵀ γ^{t+1},   γ = [δ_r; δ_z; δ_n ⊙ r]
+        (the module docstring's backward), from the last step (∂L/∂h^T = dH^T) down."""
+        G = cache.steps["G"]
+        T, B, three_m = G.shape
+        m = three_m // 3
+        gamma = dA.clone(memory_format=torch.contiguous_format)
+        gamma[..., 2 * m :].mul_(G[..., :m])  # δ_n ⊙ r
+        out = dH.clone(memory_format=torch.contiguous_format)
+        if T > 1:
+            out[:-1].view(-1, m).addmm_(gamma[1:].reshape(-1, three_m), params["W"])
+        for t in range(T - 2, -1, -1):
+            out[t].addcmul_(G[t + 1, :, m : 2 * m], out[t + 1])  # + z^{t+1} ⊙ ∂L/∂h^{t+1}
+        return out
+
+    @staticmethod
     def state_at(cache: CellCache, t: int) -> CellState:
         return (cache.steps["H"][t],)

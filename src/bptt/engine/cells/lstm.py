@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from bptt.checks import number, optional_int
-from bptt.engine.cells import CellCache, CellState
+from bptt.engine.cells import CellCache, CellState, hidden_errors
 
 Tensor = torch.Tensor
 
@@ -194,6 +194,12 @@ class LSTMCell:
         if "b" in grads:
             grads["b"].add_(flat.sum(dim=0))  # ∂L/∂b = Σ_t δ^t
         return delta
+
+    @staticmethod
+    def hidden_errors(params: dict[str, Tensor], cache: CellCache, dA: Tensor, dH: Tensor) -> Tensor:
+        """∂L/∂h^t (T,B,m) at every step of a full backward (bptt diagnose): h^t reaches step t+1 only
+        through W h^t, so ∂L/∂h^t = dH^t + Wᵀ dA^{t+1} (cells.hidden_errors)."""
+        return hidden_errors(params["W"], dA, dH)
 
     @staticmethod
     def state_at(cache: CellCache, t: int) -> CellState:
