@@ -104,13 +104,18 @@ def test_srilm3_replaces_or_combines_the_lm_score(model, tmp_path, capsys):
         assert float(line.split()[1]) == pytest.approx(12 * e / LN10 - 0.5 * len(text.split()), abs=1e-5)
 
 
-@pytest.mark.parametrize("carry", ["first", "best"])
+SCORES = [-3.0, -1.0, -2.0, -4.0, -5.0, 0.5, 0.0, 9.0]  # --scores: picks the 2nd, the 1st, the last hypothesis
+
+
+@pytest.mark.parametrize("carry", ["first", "best", "best-by-scores"])
 def test_carried_state_is_the_continuous_stream_through_the_chosen_hypotheses(model, tmp_path, capsys, carry):
     """--carry first/best: hypothesis h of utterance u scores ln P(chosen_1 … chosen_{u−1} h) − ln P(chosen_1 …
-    chosen_{u−1}) of one continuous stream (bptt eval), chosen = the first or the best hypothesis."""
+    chosen_{u−1}) of one continuous stream (bptt eval), chosen = the first hypothesis, the best by the new
+    LM score, or the best by a given score column (--scores)."""
     path = write(tmp_path / "r.txt", [f"{i} {t}" for i, t in NBEST])
+    extra = ["--scores", write(tmp_path / "s.txt", [str(x) for x in SCORES])] if carry == "best-by-scores" else []
     code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", "rnnlm",
-                       "--carry", carry)
+                       "--carry", carry.removesuffix("-by-scores"), *extra)
     assert code == 0
     got = [float(x) * LN10 for x in out.split()]
     before: list[str] = []
@@ -120,7 +125,12 @@ def test_carried_state_is_the_continuous_stream_through_the_chosen_hypotheses(mo
         base = stream_ln(capsys, model, tmp_path, before) if before else 0.0
         expected = [stream_ln(capsys, model, tmp_path, before + [t]) - base for t in group]
         assert got[k : k + len(group)] == pytest.approx(expected, abs=1e-5)
-        pick = 0 if carry == "first" else max(range(len(group)), key=lambda j: got[k + j])
+        if carry == "first":
+            pick = 0
+        elif carry == "best":
+            pick = max(range(len(group)), key=lambda j: got[k + j])
+        else:
+            pick = max(range(len(group)), key=lambda j: SCORES[k + j])
         before.append(group[pick])
         k += len(group)
     assert before[1] != before[0]
@@ -180,6 +190,19 @@ def test_a_malformed_nbest_line_is_one_error_and_nothing_is_written(model, tmp_p
 
 
 @pytest.mark.parametrize("values, needle", [
+    (["1", "2"], "2 scores for the 3 hypotheses"), (["1", "2", "3", "4"], ":4: more scores than the 3"),
+    (["1", "x", "3"], ":2: score 'x' is not a number"), (["1", "2 3", "4"], ":2: expected one score per line"),
+])
+def test_a_bad_scores_file_is_one_error(model, tmp_path, capsys, values, needle):
+    nbest = write(tmp_path / "n.txt", ["1 the cat", "1 the dog barks", "2 the cow"])
+    scores = write(tmp_path / "s.txt", values)
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm",
+                         "--carry", "best", "--scores", scores)
+    assert code == 2 and out == ""
+    one_error_line(err, scores, needle)
+
+
+@pytest.mark.parametrize("values, needle", [
     (["0.5"] * 3, "3 probabilities for the 7 tokens"),
     (["0.5"] * 8, ":8: more probabilities than the 7 tokens"),
     (["0.5", "0", "0.5", "0.5", "0.5", "0.5", "0.5"], ":2: probability 0 is outside (0, 1]"),
@@ -196,6 +219,7 @@ def test_a_bad_probability_file_is_one_error_and_nothing_is_written(model, tmp_p
 
 
 @pytest.mark.parametrize("extra, needle", [
+    (["--scores", "x"], "--scores"),
     (["--per-word"], "--per-word"), (["--lm-weight", "2"], "--lm-weight"), (["--lambda", "0.5"], "--lm-prob"),
     (["--oov-logprob", "3"], "--oov-logprob"),
 ])

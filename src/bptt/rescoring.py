@@ -12,8 +12,10 @@ history `<eos>` (the same positions `bptt score` scores). Its state:
     none   every hypothesis from the zero state (`bptt score`'s)
     first  rnnlm's: every hypothesis of an utterance from the state after the previous utterance's first
            hypothesis (itself read from the state its utterance started from); the first utterance from zero
-    best   the same with the previous utterance's best hypothesis: the highest combined score for srilm3
-           (ascore + lm_weight · new log10 P + word_penalty · nwords), the highest log10 P otherwise
+    best   the same with the previous utterance's best hypothesis: the one with the highest score in a
+           column given with --scores F (one number per hypothesis, higher is better: e.g. the decoder's
+           total log-likelihood); without it, the highest combined score for srilm3 (ascore + lm_weight ·
+           new log10 P + word_penalty · nwords) and the highest new log10 P for rnnlm and kaldi
 
 "The state after a hypothesis" is the state after reading `<eos> w1 … wn`: the next hypothesis reads its
 `<eos>` next, as in one continuous stream.
@@ -192,10 +194,11 @@ class Rescorer:
         stream.forward(x)
         return stream.state
 
-    def score_utterance(self, hyps: list[Hypothesis], lm_weight: float = 1.0,
-                        word_penalty: float = 0.0) -> list[np.ndarray]:
+    def score_utterance(self, hyps: list[Hypothesis], lm_weight: float = 1.0, word_penalty: float = 0.0,
+                        given: list[float] | None = None) -> list[np.ndarray]:
         """ln P of every token (w1 … wn, </s>) of each hypothesis of one utterance, after the OOV rule and
-        interpolation; the carried state moves on (CARRY)."""
+        interpolation; the carried state moves on (CARRY). given: the hypotheses' own scores (--scores),
+        which pick the best one for --carry best."""
         all_ids, per_hyp = [], []
         for hyp in hyps:
             ids, oov = self.ids(tokens_of(hyp.words, self.unit))
@@ -216,6 +219,8 @@ class Rescorer:
         if self.carry != "none":
             if self.carry == "first":
                 pick = 0
+            elif given is not None:
+                pick = int(np.argmax(given))
             else:
                 totals = [h.ascore + lm_weight * float(p.sum()) / LN10 + word_penalty * len(h.words)
                           for h, p in zip(hyps, out)]
@@ -227,3 +232,25 @@ class Rescorer:
 def count_tokens(hyps: list[Hypothesis], unit: str) -> int:
     """The tokens a rescoring scores: each hypothesis' tokens and its </s>."""
     return sum(len(tokens_of(h.words, unit)) + 1 for h in hyps)
+
+
+def read_scores(path: str | os.PathLike, expected: int) -> list[float]:
+    """One number per line (one per hypothesis, in order), exactly `expected` of them; CorpusError naming the
+    file and line otherwise."""
+    values: list[float] = []
+    try:
+        with open_text(path) as f:
+            for number, raw in enumerate(f, 1):
+                fields = raw.split()
+                if len(fields) != 1:
+                    raise CorpusError(path, f"expected one score per line, got {len(fields)} fields", number)
+                if len(values) == expected:
+                    raise CorpusError(path, f"more scores than the {expected} hypotheses", number)
+                values.append(number_field(path, number, fields[0], "score"))
+    except UnicodeDecodeError as e:
+        raise CorpusError(path, f"not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise CorpusError(path, f"cannot read: {e.strerror or e}") from None
+    if len(values) < expected:
+        raise CorpusError(path, f"{len(values)} scores for the {expected} hypotheses (one per line)")
+    return values

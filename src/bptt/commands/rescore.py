@@ -20,13 +20,14 @@ import sys
 
 from bptt import interpolation
 from bptt.data import encode, read_lines
-from bptt.rescoring import CARRY, FORMATS, Rescorer, count_tokens, parse_nbest, utterances
+from bptt.rescoring import CARRY, FORMATS, Rescorer, count_tokens, parse_nbest, read_scores, utterances
 from bptt.scoring import token_ln_probs
 from bptt.storage.saved_model import load_model, saved_unit
 
 EXAMPLES = """examples:
   bptt rescore --model m --nbest nbest.txt --format rnnlm > scores.txt
   bptt rescore --model m --nbest nbest.txt --format rnnlm --carry first --oov-logprob -5
+  bptt rescore --model m --nbest nbest.txt --format kaldi --carry best --scores decoder_scores.txt
   bptt rescore --model m --nbest nbest.txt --format kaldi --per-word > costs.txt
   bptt rescore --model m --nbest utt1.nbest --format srilm3 --lm-weight 12 --word-penalty -0.5
   bptt rescore --model m --nbest nbest.txt --format rnnlm --lm-prob ngram.probs --lambda 0.5
@@ -41,6 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--carry", choices=CARRY, default="none",
                         help="the state a hypothesis starts from: none (zero, default), first (rnnlm's: after the "
                         "previous utterance's first hypothesis), best (after its best one)")
+    parser.add_argument("--scores", metavar="F", help="with --carry best: one score per hypothesis (a line each, in "
+                        "order, higher is better, e.g. the decoder's total log-likelihood) that picks the best one")
     parser.add_argument("--oov-logprob", type=float, default=None, metavar="X",
                         help="score words outside the vocabulary at log10 probability X (rnnlm's -5 style; "
                         "default: the model's <unk> probability)")
@@ -53,6 +56,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.scores is not None and args.carry != "best":
+        raise ValueError("--scores: only with --carry best (it picks the hypothesis whose state is carried)")
     if args.per_word and args.format != "kaldi":
         raise ValueError("--per-word: only with --format kaldi")
     if (args.lm_weight != 1.0 or args.word_penalty != 0.0) and args.format != "srilm3":
@@ -70,11 +75,14 @@ def run(args) -> int:
         raise ValueError("--ngram: only for word models (an n-gram model over words scores the same tokens)")
     other = interpolation.from_arguments(args, count_tokens(hyps, unit), lambda: (h.words for h in hyps),
                                          valid_ln_probs)
+    given = None if args.scores is None else read_scores(args.scores, len(hyps))
     rescorer = Rescorer(model, vocab, unit, args.carry, args.oov_logprob, other)
-    n_utterances = 0
+    n_utterances = done = 0
     for group in utterances(hyps):
         n_utterances += 1
-        scores = rescorer.score_utterance(group, args.lm_weight, args.word_penalty)
+        picks = None if given is None else given[done : done + len(group)]
+        done += len(group)
+        scores = rescorer.score_utterance(group, args.lm_weight, args.word_penalty, picks)
         lines = []
         for hyp, ln_p in zip(group, scores):
             total = float(ln_p.sum())
