@@ -184,6 +184,10 @@ class Optimizer:
         if ids.numel() == 0:
             return
         rows, buffers, runs = self.params.rows(name), self.sparse_state[name], grads.runs[name]
+        if (runs is None and self.rule == "sgd" and not self.weight_decay and not self.decoupled_weight_decay
+                and not isinstance(lr, Tensor)):
+            rows.index_add_(0, ids, grads.row_values[name], alpha=-lr)  # p ← p − lr·g on the rows: nothing gathered
+            return
         if runs is not None:
             p = [rows[a:b] for a, b in runs]
             state = {k: [v[a:b] for a, b in runs] for k, v in buffers.items()}

@@ -97,19 +97,44 @@ class PathPairs:
     node_crow: Tensor  # (U+1,) int64: node_ids[u]'s pairs are by_node[node_crow[u]:node_crow[u+1]]
 
 
-def path_pairs(nodes: Tensor, signs: Tensor, mask: Tensor, targets: Tensor, dtype: torch.dtype) -> PathPairs:
-    """nodes, signs, mask (V,D) per word (nodes sorted within each path) , targets (N,) -> PathPairs."""
-    sel = mask[targets]  # (N,D)
-    lengths = sel.sum(dim=1)
+@dataclass
+class FlatPaths:
+    """Every word's path as one run of a flat array (its nodes in increasing id order): word w's pairs are
+    nodes[ptr[w]:ptr[w] + length[w]] — what path_pairs gathers for a block's targets."""
+
+    ptr: Tensor  # (V,) int64 where word w's run starts
+    length: Tensor  # (V,) int64 its path's length
+    nodes: Tensor  # (Σ L,) int64
+    signs: Tensor  # (Σ L,) ±1 (float64; cast to S's dtype per block)
+
+    @staticmethod
+    def of(nodes: Tensor, signs: Tensor, mask: Tensor) -> FlatPaths:
+        """nodes, signs, mask (V,D) per word (nodes sorted within each path, padding last) -> FlatPaths."""
+        length = mask.sum(dim=1)
+        ptr = torch.zeros_like(length)
+        torch.cumsum(length[:-1], 0, out=ptr[1:])
+        return FlatPaths(ptr, length, nodes[mask], signs[mask].to(torch.float64))
+
+    def to(self, device: torch.device) -> FlatPaths:
+        return FlatPaths(self.ptr.to(device), self.length.to(device), self.nodes.to(device), self.signs.to(device))
+
+
+def path_pairs(paths: FlatPaths, targets: Tensor, dtype: torch.dtype) -> PathPairs:
+    """The flat paths of every word, targets (N,) -> PathPairs: each target's run of nodes gathered from the
+    flat array (one index per pair), positions in order."""
+    lengths = paths.length.index_select(0, targets)
     crow = torch.zeros(targets.shape[0] + 1, dtype=torch.int64, device=targets.device)
     torch.cumsum(lengths, 0, out=crow[1:])
-    pair_nodes = nodes[targets][sel]  # row-major: position by position
     pos = torch.repeat_interleave(torch.arange(targets.shape[0], device=targets.device), lengths)
+    # pair p of position n reads the flat array at ptr[y_n] + (p − crow[n])
+    offset = (paths.ptr.index_select(0, targets) - crow[:-1]).index_select(0, pos)
+    flat = offset.add_(torch.arange(pos.shape[0], device=targets.device))
+    pair_nodes = paths.nodes.index_select(0, flat)
     by_node = torch.argsort(pair_nodes, stable=True)
-    node_ids, counts = torch.unique_consecutive(pair_nodes[by_node], return_counts=True)
+    node_ids, counts = torch.unique_consecutive(pair_nodes.index_select(0, by_node), return_counts=True)
     node_crow = torch.zeros(node_ids.shape[0] + 1, dtype=torch.int64, device=targets.device)
     torch.cumsum(counts, 0, out=node_crow[1:])
-    return PathPairs(crow, pair_nodes, signs[targets][sel].to(dtype), pos, by_node, node_ids, node_crow)
+    return PathPairs(crow, pair_nodes, paths.signs.index_select(0, flat).to(dtype), pos, by_node, node_ids, node_crow)
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -182,6 +207,7 @@ class HierarchicalSoftmaxOutput:
         key, order = torch.sort(torch.where(self.mask, self.nodes, V), dim=1, stable=True)
         self.sorted_nodes = torch.where(self.mask, key, 0)
         self.sorted_signs = self.signs.gather(1, order)
+        self.flat_paths = FlatPaths.of(self.sorted_nodes, self.sorted_signs, self.mask)
         # the sparse path (sampled_addmm and CSR products, see PathPairs) on the CPU; the padded batched
         # products elsewhere (and on the CPU with sparse=False: the reference the tests compare with)
         self.sparse: bool | None = None
@@ -191,6 +217,7 @@ class HierarchicalSoftmaxOutput:
         if device != self._device:
             self.nodes, self.signs, self.mask = self.nodes.to(device), self.signs.to(device), self.mask.to(device)
             self.sorted_nodes, self.sorted_signs = self.sorted_nodes.to(device), self.sorted_signs.to(device)
+            self.flat_paths = self.flat_paths.to(device)
             self.table_index = self.table_index.to(device)
             self._device = device
 
@@ -219,7 +246,7 @@ class HierarchicalSoftmaxOutput:
         """S (N,m), targets (N,) -> (L = −Σ_n w_n Σ_d mask · log σ(sign · z), cache)."""
         self._to(S.device)
         if self._use_sparse(S.device):
-            pairs = path_pairs(self.sorted_nodes, self.sorted_signs, self.mask, targets, S.dtype)
+            pairs = path_pairs(self.flat_paths, targets, S.dtype)
             u = pairs.sign * sparse_path_forward(params["V"], params.get("c"), S, pairs)  # (P,)
             per_node = nnf.softplus(-u)  # −log σ(u)
             if weights is None:
