@@ -36,6 +36,17 @@ def open_text(path: str | os.PathLike):
     return open(path, encoding="utf-8", errors="strict")
 
 
+@contextlib.contextmanager
+def reading(path: str | os.PathLike):
+    """Read errors of a text file (not UTF-8, unreadable) as one CorpusError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise CorpusError(path, f"not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise CorpusError(path, f"cannot read: {e.strerror or e}") from None
+
+
 def number_field(path, line: int, text: str, what: str) -> float:
     """A finite number read from `text` on line `line` of `path`; CorpusError naming them otherwise."""
     try:
@@ -61,21 +72,16 @@ class OtherModel:
         """A file of linear probabilities (whitespace-separated, usually one per line), each in (0, 1], exactly
         `expected` of them; CorpusError naming the file and line otherwise."""
         values: list[float] = []
-        try:
-            with open_text(path) as f:
-                for number, raw in enumerate(f, 1):
-                    for text in raw.split():
-                        value = number_field(path, number, text, "probability")
-                        if not 0.0 < value <= 1.0:
-                            raise CorpusError(path, f"probability {text[:40]} is outside (0, 1]", number)
-                        values.append(value)
-                        if len(values) > expected:
-                            raise CorpusError(path, f"more probabilities than the {expected} tokens scored "
-                                                    "(one per word and </s>)", number)
-        except UnicodeDecodeError as e:
-            raise CorpusError(path, f"not UTF-8 text ({e.reason})") from None
-        except OSError as e:
-            raise CorpusError(path, f"cannot read: {e.strerror or e}") from None
+        with reading(path), open_text(path) as f:
+            for number, raw in enumerate(f, 1):
+                for text in raw.split():
+                    value = number_field(path, number, text, "probability")
+                    if not 0.0 < value <= 1.0:
+                        raise CorpusError(path, f"probability {text[:40]} is outside (0, 1]", number)
+                    values.append(value)
+                    if len(values) > expected:
+                        raise CorpusError(path, f"more probabilities than the {expected} tokens scored "
+                                                "(one per word and </s>)", number)
         if len(values) < expected:
             raise CorpusError(path, f"{len(values)} probabilities for the {expected} tokens scored (one per word "
                                     "and </s>)")
@@ -153,52 +159,47 @@ def check_arpa(path: str | os.PathLike) -> list[int]:
     section = 0  # 0: before \data\; -1: the header; N: inside \N-grams:
     seen = 0
     ended = False
-    try:
-        with open_text(path) as f:
-            for number, raw in enumerate(f, 1):
-                line = raw.strip()
-                if not line:
-                    continue
-                if ended:
-                    raise CorpusError(path, f"text after \\end\\: {line[:40]!r}", number)
-                if section == 0:
-                    if line != "\\data\\":
-                        raise CorpusError(path, f"expected \\data\\ to start an ARPA file, got {line[:40]!r}", number)
-                    section = -1
-                    continue
-                if line.startswith("\\") and line.endswith("-grams:"):
-                    n = line[1:-len("-grams:")]
-                    if not n.isdigit() or int(n) != (section if section > 0 else 0) + 1 or int(n) > len(counts):
-                        raise CorpusError(path, f"unexpected section {line[:40]!r}", number)
-                    if section > 0 and seen != counts[section - 1]:
-                        raise CorpusError(path, f"{seen} {section}-grams, the header says {counts[section - 1]}",
-                                          number)
-                    section, seen = int(n), 0
-                    continue
-                if line == "\\end\\":
-                    if section != len(counts) or not counts or seen != counts[-1]:
-                        raise CorpusError(path, "\\end\\ before every n-gram the header announces", number)
-                    ended = True
-                    continue
-                if section == -1:
-                    key, _, value = line.partition("=")
-                    if not key.startswith("ngram ") or key[6:].strip() != str(len(counts) + 1) or not value.isdigit():
-                        raise CorpusError(path, f"expected 'ngram {len(counts) + 1}=COUNT' in the header, got "
-                                                f"{line[:40]!r}", number)
-                    counts.append(int(value))
-                    continue
-                fields = line.split()
-                if len(fields) not in (section + 1, section + 2):
-                    raise CorpusError(path, f"a {section}-gram line holds a log10 probability, {section} words and "
-                                            f"an optional back-off weight; got {len(fields)} fields", number)
-                number_field(path, number, fields[0], "log10 probability")
-                if len(fields) == section + 2:
-                    number_field(path, number, fields[-1], "back-off weight")
-                seen += 1
-    except UnicodeDecodeError as e:
-        raise CorpusError(path, f"not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise CorpusError(path, f"cannot read: {e.strerror or e}") from None
+    with reading(path), open_text(path) as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            if ended:
+                raise CorpusError(path, f"text after \\end\\: {line[:40]!r}", number)
+            if section == 0:
+                if line != "\\data\\":
+                    raise CorpusError(path, f"expected \\data\\ to start an ARPA file, got {line[:40]!r}", number)
+                section = -1
+                continue
+            if line.startswith("\\") and line.endswith("-grams:"):
+                n = line[1:-len("-grams:")]
+                if not n.isdigit() or int(n) != (section if section > 0 else 0) + 1 or int(n) > len(counts):
+                    raise CorpusError(path, f"unexpected section {line[:40]!r}", number)
+                if section > 0 and seen != counts[section - 1]:
+                    raise CorpusError(path, f"{seen} {section}-grams, the header says {counts[section - 1]}",
+                                      number)
+                section, seen = int(n), 0
+                continue
+            if line == "\\end\\":
+                if section != len(counts) or not counts or seen != counts[-1]:
+                    raise CorpusError(path, "\\end\\ before every n-gram the header announces", number)
+                ended = True
+                continue
+            if section == -1:
+                key, _, value = line.partition("=")
+                if not key.startswith("ngram ") or key[6:].strip() != str(len(counts) + 1) or not value.isdigit():
+                    raise CorpusError(path, f"expected 'ngram {len(counts) + 1}=COUNT' in the header, got "
+                                            f"{line[:40]!r}", number)
+                counts.append(int(value))
+                continue
+            fields = line.split()
+            if len(fields) not in (section + 1, section + 2):
+                raise CorpusError(path, f"a {section}-gram line holds a log10 probability, {section} words and "
+                                        f"an optional back-off weight; got {len(fields)} fields", number)
+            number_field(path, number, fields[0], "log10 probability")
+            if len(fields) == section + 2:
+                number_field(path, number, fields[-1], "back-off weight")
+            seen += 1
     if not ended:
         raise CorpusError(path, "no \\end\\ line: truncated ARPA file")
     return counts

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 
 from bptt import interpolation
-from bptt.data import EOS, CorpusError, encode, read_lines
+from bptt.commands import sources
+from bptt.data import EOS, encode, read_lines
 from bptt.evaluation import evaluate_corpus, stream_token_ln_probs
-from bptt.prepared import SPLITS, VOCAB_FILE, load_prepared
+from bptt.prepared import SPLITS
 from bptt.storage.saved_model import load_model, saved_unit
 
 EXAMPLES = """examples:
@@ -42,30 +43,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if (args.test is None) == (args.data is None):
-        raise ValueError("bptt eval needs --test F or --data DATA" if args.test is None
-                         else "--data: give either --test F or --data DATA, not both")
-    if args.split is not None and args.data is None:
-        raise ValueError("--split: only with --data DATA")
+    text = sources.check_source(args, "test")
     interpolation.check_arguments(args)  # the option errors, before the model is loaded
     if args.lam is not None and args.dynamic is not None:
         raise ValueError("--dynamic does not combine with --lm-prob or --ngram (the interpolated model is not trained)")
-    if args.ngram is not None and args.data is not None:
-        raise ValueError("--ngram reads the words of the text: give --test F, not --data")
     model, vocab, config = load_model(args.model, args.device)
-    if args.data is not None:
-        prepared = load_prepared(args.data)
-        if prepared.vocab.words != vocab.words or prepared.unit != saved_unit(config, vocab):
-            raise CorpusError(prepared.path / VOCAB_FILE, f"is not the vocabulary of the model {args.model} (prepared "
-                              "from other texts or options): evaluate its text with --test instead")
-        corpus = prepared.split(args.split or "test")
-    else:
-        corpus = encode(args.test, vocab, saved_unit(config, vocab))
+    unit = saved_unit(config, vocab)
+    corpus = sources.load_source(args, text, vocab, unit)
+
     def valid_ln_probs(path):  # --lambda auto: bptt's tokens of the validation text, read as one stream
         valid = encode(path, vocab, unit)
         return stream_token_ln_probs(model, valid.ids, vocab.id(EOS)), read_lines(path, unit)
 
-    unit = saved_unit(config, vocab)
     sentences = interpolation.text_sentences(args.test, unit) if args.ngram is not None else None
     other = interpolation.from_arguments(args, corpus.tokens, sentences, valid_ln_probs)
     result = evaluate_corpus(model, corpus, vocab, args.dynamic, args.dynamic_block, other)

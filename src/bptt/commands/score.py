@@ -11,8 +11,8 @@ import json
 import sys
 
 from bptt import interpolation
-from bptt.data import CorpusError, encode, read_lines
-from bptt.prepared import VOCAB_FILE, load_prepared
+from bptt.commands import sources
+from bptt.data import encode, read_lines
 from bptt.scoring import score_corpus, token_ln_probs
 from bptt.storage.saved_model import load_model, saved_unit
 
@@ -42,24 +42,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if (args.text is None) == (args.data is None):
-        raise ValueError("bptt score needs --text F or --data DATA" if args.text is None
-                         else "--data: give either --text F or --data DATA, not both")
-    if args.split is not None and args.data is None:
-        raise ValueError("--split: only with --data DATA")
+    text = sources.check_source(args, "text")
     interpolation.check_arguments(args)  # the option errors, before the model is loaded
-    if args.ngram is not None and args.data is not None:
-        raise ValueError("--ngram reads the words of the text: give --text F, not --data")
     model, vocab, config = load_model(args.model, args.device)
     unit = saved_unit(config, vocab)
-    if args.data is not None:
-        prepared = load_prepared(args.data)
-        if prepared.vocab.words != vocab.words or prepared.unit != unit:
-            raise CorpusError(prepared.path / VOCAB_FILE, f"is not the vocabulary of the model {args.model} (prepared "
-                              "from other texts or options): score its text with --text instead")
-        corpus = prepared.split(args.split or "test")
-    else:
-        corpus = encode(args.text, vocab, unit)
+    corpus = sources.load_source(args, text, vocab, unit)
+
     def valid_ln_probs(path):  # --lambda auto: bptt's tokens of the validation text, sentence by sentence
         return token_ln_probs(model, encode(path, vocab, unit)), read_lines(path, unit)
 
