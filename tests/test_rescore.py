@@ -394,3 +394,21 @@ def test_interpolation_option_errors(model, tmp_path, capsys, extra, needle):
     code, out, err = run(capsys, "eval", "--model", str(model), "--test", text, *extra)
     assert code == 2 and out == ""
     one_error_line(err, needle)
+
+
+def test_an_utterance_of_more_hypotheses_than_one_pass(model, tmp_path, capsys):
+    """More hypotheses than are scored together (64): the passes give what bptt score gives, empty
+    hypotheses (</s> alone) included."""
+    from bptt import rescoring
+
+    words = ["the", "cat", "dog", "meows", "barks", "big", "zebra"]
+    hyps = [" ".join(words[(k + j) % len(words)] for j in range(k % 5)) for k in range(rescoring._HYPOTHESES_PER_PASS + 7)]
+    expected = score_lines(capsys, model, tmp_path, [h for h in hyps if h])
+    nbest = write(tmp_path / "n.txt", [f"7 {h}".rstrip() for h in hyps])
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm")
+    assert code == 0
+    got = [float(x) * LN10 for x in out.split()]
+    assert len(got) == len(hyps)
+    assert [g for g, h in zip(got, hyps) if h] == pytest.approx(expected, abs=1e-5)
+    empty = [g for g, h in zip(got, hyps) if not h]
+    assert empty and max(empty) - min(empty) < 1e-9  # P(</s> | <eos>) each time

@@ -99,6 +99,6 @@ def run(args) -> int:
         sys.stdout.flush()
     oov_rule = "the model's <unk>" if args.oov_logprob is None else f"log10 {args.oov_logprob:g}"
     mixed = "" if other is None else f"; interpolated with {other.path}, lambda {other.lam:.6g}"
-    print(f"{args.nbest}: {len(hyps)} hypotheses, {n_utterances} utterances, {rescorer.tokens} tokens "
-          f"(</s> included), {rescorer.oov} OOV (scored as {oov_rule}); carry {args.carry}{mixed}", file=sys.stderr)
+    print(f"{args.nbest}: {len(hyps)} hypotheses, {n_utterances} utterance{'' if n_utterances == 1 else 's'}, "
+          f"{rescorer.tokens} tokens (</s> included), {rescorer.oov} OOV (scored as {oov_rule}); carry {args.carry}{mixed}", file=sys.stderr)
     return 0
