@@ -137,3 +137,13 @@ def test_bad_options(corpus, capsys, argv, needle):
     capsys.readouterr()
     assert main(["diagnose", "--model", str(model), "--text", corpus[1], *argv]) == 2
     one_error_line(capsys.readouterr().err, needle)
+
+
+def test_a_cell_without_hidden_errors_is_refused_in_one_line(corpus, monkeypatch):
+    from bptt.data import encode
+    from bptt.engine.cells.elman import ElmanCell
+
+    model, vocab, _ = load_model(trained(corpus, "elman"))
+    monkeypatch.delattr(ElmanCell, "hidden_errors")
+    with pytest.raises(ValueError, match="elman has none"):
+        gradient_flow(model, encode(corpus[1], vocab).ids, lags=3, positions=2, warmup=1)

@@ -46,8 +46,8 @@ def _quantiles(x: np.ndarray) -> dict[str, list[float]]:
 
 
 def windows(ids: np.ndarray, lags: int, positions: int, warmup: int) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) (warmup + lags + 1, B): B windows spread evenly over the token array, each from
-    the token after an <eos>-free start; ValueError when the text is too short."""
+    """(inputs, targets) (warmup + lags + 1, B): B windows spread evenly over the token array (the text read
+    as one stream); ValueError when the text is too short."""
     span = warmup + lags + 1
     if len(ids) < span + 1:
         raise ValueError(f"the text has {len(ids)} tokens; --lags {lags} with a warm-up of {warmup} needs at "
@@ -63,6 +63,10 @@ def gradient_flow(model, ids: np.ndarray, *, lags: int = 35, positions: int = 64
                   jacobian_windows: int = 8) -> dict:
     """The diagnostics of the module docstring for a model (bptt.model) over a token array -> a JSON-able dict."""
     net, params = model.net, model.params
+    missing = sorted({cell.name for cell in net.cells if not hasattr(cell, "hidden_errors")})
+    if missing:
+        raise ValueError(f"bptt diagnose needs the cells' hidden_errors (∂L/∂h at every step); {', '.join(missing)} "
+                         "has none (docs/architecture.md, how to add a cell)")
     inputs, targets = windows(ids, lags, positions, warmup)
     inputs, targets = inputs.to(model.device), targets.to(model.device)
     B, T = inputs.shape[1], lags + 1
