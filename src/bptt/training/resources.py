@@ -147,18 +147,23 @@ def estimate_training_memory(
     word_counts: Any = None,
     train_sentences: int = 0,
     row_sparse: tuple[str, ...] = (),
+    net: Any = None,
 ) -> MemoryEstimate:
     """The memory a training run of the model `config` (with its vocab_size) needs at its peak, by part
     (see the module docstring). Arithmetic on Python integers and the shapes the network declares:
     nothing of the model's size is allocated, and absurd sizes give absurd (not overflowing) numbers.
     train_tokens and valid_tokens are not counted (the corpora are read lazily: see "data");
-    train_sentences is, with independent. row_sparse: the matrices updated row by row (sparse_rows.choose)."""
+    train_sentences is, with independent. row_sparse: the matrices updated row by row (sparse_rows.choose).
+    net: the network of `config` if the caller has built it (its shapes, dropout sites and row-sparse
+    matrices are read; building one costs seconds at large V: the hierarchical softmax's Huffman tree)."""
     V, m, B = int(config.vocab_size), int(config.hidden_size), int(batch)
     s = torch.empty((), dtype=config.torch_dtype).element_size()
     k2 = int(k2 if k2 is not None else k1)
     T = max(1, int(longest_sentence)) if independent else k2  # steps in the backward window
     N = (max(1, int(longest_sentence)) if independent else int(k1)) * B  # positions per block
-    shapes = build_network(config, word_counts=word_counts).param_shapes()
+    if net is None:
+        net = build_network(config, word_counts=word_counts)
+    shapes = net.param_shapes()
     P = sum(math.prod(shape) for shape in shapes.values())
     largest = max(math.prod(shape) for shape in shapes.values())
     k = OPTIMIZER_BUFFERS.get(optimizer, 2)
@@ -176,8 +181,7 @@ def estimate_training_memory(
         workspace += N * int(config.direct_order) * 8 * 3
     rows = 0  # row-sparse updates: the most rows of each matrix a step gathers, times its width
     if row_sparse:
-        net = build_network(config, word_counts=word_counts)
-        shapes, lookup = net.param_shapes(), net.lookup_name()
+        lookup = net.lookup_name()
         if output == "class" and V / max(1, min(classes, V)) >= sparse_rows.RUN_ROWS:
             used = 0  # whole classes, spans of a vocabulary sorted by frequency: runs of views, nothing gathered
         elif output == "class":
@@ -193,7 +197,7 @@ def estimate_training_memory(
     cache_floats = getattr(CELLS[config.cell], "cache_floats", 4) * config.layers
     activations = cache_floats * T * B * m + 2 * T * B * config.embedding
     if config.dropout or config.input_dropout:
-        widths = build_network(config, word_counts=word_counts).dropout_sites().values()
+        widths = net.dropout_sites().values()
         activations += T * B * (sum(n for _, n in widths) + m)
     est = MemoryEstimate(vocab_size=V, hidden=m, direct=int(config.direct))
     est.parts = {
@@ -293,15 +297,16 @@ def check_memory(est: MemoryEstimate, device: str | torch.device, culprit: str,
 def estimate_for_config(config: Any, model_config: ModelConfig, train_tokens: int = 0, valid_tokens: int = 0,
                         longest_sentence: int = 0, word_counts: Any = None, train_sentences: int = 0) -> MemoryEstimate:
     """estimate_training_memory for a bptt.training.TrainConfig and the model it trains (with its vocab_size)."""
+    net = build_network(model_config, word_counts=word_counts)  # once: seconds at large V with hsm
     names = sparse_rows.choose(
         getattr(config, "sparse_updates", "off"), rule=config.optimizer, weight_decay=config.l2,
         decoupled_weight_decay=config.weight_decay, vocab_size=model_config.vocab_size, graph=config.graph,
-        row_sparse=build_network(model_config, word_counts=word_counts).row_sparse())
+        row_sparse=net.row_sparse())
     return estimate_training_memory(
         model_config, batch=config.batch, k1=config.k1, k2=config.k2, optimizer=config.optimizer,
         train_tokens=train_tokens, valid_tokens=valid_tokens, independent=config.independent,
         longest_sentence=longest_sentence, word_counts=word_counts, train_sentences=train_sentences,
-        row_sparse=names,
+        row_sparse=names, net=net,
     )
 
 
