@@ -412,3 +412,26 @@ def test_an_utterance_of_more_hypotheses_than_one_pass(model, tmp_path, capsys):
     assert [g for g, h in zip(got, hyps) if h] == pytest.approx(expected, abs=1e-5)
     empty = [g for g, h in zip(got, hyps) if not h]
     assert empty and max(empty) - min(empty) < 1e-9  # P(</s> | <eos>) each time
+
+
+def test_unreadable_inputs_are_one_error_naming_the_file(model, tmp_path, capsys):
+    """A truncated .gz n-best list, invalid UTF-8 in a probability file (with its line), a missing file."""
+    import gzip
+
+    whole = gzip.compress(b"1 the cat\n1 the dog barks\n" * 50)
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", str(cut), "--format", "rnnlm")
+    assert code == 2 and out == ""
+    one_error_line(err, str(cut), "cannot read")
+    nbest = write(tmp_path / "n.txt", ["1 the cat"])
+    probs = tmp_path / "p.txt"
+    probs.write_bytes(b"0.5\n0.\xff5\n0.5\n")
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm",
+                         "--lm-prob", str(probs), "--lambda", "0.5")
+    assert code == 2 and out == ""
+    one_error_line(err, f"{probs}:2", "UTF-8")
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", str(tmp_path / "none.txt"),
+                         "--format", "rnnlm")
+    assert code == 2 and out == ""
+    one_error_line(err, "none.txt", "no such file")

@@ -175,12 +175,13 @@ Progress = Callable[[int], None]  # called with the bytes of the file read since
 _PROGRESS_LINES = 4096  # lines between two progress calls
 
 
-def _read_pieces(name: str, unit: str, progress: Progress | None = None) -> Iterator[tuple[list[str], bool]]:
+def _read_pieces(name: str, unit: str, progress: Progress | None = None,
+                 empty_ok: bool = False) -> Iterator[tuple[list[str], bool]]:
     """(tokens, line_ends) for every piece of every line of the file, blank lines included.
 
     progress, if given, is called every _PROGRESS_LINES lines (and at the end) with the bytes of the
     file on disk read since its last call (compressed bytes for a .gz file): the calls sum to its size.
-    Raises CorpusError "FILE: empty corpus" at the end when no line held a token.
+    Raises CorpusError "FILE: empty corpus" at the end when no line held a token (unless empty_ok).
     """
     found = False
     try:
@@ -225,8 +226,28 @@ def _read_pieces(name: str, unit: str, progress: Progress | None = None) -> Iter
     except (OSError, EOFError, zlib.error) as e:  # unreadable, or a truncated or corrupt .gz file
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         raise CorpusError(name, f"cannot read: {reason}") from None
-    if not found:
+    if not found and not empty_ok:
         raise CorpusError(name, "empty corpus")
+
+
+def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]:
+    """(line number, whitespace-separated fields) of every line of a text file, blank lines included (no
+    fields): for files whose lines are records (n-best lists, probability and score files, ARPA models).
+    Read and checked as read_lines reads a corpus (.gz, strict UTF-8 with "FILE:LINE" errors, NUL bytes,
+    unreadable or truncated files as one CorpusError), but an empty file is no error here."""
+    name = check_input_file(path)
+
+    def lines() -> Iterator[tuple[int, list[str]]]:
+        fields: list[str] = []
+        number = 0
+        for tokens, end in _read_pieces(name, "word", empty_ok=True):
+            fields.extend(tokens)
+            if end:
+                number += 1
+                yield number, fields
+                fields = []
+
+    return lines()
 
 
 class Vocab:

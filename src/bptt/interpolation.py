@@ -19,32 +19,13 @@ does not lower the validation likelihood.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import math
 import os
 import sys
 
 import numpy as np
 
-from bptt.data import CorpusError, read_lines
-
-
-def open_text(path: str | os.PathLike):
-    """A UTF-8 text file (gzip-compressed when its name ends in .gz), strict decoding, for reading lines."""
-    if os.fspath(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
-    return open(path, encoding="utf-8", errors="strict")
-
-
-@contextlib.contextmanager
-def reading(path: str | os.PathLike):
-    """Read errors of a text file (not UTF-8, unreadable) as one CorpusError naming it."""
-    try:
-        yield
-    except UnicodeDecodeError as e:
-        raise CorpusError(path, f"not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise CorpusError(path, f"cannot read: {e.strerror or e}") from None
+from bptt.data import CorpusError, numbered_lines, read_lines
 
 
 def number_field(path, line: int, text: str, what: str) -> float:
@@ -72,16 +53,15 @@ class OtherModel:
         """A file of linear probabilities (whitespace-separated, usually one per line), each in (0, 1], exactly
         `expected` of them; CorpusError naming the file and line otherwise."""
         values: list[float] = []
-        with reading(path), open_text(path) as f:
-            for number, raw in enumerate(f, 1):
-                for text in raw.split():
-                    value = number_field(path, number, text, "probability")
-                    if not 0.0 < value <= 1.0:
-                        raise CorpusError(path, f"probability {text[:40]} is outside (0, 1]", number)
-                    values.append(value)
-                    if len(values) > expected:
-                        raise CorpusError(path, f"more probabilities than the {expected} tokens scored "
-                                                "(one per word and </s>)", number)
+        for number, fields in numbered_lines(path):
+            for text in fields:
+                value = number_field(path, number, text, "probability")
+                if not 0.0 < value <= 1.0:
+                    raise CorpusError(path, f"probability {text[:40]} is outside (0, 1]", number)
+                values.append(value)
+                if len(values) > expected:
+                    raise CorpusError(path, f"more probabilities than the {expected} tokens scored "
+                                            "(one per word and </s>)", number)
         if len(values) < expected:
             raise CorpusError(path, f"{len(values)} probabilities for the {expected} tokens scored (one per word "
                                     "and </s>)")
@@ -159,47 +139,46 @@ def check_arpa(path: str | os.PathLike) -> list[int]:
     section = 0  # 0: before \data\; -1: the header; N: inside \N-grams:
     seen = 0
     ended = False
-    with reading(path), open_text(path) as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            if ended:
-                raise CorpusError(path, f"text after \\end\\: {line[:40]!r}", number)
-            if section == 0:
-                if line != "\\data\\":
-                    raise CorpusError(path, f"expected \\data\\ to start an ARPA file, got {line[:40]!r}", number)
-                section = -1
-                continue
-            if line.startswith("\\") and line.endswith("-grams:"):
-                n = line[1:-len("-grams:")]
-                if not n.isdigit() or int(n) != (section if section > 0 else 0) + 1 or int(n) > len(counts):
-                    raise CorpusError(path, f"unexpected section {line[:40]!r}", number)
-                if section > 0 and seen != counts[section - 1]:
-                    raise CorpusError(path, f"{seen} {section}-grams, the header says {counts[section - 1]}",
-                                      number)
-                section, seen = int(n), 0
-                continue
-            if line == "\\end\\":
-                if section != len(counts) or not counts or seen != counts[-1]:
-                    raise CorpusError(path, "\\end\\ before every n-gram the header announces", number)
-                ended = True
-                continue
-            if section == -1:
-                key, _, value = line.partition("=")
-                if not key.startswith("ngram ") or key[6:].strip() != str(len(counts) + 1) or not value.isdigit():
-                    raise CorpusError(path, f"expected 'ngram {len(counts) + 1}=COUNT' in the header, got "
-                                            f"{line[:40]!r}", number)
-                counts.append(int(value))
-                continue
-            fields = line.split()
-            if len(fields) not in (section + 1, section + 2):
-                raise CorpusError(path, f"a {section}-gram line holds a log10 probability, {section} words and "
-                                        f"an optional back-off weight; got {len(fields)} fields", number)
-            number_field(path, number, fields[0], "log10 probability")
-            if len(fields) == section + 2:
-                number_field(path, number, fields[-1], "back-off weight")
-            seen += 1
+    for number, fields in numbered_lines(path):
+        line = " ".join(fields)
+        if not line:
+            continue
+        if ended:
+            raise CorpusError(path, f"text after \\end\\: {line[:40]!r}", number)
+        if section == 0:
+            if line != "\\data\\":
+                raise CorpusError(path, f"expected \\data\\ to start an ARPA file, got {line[:40]!r}", number)
+            section = -1
+            continue
+        if line.startswith("\\") and line.endswith("-grams:"):
+            n = line[1:-len("-grams:")]
+            if not n.isdigit() or int(n) != (section if section > 0 else 0) + 1 or int(n) > len(counts):
+                raise CorpusError(path, f"unexpected section {line[:40]!r}", number)
+            if section > 0 and seen != counts[section - 1]:
+                raise CorpusError(path, f"{seen} {section}-grams, the header says {counts[section - 1]}",
+                                  number)
+            section, seen = int(n), 0
+            continue
+        if line == "\\end\\":
+            if section != len(counts) or not counts or seen != counts[-1]:
+                raise CorpusError(path, "\\end\\ before every n-gram the header announces", number)
+            ended = True
+            continue
+        if section == -1:
+            key, _, value = line.partition("=")
+            if not key.startswith("ngram ") or key[6:].strip() != str(len(counts) + 1) or not value.isdigit():
+                raise CorpusError(path, f"expected 'ngram {len(counts) + 1}=COUNT' in the header, got "
+                                        f"{line[:40]!r}", number)
+            counts.append(int(value))
+            continue
+        fields = line.split()
+        if len(fields) not in (section + 1, section + 2):
+            raise CorpusError(path, f"a {section}-gram line holds a log10 probability, {section} words and "
+                                    f"an optional back-off weight; got {len(fields)} fields", number)
+        number_field(path, number, fields[0], "log10 probability")
+        if len(fields) == section + 2:
+            number_field(path, number, fields[-1], "back-off weight")
+        seen += 1
     if not ended:
         raise CorpusError(path, "no \\end\\ line: truncated ARPA file")
     return counts

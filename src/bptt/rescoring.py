@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bptt.data import EOS_ID, UNK, UNK_ID, CorpusError, Vocab
+from bptt.data import EOS_ID, UNK, UNK_ID, CorpusError, Vocab, numbered_lines
 from bptt.engine.network import State
 from bptt.engine.stream import Stream
-from bptt.interpolation import OtherModel, number_field, open_text, reading
+from bptt.interpolation import OtherModel, number_field
 
 FORMATS = ("rnnlm", "kaldi", "srilm3")
 CARRY = ("none", "first", "best")
@@ -70,40 +70,38 @@ def parse_nbest(path: str | os.PathLike, fmt: str) -> list[Hypothesis]:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     hyps: list[Hypothesis] = []
     seen: set[str] = set()
-    with reading(path), open_text(path) as f:
-        for number, raw in enumerate(f, 1):
-            fields = raw.split()
-            if not fields:
-                raise CorpusError(path, "blank line (an n-best line holds a hypothesis)", number)
-            if fmt == "rnnlm":
-                key = fields[0]
-                if not key.lstrip("-").isdigit():
-                    raise CorpusError(path, f"the first field {key[:40]!r} is not an integer utterance ID "
-                                            "(rnnlm n-best: ID w1 … wn)", number)
-                hyp = Hypothesis(number, key, key, fields[1:], [])
-            elif fmt == "kaldi":
-                key = fields[0]
-                utterance, dash, k = key.rpartition("-")
-                if not dash or not utterance or not k.isdigit():
-                    raise CorpusError(path, f"the key {key[:40]!r} is not uttid-k (Kaldi n-best: uttid-k w1 … wn)",
-                                      number)
-                hyp = Hypothesis(number, key, utterance, fields[1:], [])
-            else:
-                if len(fields) < 3:
-                    raise CorpusError(path, "expected 'ascore lscore nwords w1 … wn' (SRILM n-best format 3)",
-                                      number)
-                ascore = number_field(path, number, fields[0], "ascore")
-                number_field(path, number, fields[1], "lscore")
-                if not fields[2].isdigit() or int(fields[2]) != len(fields) - 3:
-                    raise CorpusError(path, f"nwords {fields[2][:20]!r} is not the {len(fields) - 3} words that "
-                                            "follow it", number)
-                hyp = Hypothesis(number, "", "", fields[3:], fields[:3], ascore)
-            if hyps and hyp.utterance != hyps[-1].utterance:
-                seen.add(hyps[-1].utterance)
-                if hyp.utterance in seen:
-                    raise CorpusError(path, f"utterance {hyp.utterance[:40]!r} again after others: the hypotheses "
-                                            "of one utterance must be on consecutive lines", number)
-            hyps.append(hyp)
+    for number, fields in numbered_lines(path):
+        if not fields:
+            raise CorpusError(path, "blank line (an n-best line holds a hypothesis)", number)
+        if fmt == "rnnlm":
+            key = fields[0]
+            if not key.lstrip("-").isdigit():
+                raise CorpusError(path, f"the first field {key[:40]!r} is not an integer utterance ID "
+                                        "(rnnlm n-best: ID w1 … wn)", number)
+            hyp = Hypothesis(number, key, key, fields[1:], [])
+        elif fmt == "kaldi":
+            key = fields[0]
+            utterance, dash, k = key.rpartition("-")
+            if not dash or not utterance or not k.isdigit():
+                raise CorpusError(path, f"the key {key[:40]!r} is not uttid-k (Kaldi n-best: uttid-k w1 … wn)",
+                                  number)
+            hyp = Hypothesis(number, key, utterance, fields[1:], [])
+        else:
+            if len(fields) < 3:
+                raise CorpusError(path, "expected 'ascore lscore nwords w1 … wn' (SRILM n-best format 3)",
+                                  number)
+            ascore = number_field(path, number, fields[0], "ascore")
+            number_field(path, number, fields[1], "lscore")
+            if not fields[2].isdigit() or int(fields[2]) != len(fields) - 3:
+                raise CorpusError(path, f"nwords {fields[2][:20]!r} is not the {len(fields) - 3} words that "
+                                        "follow it", number)
+            hyp = Hypothesis(number, "", "", fields[3:], fields[:3], ascore)
+        if hyps and hyp.utterance != hyps[-1].utterance:
+            seen.add(hyps[-1].utterance)
+            if hyp.utterance in seen:
+                raise CorpusError(path, f"utterance {hyp.utterance[:40]!r} again after others: the hypotheses "
+                                        "of one utterance must be on consecutive lines", number)
+        hyps.append(hyp)
     if not hyps:
         raise CorpusError(path, "no hypotheses (an empty n-best file)")
     return hyps
@@ -233,14 +231,12 @@ def read_scores(path: str | os.PathLike, expected: int) -> list[float]:
     """One number per line (one per hypothesis, in order), exactly `expected` of them; CorpusError naming the
     file and line otherwise."""
     values: list[float] = []
-    with reading(path), open_text(path) as f:
-        for number, raw in enumerate(f, 1):
-            fields = raw.split()
-            if len(fields) != 1:
-                raise CorpusError(path, f"expected one score per line, got {len(fields)} fields", number)
-            if len(values) == expected:
-                raise CorpusError(path, f"more scores than the {expected} hypotheses", number)
-            values.append(number_field(path, number, fields[0], "score"))
+    for number, fields in numbered_lines(path):
+        if len(fields) != 1:
+            raise CorpusError(path, f"expected one score per line, got {len(fields)} fields", number)
+        if len(values) == expected:
+            raise CorpusError(path, f"more scores than the {expected} hypotheses", number)
+        values.append(number_field(path, number, fields[0], "score"))
     if len(values) < expected:
         raise CorpusError(path, f"{len(values)} scores for the {expected} hypotheses (one per line)")
     return values
