@@ -24,7 +24,7 @@ ALLOWED = {
     "interpolation": {"data"},
     "evaluation": {"engine", "model", "data", "checks"},
     "scoring": {"engine", "model", "data", "checks"},
-    "rescoring": {"engine", "model", "data", "interpolation", "checks"},
+    "rescoring": {"engine", "model", "data", "interpolation", "scoring", "checks"},
     "diagnostics": {"engine", "model", "checks"},
     "sampling": {"engine", "model", "data", "checks"},
     "grammar": {"engine", "data"},

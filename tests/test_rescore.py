@@ -399,10 +399,10 @@ def test_interpolation_option_errors(model, tmp_path, capsys, extra, needle):
 def test_an_utterance_of_more_hypotheses_than_one_pass(model, tmp_path, capsys):
     """More hypotheses than are scored together (64): the passes give what bptt score gives, empty
     hypotheses (</s> alone) included."""
-    from bptt import rescoring
+    from bptt.scoring import SENTENCES_PER_BATCH
 
     words = ["the", "cat", "dog", "meows", "barks", "big", "zebra"]
-    hyps = [" ".join(words[(k + j) % len(words)] for j in range(k % 5)) for k in range(rescoring._HYPOTHESES_PER_PASS + 7)]
+    hyps = [" ".join(words[(k + j) % len(words)] for j in range(k % 5)) for k in range(SENTENCES_PER_BATCH + 7)]
     expected = score_lines(capsys, model, tmp_path, [h for h in hyps if h])
     nbest = write(tmp_path / "n.txt", [f"7 {h}".rstrip() for h in hyps])
     code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", nbest, "--format", "rnnlm")

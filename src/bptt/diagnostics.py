@@ -30,7 +30,6 @@ import math
 import numpy as np
 import torch
 
-from bptt.engine.network import State
 from bptt.engine.stream import Stream
 from bptt.engine.sweep import loss_and_grads, output_errors
 
@@ -98,9 +97,7 @@ def gradient_flow(model, ids: np.ndarray, *, lags: int = 35, positions: int = 64
     chosen = np.linspace(0, B - 1, num=min(jacobian_windows, B)).astype(np.int64).tolist()
     jac = {k: [] for k in range(len(net.cells))}
     for b in chosen:
-        state = State(tuple(tuple(t[b : b + 1].expand(m, -1).clone() for t in layer) for layer in start.layers),
-                      None if start.context is None else start.context[:, b : b + 1].expand(-1, m).clone())
-        _, _, cache_b = net.forward(params, x[:, b : b + 1].expand(T, m).contiguous(), state)
+        _, _, cache_b = net.forward(params, x[:, b : b + 1].expand(T, m).contiguous(), start.stream(b, m))
         for k, cell in enumerate(net.cells):
             inject = torch.zeros(T, m, m, dtype=H.dtype, device=H.device)
             inject[-1] = torch.eye(m, dtype=H.dtype, device=H.device)

@@ -41,16 +41,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bptt.data import EOS_ID, UNK, UNK_ID, CorpusError, Vocab, numbered_lines
+from bptt.data import EOS_ID, UNK, UNK_ID, Corpus, CorpusError, Vocab, numbered_lines
 from bptt.engine.network import State
 from bptt.engine.stream import Stream
 from bptt.interpolation import OtherModel, number_field
+from bptt.scoring import sentence_ln_probs
 
 FORMATS = ("rnnlm", "kaldi", "srilm3")
 CARRY = ("none", "first", "best")
 LN10 = math.log(10)
-_HYPOTHESES_PER_PASS = 64  # hypotheses of one utterance scored together (padded)
-_MAX_ROWS_X_VOCAB = 1 << 24  # cap on the (rows, V) log-probability block computed at once
 
 
 @dataclass
@@ -121,13 +120,6 @@ def tokens_of(words: list[str], unit: str) -> list[str]:
     return list(" ".join(words)) if unit == "char" else list(words)
 
 
-def _repeat(state: State, B: int) -> State:
-    """A one-stream state for B streams (copies)."""
-    layers = tuple(tuple(t.expand(B, *t.shape[1:]).clone() for t in layer) for layer in state.layers)
-    context = None if state.context is None else state.context.expand(state.context.shape[0], B).clone()
-    return State(layers, context)
-
-
 class Rescorer:
     """Scores hypotheses token by token with a model, carrying the state between utterances (CARRY)."""
 
@@ -146,43 +138,19 @@ class Rescorer:
         oov = [i == UNK_ID and t != UNK for i, t in zip(ids, tokens)]
         return ids, oov
 
-    @torch.no_grad()
     def _ln_probs(self, hyp_ids: list[list[int]], start: State | None) -> list[np.ndarray]:
-        """ln P of every target (w1 … wn, </s>) of each hypothesis, all from `start` (None: zero)."""
-        model = self.model
-        out: list[np.ndarray] = []
-        rows_per_chunk = max(1, _MAX_ROWS_X_VOCAB // model.vocab_size)
-        for lo in range(0, len(hyp_ids), _HYPOTHESES_PER_PASS):
-            batch = hyp_ids[lo : lo + _HYPOTHESES_PER_PASS]
-            B, T = len(batch), max(len(ids) for ids in batch) + 1
-            inputs = np.full((T, B), EOS_ID, dtype=np.int64)
-            targets = np.full((T, B), EOS_ID, dtype=np.int64)
-            mask = np.zeros((T, B), dtype=bool)
-            for b, ids in enumerate(batch):
-                inputs[1 : len(ids) + 1, b] = ids
-                targets[: len(ids), b] = ids
-                mask[: len(ids) + 1, b] = True
-            stream = Stream(model, B, None if start is None else _repeat(start, B))
-            H, features = stream.forward(torch.from_numpy(inputs).to(model.device))
-            rows = torch.from_numpy(mask).to(model.device).nonzero(as_tuple=True)  # (t, b) in time order
-            states, wanted = H[rows], torch.from_numpy(targets).to(model.device)[rows]
-            feats = None if features is None else features.view(T, B, -1)[rows]
-            picked = torch.empty(wanted.shape[0], dtype=torch.float64, device=model.device)
-            for r in range(0, wanted.shape[0], rows_per_chunk):
-                chunk = None if feats is None else feats[r : r + rows_per_chunk]
-                log_p = model.net.log_probs(model.params, states[r : r + rows_per_chunk], chunk)
-                picked[r : r + rows_per_chunk] = log_p.gather(1, wanted[r : r + rows_per_chunk, None]).squeeze(1)
-            t_of, b_of = (x.cpu().numpy() for x in rows)
-            values = picked.cpu().numpy()
-            for b, ids in enumerate(batch):
-                sel = b_of == b
-                out.append(values[sel][np.argsort(t_of[sel], kind="stable")])
-        return out
+        """ln P of every target (w1 … wn, </s>) of each hypothesis, all from `start` (None: zero): the
+        hypotheses scored as the sentences of a corpus (scoring.sentence_ln_probs)."""
+        ids = np.fromiter((i for h in hyp_ids for i in (*h, EOS_ID)), dtype=np.int64)
+        starts = np.cumsum([0] + [len(h) + 1 for h in hyp_ids[:-1]], dtype=np.int64)
+        per_token = np.zeros(len(ids), dtype=np.float64)
+        sentence_ln_probs(self.model, Corpus(ids, starts, len(ids), 0, ""), per_token=per_token, start=start)
+        return np.split(per_token, starts[1:])
 
     @torch.no_grad()
     def _state_after(self, ids: list[int], start: State | None) -> State:
         """The state after reading `<eos> ids` from `start` (None: zero), one stream."""
-        stream = Stream(self.model, 1, None if start is None else _repeat(start, 1))
+        stream = Stream(self.model, 1, None if start is None else start.stream(0))
         x = torch.tensor([EOS_ID, *ids], dtype=torch.int64, device=self.model.device).unsqueeze(1)
         stream.forward(x)
         return stream.state

@@ -22,11 +22,13 @@ import torch
 
 from bptt import checks
 from bptt.data import EOS_ID, Corpus, Vocab, encode
+from bptt.engine.network import State
 from bptt.engine.stream import Stream
 
 LN10 = math.log(10)
 _MAX_ROWS_X_VOCAB = 1 << 24  # cap on the (rows, V) log-probability block computed at once
 _POSITIONS_PER_PASS = 1 << 16  # cap on the padded (T, B) positions of one forward pass
+SENTENCES_PER_BATCH = 64  # sentences of similar lengths scored together (padded)
 
 @dataclass
 class ScoredText:
@@ -56,8 +58,10 @@ class ScoredText:
 
 
 @torch.no_grad()
-def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64, per_token: np.ndarray | None = None) -> np.ndarray:
-    """(S,) float64: ln P(w_1 .. w_n <eos>) of every sentence, each from a fresh state with history <eos>.
+def sentence_ln_probs(model, corpus: Corpus, batch_size: int = SENTENCES_PER_BATCH, per_token: np.ndarray | None = None,
+                      start: State | None = None) -> np.ndarray:
+    """(S,) float64: ln P(w_1 .. w_n <eos>) of every sentence, each from a fresh state with history <eos>
+    (start: a one-stream state every sentence starts from instead; its history is then read before <eos>).
 
     Sentences go through the model sorted by length, up to `batch_size` of similar lengths at a time
     (padded to the longest of them, the padding masked out), and a batch goes through time in pieces
@@ -78,7 +82,7 @@ def sentence_ln_probs(model, corpus: Corpus, batch_size: int = 64, per_token: np
         b_starts, b_lengths = starts[sel], lengths[sel]
         B = len(sel)
         steps = max(1, _POSITIONS_PER_PASS // B)
-        stream = Stream(model, B)  # every sentence from the zero state, its n-gram history <eos>
+        stream = Stream(model, B, None if start is None else start.stream(0, B))  # default: the zero state
         sums = torch.zeros(B, dtype=torch.float64, device=model.device)
         for lo in range(0, int(b_lengths.max()), steps):
             t = np.arange(lo, min(lo + steps, int(b_lengths.max())))[:, None]  # (T', 1)

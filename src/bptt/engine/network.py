@@ -73,6 +73,13 @@ class State:
         layers = tuple(tuple(fn(t) for t in layer) for layer in self.layers)
         return State(layers, None if self.context is None else fn(self.context))
 
+    def stream(self, b: int, copies: int = 1) -> State:
+        """Stream b of this state, repeated `copies` times (new tensors): a state of B = copies streams that
+        all start where stream b is."""
+        layers = tuple(tuple(t[b : b + 1].expand(copies, *t.shape[1:]).clone() for t in layer) for layer in self.layers)
+        context = None if self.context is None else self.context[:, b : b + 1].expand(-1, copies).clone()
+        return State(layers, context)
+
     def tensors(self) -> dict[str, Tensor]:
         """{"state.{layer}.{i}": tensor, "context": tensor}: the state as named tensors (checkpoints)."""
         out = {f"state.{k}.{i}": t for k, layer in enumerate(self.layers) for i, t in enumerate(layer)}
