@@ -115,8 +115,8 @@ def check_arguments(args) -> None:
 def from_arguments(args, tokens: int, sentences=None, valid_ln_probs=None) -> OtherModel | None:
     """The OtherModel of the options for `tokens` tokens scored, or None. With --ngram: `sentences` gives the
     words of each sentence scored, in order (a callable returning an iterable); with --lambda auto,
-    valid_ln_probs(path) gives bptt's ln P of --lambda-valid's tokens, and its sentences are read as words."""
-    check_arguments(args)
+    valid_ln_probs(path) gives bptt's ln P of --lambda-valid's tokens, and its sentences are read as words.
+    The options were checked by check_arguments, before the model was loaded."""
     if args.lam is None:
         return None
     if args.lm_prob is not None:
@@ -240,8 +240,13 @@ def fit_lambda(ln_p: np.ndarray, other: np.ndarray, start: float = 0.5, toleranc
     return lam
 
 
-def text_sentences(path: str | os.PathLike, unit: str):
-    """A callable giving the words of every non-blank line of a text, in order (what an n-gram scores)."""
+def require_words(unit: str) -> None:
+    """--ngram scores words: refused for a character model."""
     if unit != "word":
         raise ValueError("--ngram: only for word models (an n-gram model over words scores the same tokens)")
+
+
+def text_sentences(path: str | os.PathLike, unit: str):
+    """A callable giving the words of every non-blank line of a text, in order (what an n-gram scores)."""
+    require_words(unit)
     return lambda: read_lines(path, unit)

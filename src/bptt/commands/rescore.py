@@ -71,8 +71,8 @@ def run(args) -> int:
     def valid_ln_probs(path):  # --lambda auto: bptt's tokens of the validation text, sentence by sentence
         return token_ln_probs(model, encode(path, vocab, unit)), read_lines(path, unit)
 
-    if args.ngram is not None and unit != "word":
-        raise ValueError("--ngram: only for word models (an n-gram model over words scores the same tokens)")
+    if args.ngram is not None:
+        interpolation.require_words(unit)
     other = interpolation.from_arguments(args, count_tokens(hyps, unit), lambda: (h.words for h in hyps),
                                          valid_ln_probs)
     given = None if args.scores is None else read_scores(args.scores, len(hyps))
