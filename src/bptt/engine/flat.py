@@ -64,6 +64,10 @@ class Flat(dict):
         if data.data_ptr() % ALIGN_BYTES:  # e.g. a slice of another buffer: copy to an aligned one
             raise ValueError(f"a flat buffer must start at a multiple of {ALIGN_BYTES} bytes")
         self.data = data
+        # a gradient's layout for what treats it as a whole (training/step.py, the all-reduce, clipping): one
+        # dense buffer here; training/sparse_rows.py's RowSparseGrads has row-sparse matrices beside it
+        self.dense: list[slice] = [slice(0, self.numel)]
+        self.sparse: tuple[str, ...] = ()
         for name, shape in self.shapes.items():  # the dict keeps the order of `shapes`
             a, b = offsets[name]
             piece = data[a:b]
@@ -82,6 +86,23 @@ class Flat(dict):
         of a column-major one (the first layer's U (G·m, V) is stored as a contiguous (V, G·m))."""
         t = self[name]
         return t.t() if name in self.column_major else t
+
+    def gather_(self) -> None:
+        """After a backward, before the reduction: nothing to gather in a dense buffer (RowSparseGrads
+        gathers its matrices' rows)."""
+
+    def store_(self) -> None:
+        """After the mean and the clipping: nothing to store back in a dense buffer."""
+
+    def parts(self) -> list[Tensor]:
+        """The tensors a global norm runs over: every view."""
+        return list(self.values())
+
+    def div_(self, x: float | Tensor) -> None:
+        self.data.div_(x)
+
+    def mul_(self, x: float | Tensor) -> None:
+        self.data.mul_(x)
 
     def zero_(self) -> Flat:
         self.data.zero_()

@@ -55,7 +55,6 @@ import torch.distributed as dist
 
 from bptt.engine.flat import Flat
 from bptt.engine.tbptt import stream_dim
-from bptt.training.sparse_rows import RowSparseGrads
 
 Tensor = torch.Tensor
 
@@ -230,16 +229,13 @@ class GradientSum:
         small = torch.tensor([0.0, float(tokens), *signal_flags(self.stop())], dtype=torch.float64,
                              device=data.device)
         small[0] = loss.detach().reshape(())
-        sparse = isinstance(grads, RowSparseGrads)
         with _collective("summing the gradients"):
-            pieces = [data[s] for s in grads.dense] if sparse else [data]
-            works = [dist.all_reduce(piece, op=dist.ReduceOp.SUM, async_op=True) for piece in pieces]
+            works = [dist.all_reduce(data[s], op=dist.ReduceOp.SUM, async_op=True) for s in grads.dense]
             dist.all_reduce(small, op=dist.ReduceOp.SUM)
             for work in works:
                 work.wait()
-            if sparse:
-                for name in grads.sparse:
-                    grads.ids[name], grads.row_values[name] = sum_rows(*grads.gathered(name))
+            for name in grads.sparse:  # row-sparse gradients (training/sparse_rows.py)
+                grads.ids[name], grads.row_values[name] = sum_rows(*grads.gathered(name))
             values = small.tolist()
         self.signal = agreed_signal(values[2:])
         return small[0], int(values[1])

@@ -59,18 +59,16 @@ def clip_grad_norm_(grads: dict[str, Tensor], max_norm: float | None) -> Tensor:
     Returns the norm before clipping as a 0-d tensor on the grads' device; nothing is synchronised with
     the host.
     """
-    sparse = isinstance(grads, RowSparseGrads)
-    tensors = grads.parts() if sparse else list(grads.values())
+    flat = isinstance(grads, Flat)
+    tensors = grads.parts() if flat else list(grads.values())
     if not tensors:
         return torch.zeros(())
     norms = torch.stack([torch.linalg.vector_norm(g.detach(), 2).to(torch.float64) for g in tensors])
     total = torch.linalg.vector_norm(norms, 2)
     if max_norm is not None and max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        if sparse:
+        if flat:
             grads.mul_(scale.to(grads.data.dtype))
-        elif isinstance(grads, Flat):
-            grads.data.mul_(scale.to(grads.data.dtype))
         else:
             for g in tensors:
                 g.mul_(scale.to(g.dtype))

@@ -102,16 +102,12 @@ class TrainStep:
         device (nothing is read back to the host)."""
         loss, tokens = self.gradients(x, y, mask)
         grads = self.grads
-        if isinstance(grads, RowSparseGrads):
-            grads.gather_()
+        grads.gather_()  # row-sparse gradients: their matrices' rows (a no-op for a dense buffer)
         loss, tokens = self.reduce(grads, loss, tokens)
-        if isinstance(grads, RowSparseGrads):
-            grads.div_(tokens)  # the mean over the block's counted tokens
-            norm = clip_grad_norm_(grads, self.clip)
-            grads.store_()
-            return loss, norm, tokens
-        grads.data.div_(tokens)  # the mean over the block's counted tokens
-        return loss, clip_grad_norm_(grads, self.clip), tokens
+        grads.div_(tokens)  # the mean over the block's counted tokens
+        norm = clip_grad_norm_(grads, self.clip)
+        grads.store_()
+        return loss, norm, tokens
 
     def compute(self, x: Tensor, y: Tensor, mask: Tensor | None = None) -> tuple[float, float, int]:
         """forward_backward, with the loss and the norm read back to the host (one synchronisation)."""
