@@ -340,6 +340,7 @@ BAD_OPTIONS = [
     (TRAIN + ["--direct-order", "0", "--direct", "1"], "--direct-order"),
     (TRAIN + ["--lr-decay", "2"], "--lr-decay"),
     (TRAIN + ["--patience", "-1"], "--patience"),
+    (TRAIN + ["--average-every", "-2"], "--average-every"),
     (TRAIN + ["--truncation", "-2"], "--truncation"),
     (TRAIN + ["--min-count", "0"], "--min-count"),
     (TRAIN + ["--max-vocab", "1"], "--max-vocab"),

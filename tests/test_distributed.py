@@ -70,7 +70,8 @@ def _rank_main(rank: int, world: int, port: int, job, out: Path) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
         trainer, result = job(rank)
-        torch.save({"flat": trainer.model.flat.data.clone(), "step": trainer.global_step,
+        torch.save({"flat": trainer.model.flat.data.clone(), "best": trainer.best.data.clone(),
+                    "opt": [t.clone() for t in trainer.optimizer.state_tensors()], "step": trainer.global_step,
                     "interrupted": None if result is None else result.interrupted}, out / f"rank{rank}.pt")
         code = 0
     except BaseException:
@@ -127,8 +128,14 @@ def assert_same_state(a_dir: Path, b_dir: Path, tol: float) -> None:
             torch.testing.assert_close(b[key], a[key], rtol=tol, atol=tol, msg=key)
         else:
             assert torch.equal(a[key], b[key]), key
-    for key in ("epoch", "step_in_epoch", "global_step", "lr", "done", "schedule", "events", "epoch_tokens"):
+    for key in ("epoch", "step_in_epoch", "global_step", "lr", "done", "events", "epoch_tokens"):
         assert sa[key] == sb[key], key
+    assert sa["schedule"].keys() == sb["schedule"].keys()
+    for key, value in sa["schedule"].items():  # the valid entropy it remembers: the weights' rounding
+        if isinstance(value, float):
+            assert sb["schedule"][key] == pytest.approx(value, rel=tol, abs=tol), key
+        else:
+            assert sb["schedule"][key] == value, key
     assert sb["epoch_nats"] == pytest.approx(sa["epoch_nats"], rel=tol, abs=tol)
     assert [r["accepted"] for r in sa["history"]] == [r["accepted"] for r in sb["history"]]
     for ra, rb in zip(sa["history"], sb["history"]):
@@ -283,6 +290,19 @@ def test_torchrun_trains_the_one_process_model(corpus, tmp_path):
     assert_same_state(tmp_path / "one", tmp_path / "two", 1e-5)
 
 
+@pytest.mark.slow
+def test_torchrun_with_model_averaging(corpus, tmp_path):
+    """`torchrun ... -m bptt train --average-every 1` with SGD, no clipping and equal shares == one process."""
+    data = ["--train", corpus[0], "--valid", corpus[1], *CLI, "--batch", "4", "--optimizer", "sgd", "--lr", "0.5",
+            "--clip", "0", "--max-steps", "12"]
+    one_process(["train", *data, "--model", "one"], tmp_path)
+    done = torchrun(["-m", "bptt", "train", *data, "--model", "two", "--average-every", "1"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(tmp_path / "one", tmp_path / "two", 1e-5)
+    _, state = load_checkpoint(tmp_path / "two" / STATE_DIR)
+    assert state["training"]["average_every"] == 1
+
+
 # torchrun runs this instead of `-m bptt` to kill rank KILL_RANK with SIGKILL just before its step KILL_STEP
 KILLED_WORKER = """
 import os, signal, sys
@@ -324,3 +344,84 @@ def test_a_killed_rank_ends_the_run_and_resume_finishes_it(corpus, tmp_path):
     done = torchrun(["-m", "bptt", "train", "--resume", "two"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_state(tmp_path / "straight", tmp_path / "two", 1e-5)
+
+
+# -- model averaging (--average-every K) ----------------------------------------------------------------
+
+AVERAGE_SGD = dict(hidden_size=8, batch=4, bptt=4, optimizer="sgd", lr=0.5, clip=0.0)  # shares of 2 and 2 streams
+
+
+def test_model_averaging_every_step_is_the_gradient_all_reduce_for_sgd(corpus, tmp_path):
+    """K = 1, plain SGD, no clipping, equal shares: the mean of the ranks' own updates θ − lr g_r/n_r is the
+    update with the mean gradient, so 2 ranks averaging their models every step train the one-process
+    model (float64, 1e-10) across an epoch end — each rank divides by its own tokens and the models meet."""
+    steps = steps_per_epoch(config(corpus, tmp_path / "count", **AVERAGE_SGD)) + 3
+    Trainer(config(corpus, tmp_path / "one", **AVERAGE_SGD)).run(max_steps=steps)
+    ranks = run_ranks(2, fresh(config(corpus, tmp_path / "two", average_every=1, **AVERAGE_SGD), steps),
+                      tmp_path / "out")
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    assert_same_state(tmp_path / "one", tmp_path / "two", 1e-10)
+
+    # switched on at a resume (`bptt train --resume DIR --average-every 1`) after 3 all-reduced steps
+    run_ranks(2, fresh(config(corpus, tmp_path / "switched", **AVERAGE_SGD), 3), tmp_path / "out2")
+
+    def switch(rank):
+        trainer = Trainer.resume(tmp_path / "switched", progress=False)
+        trainer.adjust(average_every=1)
+        assert trainer.stepper.reduce is trainer._reduction and not trainer._reduction.sums_gradients
+        return trainer, trainer.run(max_steps=steps)
+    run_ranks(2, switch, tmp_path / "out3")
+    assert_same_state(tmp_path / "one", tmp_path / "switched", 1e-10)
+    _, state = load_checkpoint(tmp_path / "switched" / STATE_DIR)
+    assert state["training"]["average_every"] == 1  # kept for a later resume
+
+
+def test_model_averaging_meets_before_validation_and_checkpoints(corpus, tmp_path):
+    """K larger than the run (dropout, nce, Adam): the ranks step alone the whole time, and still every
+    validation and the checkpoint see one model — the same weights on both ranks, a checkpoint that one
+    process resumes — while the run is not the gradient all-reduce's (the ranks did step alone)."""
+    kw = dict(LSTM, average_every=1000)
+    steps = steps_per_epoch(config(corpus, tmp_path / "count", **LSTM)) + 3
+    ranks = run_ranks(2, fresh(config(corpus, tmp_path / "avg", **kw), steps), tmp_path / "a")
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    assert torch.equal(ranks[0]["best"], ranks[1]["best"])  # the model validated at the epoch's end
+    assert len(ranks[0]["opt"]) > 0
+    for a, b in zip(ranks[0]["opt"], ranks[1]["opt"]):  # Adam's moments averaged too
+        assert torch.equal(a, b)
+    run_ranks(2, fresh(config(corpus, tmp_path / "sum", **LSTM), steps), tmp_path / "b")
+    avg, state = load_checkpoint(tmp_path / "avg" / STATE_DIR)
+    summed, _ = load_checkpoint(tmp_path / "sum" / STATE_DIR)
+    assert state["global_step"] == steps and len(state["history"]) == 1
+    params = [k for k in avg if k.startswith("param.")]
+    assert max(float((avg[k] - summed[k]).abs().max()) for k in params) > 1e-6
+    resumed_run = Trainer.resume(tmp_path / "avg", progress=False)
+    torch.testing.assert_close(resumed_run.model.flat.data, ranks[0]["flat"], rtol=0, atol=0)
+    resumed_run.run(max_steps=steps + 2)  # one process goes on from the averaged state
+    assert resumed_run.global_step == steps + 2
+
+
+def test_model_averaging_rolls_every_rank_back_for_one_ranks_fault(corpus, tmp_path):
+    """Each rank judges its own gradient: a fault on rank 1 alone (its norm made infinite at step 3) rolls
+    both ranks back together, to the same state, with one rollback event."""
+    cfg = config(corpus, tmp_path / "two", average_every=2, **ELMAN)
+
+    def job(rank):
+        trainer = Trainer(cfg)
+        if rank == 1:
+            compute, done = trainer.stepper.compute, []
+
+            def faulty(*args):
+                loss, norm, tokens = compute(*args)
+                if trainer.global_step == 3 and not done:
+                    done.append(True)
+                    return loss, float("inf"), tokens
+                return loss, norm, tokens
+            trainer.stepper.compute = faulty
+        return trainer, trainer.run(max_steps=6)
+
+    ranks = run_ranks(2, job, tmp_path / "out")
+    assert [r["step"] for r in ranks] == [6, 6]
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+    _, state = load_checkpoint(tmp_path / "two" / STATE_DIR)
+    assert [e["event"] for e in state["events"]] == ["rollback"]
+    assert "other rank" in state["events"][0]["reason"] and state["events"][0]["global_step"] == 4

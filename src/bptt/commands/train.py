@@ -183,6 +183,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT, metavar="S",
                         help="under torchrun: seconds a rank waits for the others inside a step before the run "
                         f"stops with an error (default {distributed.DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--average-every", type=int, default=None, metavar="K",
+                        help="under torchrun, for slow links: model averaging instead of the gradient all-reduce — "
+                        "each rank steps on its own share alone and the ranks' weights and optimizer buffers are "
+                        "averaged every K steps (and before validation and checkpoints); default 0: the gradients "
+                        "all-reduced every step. With --resume: a new value from here on")
     parser.add_argument("--force", action="store_true", help="train into a --model DIR that holds a model or training state: its model, vocabulary, metrics and state are deleted first")
 
 
@@ -207,7 +212,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
         halving_factor=args.halving_factor, schedule=args.schedule, decay_start=args.decay_start, lr_decay=args.lr_decay,
         patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, graph=args.graph,
-        sparse_updates=args.sparse_updates,
+        sparse_updates=args.sparse_updates, average_every=args.average_every or 0,
         progress=not args.quiet,
     ).validate()
 

@@ -64,6 +64,9 @@ class TrainConfig:
     # the word-indexed matrices (embedding, factorized output rows) zeroed, clipped and updated row by row:
     # auto | on | off (training/sparse_rows.py)
     sparse_updates: str = "auto"
+    # under torchrun: 0 = the gradients all-reduced every step; K > 0 = model averaging, each rank steps
+    # alone and the models are averaged every K steps (training/distributed.py)
+    average_every: int = 0
     graph: bool = False  # each block's whole step (update included) replayed as one CUDA graph (static step)
     progress: bool = True
     # a directory written by `bptt prepare`, instead of train and valid: its vocabulary and its memory-mapped
@@ -115,6 +118,7 @@ class TrainConfig:
         checks.non_negative_int("--max-decays", self.max_decays)
         checks.number("--max-grad-norm", self.max_grad_norm, 0, what="a finite number >= 0 (0: off)")
         checks.choice("--sparse-updates", self.sparse_updates, ("auto", "on", "off"))
+        checks.non_negative_int("--average-every", self.average_every)
         if self.graph and self.sparse_updates == "on":
             raise ValueError("--sparse-updates on does not go with --graph (a captured step has fixed shapes)")
         checks.device(self.device)  # before the corpora are read

@@ -36,6 +36,16 @@ How N ranks compute exactly the one-process run's step:
                 seconds) raises RankLost, which `bptt train` reports in one line (exit 1); torchrun's agent
                 stops the remaining workers. The last checkpoint stands for --resume.
 
+Model averaging (`--average-every K`, for slow links; Kaldi's nnet3 "parallel training with model
+averaging"): instead of the gradient all-reduce, each rank takes K steps on its own share alone (its
+gradient divided by its own tokens, clipped and applied to its own copy), then the weights and the
+optimizer's buffers are replaced by their mean over the ranks (LocalSteps, Group.average; also before
+every validation and checkpoint, so those see one model and a checkpoint still does not depend on N).
+Per step only (loss, tokens, signals) and one "any step fault?" flag travel; a fault on any rank rolls
+every rank back. With K = 1, plain SGD, no clipping and equal shares this is the gradient all-reduce's
+run exactly (the mean of the ranks' updates is the update with the mean gradient); otherwise it is
+another run, as in Kaldi. Ranks are weighted equally, whatever their shares' tokens.
+
 Waits for rank 0's own work (validation, writing a checkpoint) go through a second, gloo group with a
 long timeout, so that --dist-timeout bounds the wait for a peer inside a step, not the validation.
 """
@@ -202,9 +212,41 @@ class Group:
             with _collective("waiting for the other ranks"):
                 dist.barrier(group=self.patient)
 
-    def reduction(self, stop: Callable[[], int | None]) -> GradientSum | None:
-        """The Reduction for TrainStep (None in one process: step.no_reduction)."""
-        return GradientSum(stop) if self.active else None
+    def reduction(self, stop: Callable[[], int | None], average_every: int = 0) -> GradientSum | LocalSteps | None:
+        """The Reduction for TrainStep (None in one process: step.no_reduction): the gradients summed over
+        the ranks every step, or with average_every > 0 left local (model averaging, LocalSteps)."""
+        if not self.active:
+            return None
+        return LocalSteps(stop) if average_every > 0 else GradientSum(stop)
+
+    def agree_fault(self, reason: str | None) -> str | None:
+        """Model averaging: every rank judged its own step (its own gradient norm); a fault on any rank
+        rolls every rank back. -> this rank's reason, a reason naming the others, or None (a collective)."""
+        if not self.active:
+            return reason
+        t = torch.tensor([0 if reason is None else 1], dtype=torch.int64)
+        with _collective("agreeing on the step"):
+            dist.all_reduce(t)
+        faults = int(t)
+        if faults == 0:
+            return None
+        return reason if reason is not None else f"a step fault on {faults} other rank(s) of {self.world}"
+
+    def average(self, tensors: list[Tensor]) -> None:
+        """Each tensor replaced in place by its mean over the ranks (model averaging): one all-reduce each,
+        issued together; a non-contiguous view goes through a contiguous copy."""
+        if not self.active:
+            return
+        pending = []
+        with _collective("averaging the models"):
+            for t in tensors:
+                buffer = t if t.is_contiguous() else t.contiguous()
+                pending.append((t, buffer, dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True)))
+            for t, buffer, work in pending:
+                work.wait()
+                buffer.div_(self.world)
+                if buffer is not t:
+                    t.copy_(buffer)
 
 
 def signal_flags(signum: int | None) -> list[int]:
@@ -219,6 +261,8 @@ class GradientSum:
     """The Reduction of data-parallel training (training/step.py): the flat gradient buffer summed over
     the ranks in place (one all-reduce), and (loss, tokens, stop signals) in one small all-reduce.
     `stop` gives this rank's pending stop signal; `signal` holds the one agreed on by the last step."""
+
+    sums_gradients = True  # TrainStep divides by the tokens of the whole batch
 
     def __init__(self, stop: Callable[[], int | None]):
         self.stop = stop
@@ -236,6 +280,30 @@ class GradientSum:
                 work.wait()
             for name in grads.sparse:  # row-sparse gradients (training/sparse_rows.py)
                 grads.ids[name], grads.row_values[name] = sum_rows(*grads.gathered(name))
+            values = small.tolist()
+        self.signal = agreed_signal(values[2:])
+        return small[0], int(values[1])
+
+
+class LocalSteps:
+    """The Reduction of model averaging (`--average-every K`, Kaldi's "parallel training with model
+    averaging"): the gradients stay on their rank, each rank divides by its own tokens, clips and updates
+    its own copy of the model, and every K steps the trainer replaces weights and optimizer buffers by
+    their mean over the ranks (Group.average). Per step only (loss, tokens, stop signals) travel, in one
+    small all-reduce, so the loss reported and the stop decisions are the whole run's as with GradientSum."""
+
+    sums_gradients = False  # TrainStep divides by this rank's own tokens
+
+    def __init__(self, stop: Callable[[], int | None]):
+        self.stop = stop
+        self.signal: int | None = None
+
+    def __call__(self, grads: Flat, loss: Tensor, tokens: int) -> tuple[Tensor, int]:
+        small = torch.tensor([0.0, float(tokens), *signal_flags(self.stop())], dtype=torch.float64,
+                             device=grads.data.device)
+        small[0] = loss.detach().reshape(())
+        with _collective("summing the loss"):
+            dist.all_reduce(small, op=dist.ReduceOp.SUM)
             values = small.tolist()
         self.signal = agreed_signal(values[2:])
         return small[0], int(values[1])

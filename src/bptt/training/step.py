@@ -6,7 +6,7 @@
                 the block wrote, gathered
     reduction   where data-parallel training combines the gradients of several processes: one
                 all-reduce of the flat gradient buffer (training/distributed.py, GradientSum; the
-                identity in one process)
+                identity in one process; with model averaging, LocalSteps, only the loss and tokens)
     mean        the gradients divided by the block's counted tokens
     clipping    to a global norm (the norm before clipping is returned, for the divergence checks)
     update      the optimizer's rule over the flat parameter buffer
@@ -100,11 +100,12 @@ class TrainStep:
         """Gradients, reduction, mean over the counted tokens, clipping -> (loss 0-d, norm before clipping
         0-d, tokens): the loss summed over the block's tokens, the norm of the mean gradient, both on the
         device (nothing is read back to the host)."""
-        loss, tokens = self.gradients(x, y, mask)
+        loss, own = self.gradients(x, y, mask)
         grads = self.grads
         grads.gather_()  # row-sparse gradients: their matrices' rows (a no-op for a dense buffer)
-        loss, tokens = self.reduce(grads, loss, tokens)
-        grads.div_(tokens)  # the mean over the block's counted tokens
+        loss, tokens = self.reduce(grads, loss, own)
+        # the mean over the block's counted tokens; model averaging (distributed.LocalSteps): this rank's own
+        grads.div_(tokens if getattr(self.reduce, "sums_gradients", True) else max(own, 1))
         norm = clip_grad_norm_(grads, self.clip)
         grads.store_()
         return loss, norm, tokens

@@ -30,7 +30,9 @@ stop it (exit code 1). No checkpoint ever holds NaN or Inf.
 Data-parallel training (training/distributed.py): under torchrun every rank runs a Trainer on its
 share of the B streams and the same steps; the gradients are summed over the ranks inside the step,
 rank 0 alone validates (the result is broadcast), prints and writes DIR, with the carried state of
-every rank joined, so that a checkpoint is the one-process run's whatever the number of ranks.
+every rank joined, so that a checkpoint is the one-process run's whatever the number of ranks. With
+--average-every K (model averaging) each rank steps alone and the models are averaged every K steps,
+before validation and before every checkpoint (_average).
 """
 
 from __future__ import annotations
@@ -161,8 +163,11 @@ class Trainer:
         generator = None  # dropout's masks come from their own generator, saved in every checkpoint
         if self.model.net.dropout.active:
             generator = dropout_generator(config.seed, self.model.device)
-        # several ranks: the gradients summed over them, with the loss, the tokens and a stop signal
-        self._reduction = self.dist.reduction(lambda: self._stop_signal)
+        # several ranks: the gradients summed over them, with the loss, the tokens and a stop signal; or, with
+        # --average-every K, the gradients left local and the models averaged every K steps
+        self._average_every = config.average_every if self.dist.active else 0
+        self._since_average = 0  # local steps since the models were last averaged
+        self._reduction = self.dist.reduction(lambda: self._stop_signal, self._average_every)
         self.stepper = TrainStep(self.model, self.optimizer, k1=config.k1, k2=config.k2, truncation=config.truncation,
                                  ar=config.ar, tar=config.tar, clip=config.clip, independent=config.independent,
                                  generator=generator, reduce=self._reduction or no_reduction)
@@ -300,6 +305,8 @@ class Trainer:
         else:
             loss_value, norm_value, tokens = self.stepper.compute(x, y, mask)
         reason = step_fault(loss_value, norm_value, self.config.max_grad_norm)
+        if self._average_every:  # each rank judged its own gradient: a fault anywhere rolls back everywhere
+            reason = self.dist.agree_fault(reason)
         if reason is not None:
             self._rollback(reason)  # undoes an update already applied, in place
             return False
@@ -309,7 +316,21 @@ class Trainer:
         self.epoch_tokens += tokens
         self.step_in_epoch += 1
         self.global_step += 1
+        if self._average_every:
+            self._since_average += 1
+            if self._since_average >= self._average_every:
+                self._average()
         return True
+
+    def _average(self) -> None:
+        """Model averaging (--average-every): the weights and the optimizer's buffers replaced by their mean
+        over the ranks, if any rank stepped alone since the last time (a collective: every rank calls it at
+        the same points — every K steps, before validation and before every checkpoint)."""
+        if self._since_average == 0:
+            return
+        buffers = [t for t in self.optimizer.state_tensors() if t.is_floating_point() and t.dim() > 0]
+        self.dist.average([self.model.flat.data, *buffers])  # not the step counts: the same everywhere
+        self._since_average = 0
 
     def run(self, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
         """Train until the schedule stops, the epochs run out, or global_step reaches max_steps.
@@ -368,6 +389,7 @@ class Trainer:
                 if rolled_back:
                     continue  # the epoch goes on from the restored position
                 self.epoch_seconds += time.perf_counter() - t0
+                self._average()  # validation and the checkpoint see one model
                 if not self._all_finite(self._state()[0]):
                     self._rollback("non-finite weights or optimizer state", self.global_step)
                     continue
@@ -448,6 +470,7 @@ class Trainer:
 
     def _checkpoint(self) -> bool:
         """save_state; but if the state holds NaN or Inf, roll back instead and return False."""
+        self._average()
         tensors, state = self._state()
         if not self._all_finite(tensors):
             self._rollback("non-finite weights or optimizer state", self.global_step)
@@ -564,6 +587,7 @@ class Trainer:
         Also kept in memory as the state a rollback returns to; a good checkpoint ends a run of
         rollbacks. ValueError (nothing written) if it holds NaN or Inf.
         """
+        self._average()
         self._write_state(*self._state())
         self.rollbacks.good_checkpoint()
 
@@ -591,6 +615,7 @@ class Trainer:
                     "done"):
             setattr(self, key, state[key])
         self.history = [dict(r) for r in state["history"]]
+        self._since_average = 0  # the state saved was averaged (every rank loads the same)
         self.events = [dict(r) for r in state.get("events", [])]  # older checkpoints have none
         self.best_eval = Evaluation(**state["best_eval"]) if state["best_eval"] else None
 
@@ -628,11 +653,11 @@ class Trainer:
         self.schedule.min_improvement = float(new.min_improvement)
         self.done = False
 
-    ADJUSTABLE = ("clip", "ar", "tar")
+    ADJUSTABLE = ("clip", "ar", "tar", "average_every")
 
     def adjust(self, **options: float) -> None:
-        """New values of the options in ADJUSTABLE (clipping threshold, AR and TAR strengths) for the
-        steps from here on, e.g. adjust(clip=0); saved with the state, so a later resume keeps them.
+        """New values of the options in ADJUSTABLE (clipping threshold, AR and TAR strengths, how several
+        ranks combine their work) for the steps from here on, e.g. adjust(clip=0); saved with the state, so a later resume keeps them.
         Nothing else changes: the run goes on where it stood."""
         unknown = sorted(set(options) - set(self.ADJUSTABLE))
         if unknown:
@@ -643,6 +668,11 @@ class Trainer:
             setattr(self.config, name, getattr(new, name))
         self.stepper.clip = self.config.clip
         self.stepper.set_penalties(self.config.ar, self.config.tar)
+        if "average_every" in options:  # between steps, with every rank holding the same model
+            self._average()
+            self._average_every = self.config.average_every if self.dist.active else 0
+            self._reduction = self.dist.reduction(lambda: self._stop_signal, self._average_every)
+            self.stepper.reduce = self._reduction or no_reduction
 
 
 def _engine_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
