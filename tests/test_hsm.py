@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 
 import numpy as np
@@ -54,6 +55,43 @@ def test_huffman_tree_properties(counts):
     assert huffman_tree(list(counts)) == (paths, codes)  # deterministic
 
 
+def heap_huffman(counts):
+    """The tree built the textbook way, sharing no code with hsm.py: a heap of (count, id), the two
+    lightest merged (the first popped takes bit 0), the paths read by walking up from each word."""
+    V = len(counts)
+    heap = [(float(c), w) for w, c in enumerate(counts)]
+    heapq.heapify(heap)
+    parent, bit = {}, {}
+    for k in range(V - 1):
+        c0, a = heapq.heappop(heap)
+        c1, b = heapq.heappop(heap)
+        parent[a], bit[a], parent[b], bit[b] = V + k, 0, V + k, 1
+        heapq.heappush(heap, (c0 + c1, V + k))
+    paths, codes = [], []
+    for w in range(V):
+        path, code, node = [], [], w
+        while node in parent:
+            path.append(parent[node] - V)
+            code.append(bit[node])
+            node = parent[node]
+        paths.append(path[::-1])
+        codes.append(code[::-1])
+    return paths, codes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_huffman_tree_is_the_heaps_tree(seed):
+    """The two-queue construction builds exactly the tree of a heap of (count, id), ties included (so
+    a model saved with an hsm layer finds its tree again): counts with many ties and zeros, Zipf counts,
+    and sums that tie with words."""
+    rng = np.random.default_rng(seed)
+    V = int(rng.integers(2, 400))
+    cases = [rng.integers(0, 4, V), rng.integers(1, 1000, V), np.floor(1000 / np.arange(1, V + 1)),
+             rng.choice([1, 2, 3, 4, 6], V), rng.random(V) * 10]
+    for counts in cases:
+        assert huffman_tree(counts.tolist()) == heap_huffman(counts.tolist())
+
+
 def test_huffman_tree_by_hand_and_degenerate():
     # merges: w1+w2 -> node 0 (w1 bit 0); w3 (2, inserted before node 0) + node 0 -> node 1; node 1 + w0 -> root 2
     assert huffman_tree([5, 1, 1, 2]) == ([[2], [2, 1, 0], [2, 1, 0], [2, 1]], [[1], [0, 1, 0], [0, 1, 1], [0, 0]])
@@ -99,11 +137,13 @@ def test_layer_gradient_against_autograd_of_the_path_product(weighted):
     y = torch.tensor([0, 3, 10, 10, 5, 1, 7])
     w = torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 3.0], dtype=torch.float64) if weighted else None
 
+    paths, codes = heap_huffman(COUNTS)
+
     def reference(leaves, S_leaf):  # straightforward: one position, one node at a time, P = Π σ(±z)
         total = 0
         for n in range(7):
             log_p = 0
-            for node, bit in zip(layer.paths[int(y[n])], layer.codes[int(y[n])]):
+            for node, bit in zip(paths[int(y[n])], codes[int(y[n])]):
                 z = S_leaf[n] @ leaves["V"][node] + leaves["c"][node]
                 log_p = log_p + torch.log(torch.sigmoid(z) if bit == 0 else 1 - torch.sigmoid(z))
             total = total - (1.0 if w is None else w[n]) * log_p

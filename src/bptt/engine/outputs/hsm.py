@@ -15,7 +15,6 @@ the full layer's, the shape is not — and with bias "c" (V−1,).
 
 from __future__ import annotations
 
-import heapq
 import warnings
 from dataclasses import dataclass
 
@@ -29,14 +28,21 @@ Tensor = torch.Tensor
 
 
 
-def huffman_tree(counts) -> tuple[list[list[int]], list[list[int]]]:
-    """counts (V,) -> (paths, codes): per word, the inner-node ids (0..V−2) from the root down to it and
-    the branch bit (0/1) taken at each of them.
+def huffman_arrays(counts) -> tuple[Tensor, Tensor, Tensor]:
+    """counts (V,) -> (nodes, bits, mask), each (V,D): per word, the inner-node ids (0..V−2) from the root
+    down to it, the branch bit (0/1) taken at each of them, and which of the D = deepest-path columns
+    are real (the rest is padding: node 0, bit 0).
 
-    Built as in word2vec: repeatedly merge the two lightest nodes (the first popped takes bit 0, the
+    Built as in word2vec: repeatedly merge the two lightest nodes (the first taken gets bit 0, the
     second bit 1) into a new inner node; ties go to the node inserted first (words in id order, then
     inner nodes in creation order), so the tree is a deterministic function of the counts. The last
     inner node created (id V−2) is the root; a word's path has 1..V−1 nodes.
+
+    The merges use two queues instead of a heap: the words sorted by (count, id), and the inner nodes
+    in creation order, whose counts never decrease (each is the sum of the two lightest). The lighter
+    front — the word on a tie, its id being smaller — is the heap's minimum, so the tree is the one a
+    heap of (count, id) builds, in one pass after the sort. The paths are then read bottom-up for all
+    words at once (one parent lookup per level) and reversed.
     """
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size == 0 or (counts < 0).any() or not np.isfinite(counts).all():
@@ -44,42 +50,58 @@ def huffman_tree(counts) -> tuple[list[list[int]], list[list[int]]]:
     V = counts.size
     if V < 2:
         raise ValueError("output='hsm' needs a vocabulary of at least 2 words (a tree of one leaf has no decisions)")
-    # Node ids: words 0..V−1, inner node k is V+k. Ids grow in insertion order, so (count, id) breaks ties.
-    heap = [(float(c), w) for w, c in enumerate(counts)]
-    heapq.heapify(heap)
+    # Node ids: words 0..V−1, inner node k is V+k.
+    order = np.argsort(counts, kind="stable")  # (count, id) increasing
+    leaf_count, leaf_id = counts[order].tolist(), order.tolist()
+    inner_count = [0.0] * (V - 1)
     parent = [0] * (2 * V - 1)
     bit = [0] * (2 * V - 1)
+    i = j = 0  # the next word, the next inner node not yet merged
     for k in range(V - 1):
-        c0, a = heapq.heappop(heap)
-        c1, b = heapq.heappop(heap)
-        parent[a], bit[a] = V + k, 0
-        parent[b], bit[b] = V + k, 1
-        heapq.heappush(heap, (c0 + c1, V + k))
-    # Top-down: a parent is created after its children, so reverse creation order visits it first.
-    node_path: dict[int, list[int]] = {2 * V - 2: []}
-    node_code: dict[int, list[int]] = {2 * V - 2: []}
-    paths: list[list[int]] = [[] for _ in range(V)]
-    codes: list[list[int]] = [[] for _ in range(V)]
-    for node in range(2 * V - 3, -1, -1):
-        p = parent[node]
-        path, code = node_path[p] + [p - V], node_code[p] + [bit[node]]
-        if node >= V:
-            node_path[node], node_code[node] = path, code
-        else:
-            paths[node], codes[node] = path, code
-    return paths, codes
-
-
-def pad_paths(paths: list[list[int]], codes: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """-> nodes (V,D) int64 (padding: node 0), codes (V,D) int64 (padding: 0), mask (V,D) bool."""
-    lengths = np.fromiter((len(p) for p in paths), dtype=np.int64, count=len(paths))
-    D = int(lengths.max())
-    mask = np.arange(D)[None, :] < lengths[:, None]  # (V,D), row-major order matches the flattened lists
-    nodes = np.zeros((len(paths), D), dtype=np.int64)
-    bits = np.zeros((len(paths), D), dtype=np.int64)
-    nodes[mask] = np.fromiter((n for p in paths for n in p), dtype=np.int64, count=int(lengths.sum()))
-    bits[mask] = np.fromiter((b for c in codes for b in c), dtype=np.int64, count=int(lengths.sum()))
+        total = 0.0
+        for b in (0, 1):
+            if i < V and (j >= k or leaf_count[i] <= inner_count[j]):
+                node, c = leaf_id[i], leaf_count[i]
+                i += 1
+            else:
+                node, c = V + j, inner_count[j]
+                j += 1
+            parent[node], bit[node] = V + k, b
+            total += c
+        inner_count[k] = total
+    parent_a, bit_a = np.asarray(parent, dtype=np.int64), np.asarray(bit, dtype=np.int64)
+    root = 2 * V - 2
+    # bottom-up: column d holds the (d+1)-th ancestor of each word and the bit taken into it
+    up_nodes, up_bits = [], []
+    node = np.arange(V, dtype=np.int64)
+    length = np.zeros(V, dtype=np.int64)
+    active = np.ones(V, dtype=bool)
+    while active.any():
+        above = np.where(active, parent_a[node], root)
+        up_nodes.append(np.where(active, above - V, 0))
+        up_bits.append(np.where(active, bit_a[node], 0))
+        length += active
+        node = above
+        active = node != root
+    up_n, up_b = np.stack(up_nodes, axis=1), np.stack(up_bits, axis=1)  # (V,D)
+    D = up_n.shape[1]
+    mask = np.arange(D)[None, :] < length[:, None]
+    top_down = np.where(mask, length[:, None] - 1 - np.arange(D)[None, :], 0)  # the root first
+    nodes = np.where(mask, np.take_along_axis(up_n, top_down, axis=1), 0)
+    bits = np.where(mask, np.take_along_axis(up_b, top_down, axis=1), 0)
     return torch.from_numpy(nodes), torch.from_numpy(bits), torch.from_numpy(mask)
+
+
+def huffman_tree(counts) -> tuple[list[list[int]], list[list[int]]]:
+    """counts (V,) -> (paths, codes) as lists: per word, huffman_arrays' nodes and bits without the padding."""
+    return unpad_paths(*huffman_arrays(counts))
+
+
+def unpad_paths(nodes: Tensor, bits: Tensor, mask: Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """(V,D) padded paths -> per-word lists of nodes and of bits."""
+    lengths = mask.sum(dim=1).tolist()
+    return ([row[:n] for row, n in zip(nodes.tolist(), lengths)],
+            [row[:n] for row, n in zip(bits.tolist(), lengths)])
 
 
 @dataclass
@@ -194,9 +216,8 @@ class HierarchicalSoftmaxOutput:
     def __init__(self, word_counts, loss: str = "cross_entropy", output_activation_name: str = "softmax"):
         if loss != "cross_entropy" or output_activation_name != "softmax":
             raise ValueError("output='hsm' is a (hierarchical) softmax with loss='cross_entropy'")
-        self.paths, self.codes = huffman_tree(word_counts)
-        self.vocab_size = len(self.paths)
-        self.nodes, bits, self.mask = pad_paths(self.paths, self.codes)
+        self.nodes, bits, self.mask = huffman_arrays(word_counts)
+        self.vocab_size = self.nodes.shape[0]
         self.signs = (1 - 2 * bits) * self.mask  # (V,D) +1 for bit 0, −1 for bit 1, 0 on padding
         # log_probs reads log σ(±z) from a table [log σ(Z) | log σ(−Z) | 0] (N, 2(V−1)+1):
         # column node for bit 0, (V−1) + node for bit 1, the last (zero) column for padding.
