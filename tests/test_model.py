@@ -143,3 +143,22 @@ def test_long_sequence_loss_is_finite_and_near_uniform_at_init():
     loss, grads, _ = model.loss_and_grads(x, x)
     assert math.isfinite(float(loss))
     assert abs(float(loss) / x.numel() - math.log(1000)) < 0.05  # small weights: close to uniform
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 5, 1])
+def test_initial_weights_do_not_depend_on_how_they_are_drawn(chunk, monkeypatch):
+    """Every matrix (rand·2 − 1)·init_range in float64 from one seeded generator, matrix after matrix in
+    row-major order (a column-major U too), whether drawn whole or a few rows at a time."""
+    from bptt import RNNLM
+    from bptt.model.language_model import LanguageModel
+
+    monkeypatch.setattr(LanguageModel, "INIT_CHUNK", chunk)
+    for seed, model in ((2, ElmanLM(40, 7, output="class", classes=4, seed=2)),
+                        (4, RNNLM(30, 6, cell="lstm", layers=2, embedding_size=5, seed=4))):
+        generator = torch.Generator().manual_seed(seed)
+        r = model.config.init_range
+        for name, p in model.params.items():
+            if p.dim() == 1:
+                continue
+            want = (torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1) * r
+            assert torch.equal(p, want.to(p.dtype)), name

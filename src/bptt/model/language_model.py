@@ -65,13 +65,27 @@ class LanguageModel:
         self.params: dict[str, Tensor] = self.flat  # {name: view into self.flat.data}
         self._init_params(seed, config.init_range)
 
+    INIT_CHUNK = 1 << 24  # values drawn at once by _init_params (a 128 MiB float64 buffer, reused)
+
     def _init_params(self, seed: int, init_range: float) -> None:
+        """Every weight matrix uniform in [-init_range, init_range]: (rand·2 − 1)·init_range drawn in float64
+        from one seeded CPU generator, matrix after matrix in row-major order, then cast to the model's
+        dtype. Drawn a block of rows at a time into one reused buffer (the generator's stream does not
+        depend on how it is cut), so that a 658k-word model does not hold 2.7 GB float64 copies."""
         generator = torch.Generator().manual_seed(int(seed))
+        buffer = torch.empty(0, dtype=torch.float64)
         for name, p in self.params.items():
             if p.dim() == 1:
                 continue  # biases and D start at zero (the buffer's)
-            value = (torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1) * init_range
-            p.copy_(value)
+            rows, per_row = p.shape[0], p[0].numel()
+            step = max(1, self.INIT_CHUNK // max(per_row, 1))
+            for start in range(0, rows, step):
+                block = p[start : start + step]
+                if buffer.numel() < block.numel():
+                    buffer = torch.empty(block.numel(), dtype=torch.float64)
+                value = buffer[: block.numel()].view(block.shape)
+                torch.rand(block.shape, generator=generator, dtype=torch.float64, out=value)
+                block.copy_(value.mul_(2).sub_(1).mul_(init_range))
         for k, cell in enumerate(self.net.cells):  # a cell's own starting values, if it has any
             initialize = getattr(cell, "initialize", None)
             if initialize is not None:
