@@ -451,7 +451,7 @@ def test_train_refuses_an_existing_model_directory(corpus_file, tmp_path, capsys
     for argv in (_small_run(corpus_file, directory), _small_run(corpus_file, directory, "--hidden", "0"),
                  _small_run(tmp_path / "missing.txt", directory)):
         assert main(argv) == 2
-        line = one_error_line(capsys.readouterr().err)
+        one_error_line(capsys.readouterr().err)
         assert _snapshot(directory) == before  # not a byte changed
     assert main(_small_run(corpus_file, directory)) == 2
     one_error_line(capsys.readouterr().err, f"--model {directory}", "--resume", "--force")

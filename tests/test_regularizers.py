@@ -84,7 +84,7 @@ def test_bptt_gradients_with_the_penalties_match_autograd(masked, ar, tar):
 
 def _without_the_earlier_push(S, weights, ar, tar, dS):
     """TAR's gradient with the −d^t on s^{t−1} left out (only s^t is pulled towards s^{t−1})."""
-    m, T, B = S.shape[-1], S.shape[0], S.shape[1]
+    m, T = S.shape[-1], S.shape[0]
     dS += (2 * ar / m) * S
     g = torch.zeros_like(S)
     g[1:] += S[1:] - S[:-1]
