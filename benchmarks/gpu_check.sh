@@ -5,7 +5,8 @@
 #      tests/test_cuda.py runs; each run is stopped with SIGTERM at TRAIN_UNTIL (it saves its state and
 #      keeps its best-on-valid model), then evaluated on the test set (static, and dynamic at 5e-5).
 # Env: RUNS_FILE (default benchmarks/gpu_runs/sweep3.txt, the next one to run), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py),
-#      SKIP_GRAPH_TRAIN=1 (the `bptt train --graph` timing).
+#      SKIP_GRAPH_TRAIN=1 (the `bptt train --graph` timing),
+#      SKIP_TORCHRUN=1 (the torchrun run, one rank per GPU: NCCL with more than one).
 # Usage: benchmarks/gpu_check.sh PTB_DIR OUT_DIR [TRAIN_UNTIL]   (run from the repository root)
 # The training runs stop TRAIN_UNTIL seconds (default 470) after the script's start, so that the whole script
 # ends within about TRAIN_UNTIL + 70 s (one device call).
@@ -59,6 +60,13 @@ if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GRAPH_TRAIN:-}" ]; then  # issue 16: `bp
     timeout 150 python3 -m bptt train --train "$PTB/ptb.train.txt" --valid "$PTB/ptb.valid.txt" --model "$OUT/graph$g" \
       --hidden 200 --batch 32 --bptt 35 --max-steps 400 --device cuda $g --quiet >> "$OUT/summary.txt" 2>&1
   done
+fi
+if [ "$DEVICE" = cuda ] && [ -z "${SKIP_TORCHRUN:-}" ]; then  # issue 18: the torchrun/NCCL path, one rank per GPU
+  NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  echo "== torchrun --nproc-per-node $NGPU (NCCL when > 1), 400 steps, V 10k m 200 B 32 T 35 $(date +%T)" >> "$OUT/summary.txt"
+  timeout 150 torchrun --standalone --nproc-per-node "$NGPU" -m bptt train --train "$PTB/ptb.train.txt"     --valid "$PTB/ptb.valid.txt" --model "$OUT/torchrun" --hidden 200 --batch 32 --bptt 35 --max-steps 400     --device cuda --quiet >> "$OUT/summary.txt" 2>&1
+  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('torchrun state: step', s['global_step'], 'tokens', s['epoch_tokens'], 'seconds', round(s['epoch_seconds'],1))" \
+    "$OUT/torchrun/checkpoint/config.json" >> "$OUT/summary.txt" 2>&1
 fi
 
 echo "== mps $(date +%T)" >> "$OUT/summary.txt"
