@@ -53,13 +53,18 @@ def test_round_trip_bit_exact(tmp_path):
     assert len(on_disk["weights_sha256"]) == 64
 
 
-def test_transposed_matrices_are_written_without_a_copy_and_read_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hidden", [8, 6])
+def test_matrices_are_written_as_stored_without_a_copy_and_read_back(tmp_path, monkeypatch, hidden):
     """save_checkpoint(transposed=True) (the training state): a column-major matrix is written as its
-    contiguous transpose, named in the header, and comes back in its own shape; .contiguous() copies
-    nothing. Model files (the default) keep every tensor in its own shape."""
-    model = _model()
+    contiguous transpose (U@T: the gathered U is row-sparse, never padded), a matrix with padded rows
+    (hidden 6 in float32: a row stride of 8) as its storage, padding included (NAME@W6), and each comes
+    back in its own shape; .contiguous() copies nothing. Model files (the default) keep every tensor in its
+    own shape (copies)."""
+    model = ElmanLM(11, hidden, dtype=torch.float32, seed=0)
     U = model.params["U"]
     assert not U.is_contiguous() and U.t().is_contiguous()
+    padded = [] if hidden == 8 else ["W", "V"]
+    assert all(not model.params[k].is_contiguous() for k in padded)
     copies = []
     real = torch.Tensor.contiguous
 
@@ -73,15 +78,26 @@ def test_transposed_matrices_are_written_without_a_copy_and_read_back(tmp_path, 
     save_checkpoint(tmp_path / "state", dict(model.params), {"x": 1}, transposed=True)
     assert copies == []
     save_checkpoint(tmp_path / "model", dict(model.params), {"x": 1})
-    assert copies == [tuple(U.shape)]
+    assert sorted(copies) == sorted({tuple(model.params[k].shape) for k in ["U", *padded]})
     from safetensors import safe_open
     with safe_open(tmp_path / "state" / "model.safetensors", framework="pt") as f:
-        assert "U" not in f.keys() and tuple(f.get_tensor("U@T").shape) == tuple(reversed(U.shape))
+        assert "U" not in f.keys() and tuple(f.get_tensor("U@T").shape) == (11, hidden)
+        if hidden == 6:
+            assert {"W@W6", "V@W6"} <= set(f.keys()) and not {"W", "V"} & set(f.keys())
+            assert tuple(f.get_tensor("W@W6").shape) == (6, 8) and tuple(f.get_tensor("V@W6").shape) == (11, 8)
+            assert not f.get_tensor("V@W6")[:, 6:].any()  # the padding: zeros
     with safe_open(tmp_path / "model" / "model.safetensors", framework="pt") as f:
-        assert "U@T" not in f.keys() and tuple(f.get_tensor("U").shape) == tuple(U.shape)
+        assert not any("@" in k for k in f.keys()) and tuple(f.get_tensor("U").shape) == tuple(U.shape)
     for directory in ("state", "model"):
         tensors, _ = load_checkpoint(tmp_path / directory)
+        assert tensors.keys() == model.params.keys()
         assert all(torch.equal(tensors[k], p) and tensors[k].shape == p.shape for k, p in model.params.items())
+
+
+def test_a_padded_name_that_does_not_fit_is_one_line(tmp_path):
+    save_checkpoint(tmp_path / "c", {"V@W9": torch.zeros(3, 8)}, {"x": 1})  # claims width 9 of 8 columns
+    with pytest.raises(CheckpointError, match="V@W9"):
+        load_checkpoint(tmp_path / "c")
 
 
 def test_round_trip_with_optimizer_and_rng_state(tmp_path):
@@ -365,11 +381,12 @@ def test_the_training_state_stores_column_major_matrices_as_they_are(tmp_path):
 
     config = TrainConfig.from_options(train=write_corpus(tmp_path / "t.txt", 20, 0),
                                       valid=write_corpus(tmp_path / "v.txt", 5, 1), model=str(tmp_path / "m"),
-                                      hidden_size=5, batch=2, bptt=3, epochs=1, progress=False)
+                                      hidden_size=8, batch=2, bptt=3, epochs=1, progress=False)
     trainer = Trainer(config)
     trainer.run(max_steps=3)
     with safe_open(tmp_path / "m" / STATE_DIR / "model.safetensors", framework="pt") as f:
         assert sorted(k for k in f.keys() if k.endswith("@T")) == ["best.U@T", "opt.m.U@T", "opt.v.U@T", "param.U@T"]
+        assert not any("@W" in k for k in f.keys())  # hidden 8: no padded rows
     resumed = Trainer.resume(tmp_path / "m", progress=False)
     assert torch.equal(resumed.model.params["U"], trainer.model.params["U"])
     assert torch.equal(resumed.optimizer.state_dict()["v.U"], trainer.optimizer.state_dict()["v.U"])

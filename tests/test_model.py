@@ -162,3 +162,26 @@ def test_initial_weights_do_not_depend_on_how_they_are_drawn(chunk, monkeypatch)
                 continue
             want = (torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1) * r
             assert torch.equal(p, want.to(p.dtype)), name
+
+
+@pytest.mark.parametrize("dtype, width, stride", [(torch.float32, 6, 8), (torch.float32, 8, 8), (torch.float32, 650, 656),
+                                                  (torch.float64, 6, 8), (torch.float64, 4, 4)])
+def test_matrix_rows_are_aligned_in_the_flat_buffer(dtype, width, stride):
+    """A matrix's rows start at multiples of 32 bytes (engine/flat.py): a (5, width) view of a (5, stride)
+    storage whose padding is zero, a plain contiguous view when the width is aligned already; a
+    column-major matrix the same on its storage's rows; every view starts on a 64-byte boundary."""
+    from bptt.engine.flat import Flat
+
+    flat = Flat({"A": (5, width), "B": (width, 3), "b": (7,)}, dtype=dtype, device="cpu", column_major=["B"])
+    A, B = flat["A"], flat["B"]
+    assert A.stride() == (stride, 1) and A.is_contiguous() == (width == stride)
+    assert B.stride() == (1, stride) and flat.rows("B").shape == (3, width)
+    assert flat.storage("A").shape == (5, stride) and flat.storage("A").is_contiguous()
+    assert all(v.data_ptr() % 64 == 0 for v in flat.values())
+    A.fill_(1.0)
+    B.fill_(2.0)
+    flat["b"].fill_(3.0)
+    assert flat.data.sum() == 5 * width + 2 * 3 * width + 3 * 7  # nothing written into the padding
+    assert not flat.storage("A")[:, width:].any() and not flat.storage("B")[:, width:].any()
+    grads = flat.like()
+    assert grads["A"].stride() == A.stride() and grads["B"].stride() == B.stride()

@@ -10,12 +10,18 @@ direct connections' D), each group in the order the shapes were given; `matrices
 `data` that holds the first group (weight decay applies to it alone). Every view starts at a multiple
 of ALIGN_BYTES, as a tensor of its own would: matrix products read aligned rows, and their results do
 not depend on where a matrix happens to sit in the buffer (BLAS kernels take other paths for
-unaligned data, which can change the last bit of a sum). The few elements of padding between views
-are zero and stay zero (their gradients are zero; no update rule moves a zero weight with a zero
-gradient: SGD, Adam and its relatives, decay). A name listed in
-`column_major` is stored as the transpose of a contiguous tensor (its columns are contiguous: the
+unaligned data, which can change the last bit of a sum). A matrix's rows are aligned too: its row
+stride is its width rounded up to ROW_ALIGN_BYTES (`strides`), so a (V, 650) matrix is the first 650
+columns of a (V, 656) storage — MKL's products run up to 1.4× slower on unaligned rows — except the
+matrices listed in `unpadded`: the row-sparse ones (the embedding, a factorized output layer's rows),
+read by gathers and sparse products, which run slower on padded rows (the hierarchical softmax at hidden
+100: 17 %). The padding
+between views and at the end of rows is zero and stays zero (its gradients are zero; no update rule
+moves a zero weight with a zero gradient: SGD, Adam and its relatives, decay). A name listed in
+`column_major` is stored as the transpose of a (row-padded) tensor (its columns are contiguous: the
 first layer's U, whose columns the input term gathers). Views keep their layout from buffer to
-buffer: gradients and optimizer buffers made by `like()` have the parameters' strides.
+buffer: gradients and optimizer buffers made by `like()` have the parameters' strides. A matrix whose
+width is a multiple of the row alignment (8 float32, 4 float64 values) is a plain contiguous view.
 
 Row-sparse gradients. The gradient of a matrix with a row per word (the embedding, the first layer's
 gathered U, the rows of a factorized output layer) is zero outside the rows a block used. A backward
@@ -34,25 +40,38 @@ import torch
 Tensor = torch.Tensor
 
 ALIGN_BYTES = 64  # where PyTorch's CPU allocator puts a new tensor, and a cache line
+# a matrix's rows start at multiples of this many bytes: its row stride is padded up to it. MKL's products
+# are up to 1.4× slower when the rows of their output are not 32-byte aligned (e.g. ∂L/∂V (V, 650) of
+# the PTB medium LSTM: 134 ms against 92 with a stride of 656; docs/performance.md)
+ROW_ALIGN_BYTES = 32
 
 
 class Flat(dict):
     """{name: view into self.data}; see the module docstring."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], *, dtype: torch.dtype, device: torch.device | str,
-                 column_major: Iterable[str] = (), data: Tensor | None = None):
+                 column_major: Iterable[str] = (), unpadded: Iterable[str] = (), data: Tensor | None = None):
         super().__init__()
         self.shapes = {name: tuple(int(n) for n in shape) for name, shape in shapes.items()}
         self.column_major = tuple(name for name in column_major if name in self.shapes)
+        self.unpadded = tuple(name for name in unpadded if name in self.shapes)
         order = [n for n, s in self.shapes.items() if len(s) >= 2] + [n for n, s in self.shapes.items() if len(s) < 2]
-        align = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        element = torch.empty((), dtype=dtype).element_size()
+        align, row_align = max(1, ALIGN_BYTES // element), max(1, ROW_ALIGN_BYTES // element)
         offsets, start, matrices_end = {}, 0, 0
+        self.strides: dict[str, int] = {}  # a matrix's storage row stride (>= its width: padded)
         for name in order:
             start = -(-start // align) * align  # the next aligned element
-            size = math.prod(self.shapes[name])
+            shape = self.shapes[name]
+            if len(shape) == 2 and name not in self.unpadded:
+                width = shape[0] if name in self.column_major else shape[1]  # the storage's row length
+                self.strides[name] = -(-width // row_align) * row_align
+                size = math.prod(shape) // max(width, 1) * self.strides[name]
+            else:
+                size = math.prod(shape)
             offsets[name] = (start, start + size)
             start += size
-            if len(self.shapes[name]) >= 2:
+            if len(shape) >= 2:
                 matrices_end = start
         self.offsets = offsets
         self.numel = start
@@ -68,24 +87,38 @@ class Flat(dict):
         # dense buffer here; training/sparse_rows.py's RowSparseGrads has row-sparse matrices beside it
         self.dense: list[slice] = [slice(0, self.numel)]
         self.sparse: tuple[str, ...] = ()
-        for name, shape in self.shapes.items():  # the dict keeps the order of `shapes`
+        for name in self.shapes:  # the dict keeps the order of `shapes`
             a, b = offsets[name]
-            piece = data[a:b]
-            if name in self.column_major:
-                self[name] = piece.view(tuple(reversed(shape))).t()
-            else:
-                self[name] = piece.view(shape)
+            self[name] = self.view_of(name, data[a:b])
+
+    def view_of(self, name: str, piece: Tensor) -> Tensor:
+        """`name`'s view, in its shape and layout, of `piece` = offsets[name]'s slice of a buffer laid out
+        like data (an optimizer's buffer too)."""
+        shape = self.shapes[name]
+        storage = tuple(reversed(shape)) if name in self.column_major else shape  # (rows, width) for a matrix
+        if name not in self.strides:
+            view = piece.view(storage)
+        else:
+            view = piece.view(storage[0], self.strides[name])[:, : storage[1]]  # the first `width` of each row
+        return view.t() if name in self.column_major else view
 
     def like(self, data: Tensor | None = None) -> Flat:
         """A Flat with the same names, shapes and layout over `data` (default: a new zero buffer)."""
         return Flat(self.shapes, dtype=self.data.dtype, device=self.data.device, column_major=self.column_major,
-                    data=data)
+                    unpadded=self.unpadded, data=data)
 
     def rows(self, name: str) -> Tensor:
         """The storage of a matrix as (rows, width), one row per word: the tensor itself, or the transpose
         of a column-major one (the first layer's U (G·m, V) is stored as a contiguous (V, G·m))."""
         t = self[name]
         return t.t() if name in self.column_major else t
+
+    def storage(self, name: str) -> Tensor:
+        """A matrix's storage as a contiguous (rows, stride) tensor, row padding included (zeros): the
+        rows of Flat.rows with their padding, for kernels that need contiguous memory (fused updates)."""
+        a, b = self.offsets[name]
+        rows = self.rows(name)
+        return self.data[a:b].view(rows.shape[0], self.strides.get(name, rows.shape[1]))
 
     def gather_(self) -> None:
         """After a backward, before the reduction: nothing to gather in a dense buffer (RowSparseGrads

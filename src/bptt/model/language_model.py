@@ -61,7 +61,7 @@ class LanguageModel:
         self.net = build_network(config, word_counts=word_counts, seed=seed)
         self.output = self.net.output
         self.flat = Flat(self.net.param_shapes(), dtype=self.dtype, device=self.device,
-                         column_major=self.net.column_major())
+                         column_major=self.net.column_major(), unpadded=self.net.row_sparse())
         self.params: dict[str, Tensor] = self.flat  # {name: view into self.flat.data}
         self._init_params(seed, config.init_range)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ EMBEDDED_KEY = "bptt.config"  # safetensors header metadata: the config as JSON 
 # load_checkpoint transposes back (a name, not a header entry: safetensors writes header entries in no fixed
 # order, and a checkpoint's bytes must not change when nothing has)
 TRANSPOSED_SUFFIX = "@T"
+# the name suffix of a matrix written with its rows' padding (engine/flat.py pads a matrix's row stride):
+# NAME@W<width> holds the (rows, stride) storage, of which load_checkpoint keeps the first <width> columns
+WIDTH_SUFFIX = re.compile(r"@W([0-9]+)$")
 
 
 class CheckpointError(ValueError):
@@ -45,6 +49,26 @@ class CheckpointError(ValueError):
 
 
 # -- save / load ---------------------------------------------------------------------------------------
+
+
+def as_stored(name: str, t: Tensor) -> tuple[str, Tensor]:
+    """A matrix as its memory holds it, without a copy: (name, t) when contiguous; (name@T, tᵀ) when tᵀ is;
+    (name[@T]@W<width>, the (rows, stride) storage) when its rows (or tᵀ's) are padded. Anything else as
+    it is (save_checkpoint then copies it)."""
+    if t.dim() != 2 or t.is_contiguous():
+        return name, t
+    flip = t.t().is_contiguous() or (t.stride(0) == 1 and t.stride(1) > t.shape[0])
+    rows = t.t() if flip else t
+    stored = name + TRANSPOSED_SUFFIX if flip else name
+    if rows.is_contiguous():
+        return stored, rows
+    n, width = rows.shape
+    stride = rows.stride(0)
+    if rows.stride(1) == 1 and stride > width and n > 0:
+        end = rows.storage_offset() + n * stride
+        if end * rows.element_size() <= rows.untyped_storage().nbytes():
+            return f"{stored}@W{width}", rows.as_strided((n, stride), (stride, 1))
+    return name, t
 
 
 def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict,
@@ -57,21 +81,23 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], co
     not JSON-able. The weights file also carries config in its header metadata, so the directory
     stays loadable if the process dies between the two renames (see the module docstring).
     Temp files left in DIR by an earlier killed save of these two files are removed.
-    transposed=True: a matrix that is the transpose of a contiguous tensor (the first layer's column-major
-    U) is written as that tensor, its name suffixed with TRANSPOSED_SUFFIX; load_checkpoint gives it back
-    transposed, under its own name. No contiguous copy is made (at V = 800k, hundreds of MB per such tensor); for the training
-    state, read only by load_checkpoint. Model files keep every tensor in its own shape.
+    transposed=True: matrices are written as they are stored (as_stored): one that is the transpose of a
+    contiguous tensor (the first layer's column-major U) as that tensor, its name suffixed with
+    TRANSPOSED_SUFFIX; one whose rows are padded (a Flat's views) as its storage with the padding, its name
+    suffixed with @W<width>; load_checkpoint gives them back in their own shape, under their own names.
+    No contiguous copy is made (at V = 800k, hundreds of MB per such tensor); for the training state, read
+    only by load_checkpoint. Model files keep every tensor in its own shape.
     """
     directory = Path(directory)
     if SHA_KEY in config:
         raise ValueError(f"config must not contain the reserved key {SHA_KEY!r}")
-    flipped = sorted(name for name, t in tensors.items() if transposed and t.dim() == 2 and not t.is_contiguous()
-                     and t.t().is_contiguous())
-    cpu = {(name + TRANSPOSED_SUFFIX if name in flipped else name):
-           (t.detach().t() if name in flipped else t.detach()).to("cpu").contiguous() for name, t in tensors.items()}
-    for name, t in cpu.items():
+    cpu, names = {}, {}
+    for name, t in tensors.items():
+        stored, t = as_stored(name, t.detach()) if transposed else (name, t.detach())
+        cpu[stored], names[stored] = t.to("cpu").contiguous(), name
+    for stored, t in cpu.items():
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"tensor {name!r} holds NaN or Inf values: a checkpoint never stores them")
+            raise ValueError(f"tensor {names[stored]!r} holds NaN or Inf values: a checkpoint never stores them")
     embedded = json.dumps(config, sort_keys=True)  # fail before writing
     digest: list[str] = []
 
@@ -170,11 +196,22 @@ def load_checkpoint(directory: str | os.PathLike, prefix: str = "model",
                 f"in {config_path} (torn or mixed checkpoint)"
             )
         config = embedded
-    for stored in [name for name in tensors if name.endswith(TRANSPOSED_SUFFIX)]:  # written transposed: back
-        name = stored[: -len(TRANSPOSED_SUFFIX)]
-        if name in tensors or tensors[stored].dim() != 2:
-            raise CheckpointError(f"{weights_path}: tensor {stored!r} is not the transpose of a matrix of its own")
-        tensors[name] = tensors.pop(stored).t()
+    for stored in [name for name in tensors if WIDTH_SUFFIX.search(name) or name.endswith(TRANSPOSED_SUFFIX)]:
+        t, name = tensors.pop(stored), stored  # written as stored (as_stored): back in its own shape
+        padded = WIDTH_SUFFIX.search(name)
+        if padded:
+            width, name = int(padded.group(1)), name[: padded.start()]
+            if t.dim() != 2 or width > t.shape[1]:
+                raise CheckpointError(f"{weights_path}: tensor {stored!r} is not a padded matrix of width {width}")
+            t = t[:, :width]
+        if name.endswith(TRANSPOSED_SUFFIX):
+            name = name[: -len(TRANSPOSED_SUFFIX)]
+            if t.dim() != 2:
+                raise CheckpointError(f"{weights_path}: tensor {stored!r} is not the transpose of a matrix")
+            t = t.t()
+        if name in tensors:
+            raise CheckpointError(f"{weights_path}: tensor {stored!r} is a second copy of {name!r}")
+        tensors[name] = t
     device = torch.device(device)
     if device.type != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}

@@ -120,7 +120,7 @@ class RowSparseGrads(Flat):
 
     def __init__(self, params: Flat, names: Iterable[str]):
         super().__init__(params.shapes, dtype=params.data.dtype, device=params.data.device,
-                         column_major=params.column_major)
+                         column_major=params.column_major, unpadded=params.unpadded)
         self.sparse = tuple(names)
         for name in self.sparse:
             if len(self.shapes[name]) != 2:

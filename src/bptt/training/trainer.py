@@ -597,6 +597,9 @@ class Trainer:
         Shared by resume and rollback; the trainer never aliases the given tensors or lists.
         """
         device = self.model.device
+        # the whole buffers first: their padding (engine/flat.py) back to zero, whatever a faulty step left there
+        self.model.flat.data.zero_()
+        self.best.data.zero_()
         for k, p in self.model.params.items():
             p.copy_(tensors[f"param.{k}"])
             self.best[k].copy_(tensors[f"best.{k}"])
