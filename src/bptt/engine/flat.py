@@ -46,6 +46,30 @@ ALIGN_BYTES = 64  # where PyTorch's CPU allocator puts a new tensor, and a cache
 ROW_ALIGN_BYTES = 32
 
 
+def layout(shapes: dict[str, tuple[int, ...]], element_size: int, column_major: Iterable[str] = (),
+           unpadded: Iterable[str] = ()) -> tuple[dict[str, tuple[int, int]], dict[str, int], int, int]:
+    """Where each tensor of a Flat lies, without allocating it (the memory guard counts the padding too):
+    (offsets {name: (start, stop)}, row strides {matrix: stride}, elements in all, end of the matrices)."""
+    column_major, unpadded = set(column_major), set(unpadded)
+    order = [n for n, s in shapes.items() if len(s) >= 2] + [n for n, s in shapes.items() if len(s) < 2]
+    align, row_align = max(1, ALIGN_BYTES // element_size), max(1, ROW_ALIGN_BYTES // element_size)
+    offsets, strides, start, matrices_end = {}, {}, 0, 0
+    for name in order:
+        start = -(-start // align) * align  # the next aligned element
+        shape = shapes[name]
+        if len(shape) == 2 and name not in unpadded:
+            width = shape[0] if name in column_major else shape[1]  # the storage's row length
+            strides[name] = -(-width // row_align) * row_align
+            size = math.prod(shape) // max(width, 1) * strides[name]
+        else:
+            size = math.prod(shape)
+        offsets[name] = (start, start + size)
+        start += size
+        if len(shape) >= 2:
+            matrices_end = start
+    return offsets, strides, start, matrices_end
+
+
 class Flat(dict):
     """{name: view into self.data}; see the module docstring."""
 
@@ -55,24 +79,8 @@ class Flat(dict):
         self.shapes = {name: tuple(int(n) for n in shape) for name, shape in shapes.items()}
         self.column_major = tuple(name for name in column_major if name in self.shapes)
         self.unpadded = tuple(name for name in unpadded if name in self.shapes)
-        order = [n for n, s in self.shapes.items() if len(s) >= 2] + [n for n, s in self.shapes.items() if len(s) < 2]
         element = torch.empty((), dtype=dtype).element_size()
-        align, row_align = max(1, ALIGN_BYTES // element), max(1, ROW_ALIGN_BYTES // element)
-        offsets, start, matrices_end = {}, 0, 0
-        self.strides: dict[str, int] = {}  # a matrix's storage row stride (>= its width: padded)
-        for name in order:
-            start = -(-start // align) * align  # the next aligned element
-            shape = self.shapes[name]
-            if len(shape) == 2 and name not in self.unpadded:
-                width = shape[0] if name in self.column_major else shape[1]  # the storage's row length
-                self.strides[name] = -(-width // row_align) * row_align
-                size = math.prod(shape) // max(width, 1) * self.strides[name]
-            else:
-                size = math.prod(shape)
-            offsets[name] = (start, start + size)
-            start += size
-            if len(shape) >= 2:
-                matrices_end = start
+        offsets, self.strides, start, matrices_end = layout(self.shapes, element, self.column_major, self.unpadded)
         self.offsets = offsets
         self.numel = start
         self.matrices = slice(0, matrices_end)

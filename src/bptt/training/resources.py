@@ -2,7 +2,8 @@
 machine does not have it.
 
 The estimate adds up what a run holds at its peak (sizes for float32, s = 4 bytes; N = k1·B positions
-per block; P = number of parameters):
+per block; P = the elements of the flat parameter buffer: the parameters and their alignment padding,
+engine/flat.py's `layout`):
 
     parameters        P·s            counted from the shapes the model would allocate (the network of
                                      its ModelConfig: every layer's cell, the output layer, the direct
@@ -65,6 +66,7 @@ from bptt.engine.outputs.full import OUTPUT_CHUNK_SCORES, rows_within
 from bptt.data import stream_length
 from bptt.evaluation import eval_block
 from bptt.engine.cells import CELLS
+from bptt.engine.flat import layout
 from bptt.model.config import ModelConfig
 from bptt.model.language_model import build_network
 from bptt.files import HASH_CHUNK
@@ -164,7 +166,7 @@ def estimate_training_memory(
     if net is None:
         net = build_network(config, word_counts=word_counts)
     shapes = net.param_shapes()
-    P = sum(math.prod(shape) for shape in shapes.values())
+    P = layout(shapes, s, net.column_major(), net.row_sparse())[2]  # the flat buffer, its rows' padding too
     largest = max(math.prod(shape) for shape in shapes.values())
     k = OPTIMIZER_BUFFERS.get(optimizer, 2)
     output, classes = config.output, config.classes
