@@ -14,8 +14,8 @@ unaligned data, which can change the last bit of a sum). A matrix's rows are ali
 stride is its width rounded up to ROW_ALIGN_BYTES (`strides`), so a (V, 650) matrix is the first 650
 columns of a (V, 656) storage — MKL's products run up to 1.4× slower on unaligned rows — except the
 matrices listed in `unpadded`: the row-sparse ones (the embedding, a factorized output layer's rows),
-read by gathers and sparse products, which run slower on padded rows (the hierarchical softmax at hidden
-100: 17 %). The padding
+read by gathers and sparse products, which gained nothing from padded rows (the hierarchical softmax
+at hidden 100 measured slower). The padding
 between views and at the end of rows is zero and stays zero (its gradients are zero; no update rule
 moves a zero weight with a zero gradient: SGD, Adam and its relatives, decay). A name listed in
 `column_major` is stored as the transpose of a (row-padded) tensor (its columns are contiguous: the
