@@ -136,8 +136,9 @@ class Flat(dict):
         """After the mean and the clipping: nothing to store back in a dense buffer."""
 
     def parts(self) -> list[Tensor]:
-        """The tensors a global norm runs over: every view."""
-        return list(self.values())
+        """The tensors a global norm runs over: every view — a padded matrix as its contiguous storage, whose
+        zero padding leaves the norm unchanged (a norm over a strided view runs 4× slower)."""
+        return [self.storage(name) if name in self.strides else view for name, view in self.items()]
 
     def div_(self, x: float | Tensor) -> None:
         self.data.div_(x)
