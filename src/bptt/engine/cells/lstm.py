@@ -13,7 +13,7 @@ first layer). Gates in PyTorch's order (i, f, g, o), each a block of m rows:
 
 PyTorch keeps two biases, b_ih and b_hh; they only ever appear summed, so bptt keeps one, b = b_ih + b_hh
 (export: bias_ih = b, bias_hh = 0). The forward overwrites A with the gate activations
-G = [i ; f ; g ; o] (the cache), and keeps C and H; tanh(c^t) is recomputed in the backward.
+G = [i ; f ; g ; o] (the cache), and keeps C, H and K = tanh(C), which the backward reads.
 
 The backward, in the seed's style (δ^t = ∂L/∂a^t, E^t = ∂L/∂c^t, dH^t = the error arriving at h^t from
 above), from t = T down to 1:
@@ -47,8 +47,9 @@ def tanh_derivative(y: Tensor) -> Tensor:
     return 1 - y * y
 
 
-def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A (T,B,4m) = U x^t, (h0, c0) (B,m) -> (H, C (T,B,m), G (T,B,4m) = [i;f;g;o]); G is A, overwritten.
+def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A (T,B,4m) = U x^t, (h0, c0) (B,m) -> (H, C, K = tanh(C) (T,B,m), G (T,B,4m) = [i;f;g;o]); G is A,
+    overwritten.
 
     a^t = A^t + b + W h^{t-1};  i, f, o = σ(·), g = tanh(·);  c^t = f ⊙ c^{t-1} + i ⊙ g;  h^t = o ⊙ tanh(c^t).
     Eight operations per step, on views made before the loop (one unbind per gate block: indexing
@@ -59,19 +60,19 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
     G = A
     if b is not None:
         G.add_(b)
-    H, C = A.new_empty(T, B, m), A.new_empty(T, B, m)
+    H, C, K = A.new_empty(T, B, m), A.new_empty(T, B, m), A.new_empty(T, B, m)
     Wt = W.t()
     steps = zip(G.unbind(0), G[..., : 2 * m].unbind(0), G[..., :m].unbind(0), G[..., m : 2 * m].unbind(0),
-                G[..., 2 * m : 3 * m].unbind(0), G[..., 3 * m :].unbind(0), C.unbind(0), H.unbind(0))
+                G[..., 2 * m : 3 * m].unbind(0), G[..., 3 * m :].unbind(0), C.unbind(0), K.unbind(0), H.unbind(0))
     h, c = h0, c0
-    for a, i_f, i, f, g, o, c_out, h_out in steps:
+    for a, i_f, i, f, g, o, c_out, k_out, h_out in steps:
         a.addmm_(h, Wt)  # a^t = U x^t + b + W h^{t-1}: one product for the four gates
         torch.sigmoid_(i_f)  # i, f
         torch.tanh_(g)
         torch.sigmoid_(o)
         c = torch.mul(f, c, out=c_out).addcmul_(i, g)  # c^t = f ⊙ c^{t-1} + i ⊙ g
-        h = torch.tanh(c, out=h_out).mul_(o)  # h^t = o ⊙ tanh(c^t)
-    return H, C, G
+        h = torch.mul(torch.tanh(c, out=k_out), o, out=h_out)  # h^t = o ⊙ tanh(c^t), tanh(c^t) kept
+    return H, C, K, G
 
 
 def gate_derivatives(G: Tensor, C_prev: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,8 +147,8 @@ class LSTMCell:
     gates: ClassVar[int] = 4
     options: ClassVar[tuple[str, ...]] = ("forget_bias",)
     embedding: ClassVar[bool] = True  # reads words through an embedding of size e (default m), like PyTorch's
-    # per position and unit, held from the forward to the end of the backward: G (4), C, H cached; in the
-    # backward tanh(c), c^{t-1}, h^{t-1}, Q (4), P (4), δ (4) and the next layer's error (1)
+    # per position and unit, held from the forward to the end of the backward: G (4), C, H, K = tanh(C)
+    # cached; in the backward c^{t-1}, h^{t-1}, Q (4), P (4), δ (4) and the next layer's error (1)
     cache_floats: ClassVar[int] = 18
 
     def __init__(self, forget_bias: float = 0.0):
@@ -173,20 +174,20 @@ class LSTMCell:
 
     @staticmethod
     def forward(params: dict[str, Tensor], A: Tensor, state0: CellState) -> tuple[Tensor, CellState, CellCache]:
-        """A (T,B,4m), (h^0, c^0) -> (H (T,B,m), (h^T, c^T), cache {"H", "C", "G"}); G is A, overwritten."""
-        H, C, G = lstm_forward(params["W"], params.get("b"), A, state0[0], state0[1])
-        return H, (H[-1], C[-1]), CellCache(state0, {"H": H, "C": C, "G": G})
+        """A (T,B,4m), (h^0, c^0) -> (H (T,B,m), (h^T, c^T), cache {"H", "C", "K", "G"}); G is A, overwritten."""
+        H, C, K, G = lstm_forward(params["W"], params.get("b"), A, state0[0], state0[1])
+        return H, (H[-1], C[-1]), CellCache(state0, {"H": H, "C": C, "K": K, "G": G})
 
     @staticmethod
     def backward(params: dict[str, Tensor], cache: CellCache, dH: Tensor, grads: dict[str, Tensor],
                  truncation: int | None = None) -> Tensor:
         """dH (T,B,m) -> dA (T,B,4m) = δ; accumulates dW, db."""
         W = params["W"]
-        H, C, G = cache.steps["H"], cache.steps["C"], cache.steps["G"]
+        H, C, K, G = cache.steps["H"], cache.steps["C"], cache.steps["K"], cache.steps["G"]
         h0, c0 = cache.state0
         T, B, m = H.shape
         C_prev = torch.cat((c0.unsqueeze(0), C[:-1]))
-        P, Q = gate_derivatives(G, C_prev, torch.tanh(C))
+        P, Q = gate_derivatives(G, C_prev, K)
         delta = lstm_deltas(W, G, P, Q, dH, truncation)
         H_prev = torch.cat((h0.unsqueeze(0), H[:-1])).view(T * B, m)
         flat = delta.view(T * B, 4 * m)
