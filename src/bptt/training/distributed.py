@@ -257,40 +257,13 @@ def agreed_signal(counts: list) -> int | None:
     return next((int(s) for s, n in zip(STOP_SIGNALS, counts) if n > 0), None)
 
 
-class GradientSum:
-    """The Reduction of data-parallel training (training/step.py): the flat gradient buffer summed over
-    the ranks in place (one all-reduce), and (loss, tokens, stop signals) in one small all-reduce.
-    `stop` gives this rank's pending stop signal; `signal` holds the one agreed on by the last step."""
-
-    sums_gradients = True  # TrainStep divides by the tokens of the whole batch
-
-    def __init__(self, stop: Callable[[], int | None]):
-        self.stop = stop
-        self.signal: int | None = None
-
-    def __call__(self, grads: Flat, loss: Tensor, tokens: int) -> tuple[Tensor, int]:
-        data = grads.data
-        small = torch.tensor([0.0, float(tokens), *signal_flags(self.stop())], dtype=torch.float64,
-                             device=data.device)
-        small[0] = loss.detach().reshape(())
-        with _collective("summing the gradients"):
-            works = [dist.all_reduce(data[s], op=dist.ReduceOp.SUM, async_op=True) for s in grads.dense]
-            dist.all_reduce(small, op=dist.ReduceOp.SUM)
-            for work in works:
-                work.wait()
-            for name in grads.sparse:  # row-sparse gradients (training/sparse_rows.py)
-                grads.ids[name], grads.row_values[name] = sum_rows(*grads.gathered(name))
-            values = small.tolist()
-        self.signal = agreed_signal(values[2:])
-        return small[0], int(values[1])
-
-
 class LocalSteps:
     """The Reduction of model averaging (`--average-every K`, Kaldi's "parallel training with model
     averaging"): the gradients stay on their rank, each rank divides by its own tokens, clips and updates
     its own copy of the model, and every K steps the trainer replaces weights and optimizer buffers by
     their mean over the ranks (Group.average). Per step only (loss, tokens, stop signals) travel, in one
-    small all-reduce, so the loss reported and the stop decisions are the whole run's as with GradientSum."""
+    small all-reduce, so the loss reported and the stop decisions are the whole run's, as with GradientSum.
+    `stop` gives this rank's pending stop signal; `signal` holds the one agreed on by the last step."""
 
     sums_gradients = False  # TrainStep divides by this rank's own tokens
 
@@ -298,15 +271,43 @@ class LocalSteps:
         self.stop = stop
         self.signal: int | None = None
 
-    def __call__(self, grads: Flat, loss: Tensor, tokens: int) -> tuple[Tensor, int]:
-        small = torch.tensor([0.0, float(tokens), *signal_flags(self.stop())], dtype=torch.float64,
-                             device=grads.data.device)
+    def _sums(self, loss: Tensor, tokens: int, device: torch.device) -> Tensor:
+        """(loss, tokens, this rank's stop-signal flags), float64, to be summed over the ranks."""
+        small = torch.tensor([0.0, float(tokens), *signal_flags(self.stop())], dtype=torch.float64, device=device)
         small[0] = loss.detach().reshape(())
-        with _collective("summing the loss"):
-            dist.all_reduce(small, op=dist.ReduceOp.SUM)
-            values = small.tolist()
+        return small
+
+    def _agreed(self, small: Tensor) -> tuple[Tensor, int]:
+        """The summed (loss, tokens, flags) -> (loss, tokens); the agreed stop signal kept in self.signal."""
+        values = small.tolist()
         self.signal = agreed_signal(values[2:])
         return small[0], int(values[1])
+
+    def __call__(self, grads: Flat, loss: Tensor, tokens: int) -> tuple[Tensor, int]:
+        small = self._sums(loss, tokens, grads.data.device)
+        with _collective("summing the loss"):
+            dist.all_reduce(small, op=dist.ReduceOp.SUM)
+            return self._agreed(small)
+
+
+class GradientSum(LocalSteps):
+    """The Reduction of data-parallel training (training/step.py): the flat gradient buffer summed over
+    the ranks in place (one all-reduce), beside LocalSteps' small all-reduce of (loss, tokens, stop
+    signals)."""
+
+    sums_gradients = True  # TrainStep divides by the tokens of the whole batch
+
+    def __call__(self, grads: Flat, loss: Tensor, tokens: int) -> tuple[Tensor, int]:
+        data = grads.data
+        small = self._sums(loss, tokens, data.device)
+        with _collective("summing the gradients"):
+            works = [dist.all_reduce(data[s], op=dist.ReduceOp.SUM, async_op=True) for s in grads.dense]
+            dist.all_reduce(small, op=dist.ReduceOp.SUM)
+            for work in works:
+                work.wait()
+            for name in grads.sparse:  # row-sparse gradients (training/sparse_rows.py)
+                grads.ids[name], grads.row_values[name] = sum_rows(*grads.gathered(name))
+            return self._agreed(small)
 
 
 def sum_rows(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

@@ -163,14 +163,11 @@ class Trainer:
         generator = None  # dropout's masks come from their own generator, saved in every checkpoint
         if self.model.net.dropout.active:
             generator = dropout_generator(config.seed, self.model.device)
-        # several ranks: the gradients summed over them, with the loss, the tokens and a stop signal; or, with
-        # --average-every K, the gradients left local and the models averaged every K steps
-        self._average_every = config.average_every if self.dist.active else 0
-        self._since_average = 0  # local steps since the models were last averaged
-        self._reduction = self.dist.reduction(lambda: self._stop_signal, self._average_every)
         self.stepper = TrainStep(self.model, self.optimizer, k1=config.k1, k2=config.k2, truncation=config.truncation,
                                  ar=config.ar, tar=config.tar, clip=config.clip, independent=config.independent,
-                                 generator=generator, reduce=self._reduction or no_reduction)
+                                 generator=generator)
+        self._since_average = 0  # local steps since the models were last averaged (--average-every)
+        self._use_reduction()
         self.static_step = StaticTrainStep(self.stepper) if config.graph else None  # --graph
         self.lr = config.initial_lr
         self.best = self.model.flat.like(self.model.flat.data.clone())  # the best weights on valid so far
@@ -321,6 +318,14 @@ class Trainer:
             if self._since_average >= self._average_every:
                 self._average()
         return True
+
+    def _use_reduction(self) -> None:
+        """The step's Reduction for config.average_every: several ranks sum their gradients, with the loss,
+        the tokens and a stop signal (GradientSum); with --average-every K they keep them and the models are
+        averaged every K steps (LocalSteps); one process needs none (step.no_reduction)."""
+        self._average_every = self.config.average_every if self.dist.active else 0
+        self._reduction = self.dist.reduction(lambda: self._stop_signal, self._average_every)
+        self.stepper.reduce = self._reduction or no_reduction
 
     def _average(self) -> None:
         """Model averaging (--average-every): the weights and the optimizer's buffers replaced by their mean
@@ -673,9 +678,7 @@ class Trainer:
         self.stepper.set_penalties(self.config.ar, self.config.tar)
         if "average_every" in options:  # between steps, with every rank holding the same model
             self._average()
-            self._average_every = self.config.average_every if self.dist.active else 0
-            self._reduction = self.dist.reduction(lambda: self._stop_signal, self._average_every)
-            self.stepper.reduce = self._reduction or no_reduction
+            self._use_reduction()
 
 
 def _engine_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
