@@ -314,3 +314,16 @@ def test_the_memory_guard_counts_the_gathered_rows(output):
     assert est.parts["row-sparse rows"] <= 1.25 * 4 * sum(model.flat.rows(n).numel() for n in model.net.row_sparse()) * 8
     dense = estimate_training_memory(cfg, batch=4, k1=5, k2=7, optimizer="adam", word_counts=COUNTS)
     assert dense.parts["row-sparse rows"] == 0
+
+
+def test_row_sparse_matrices_must_be_unpadded():
+    """A row-sparse matrix's runs of rows are updated by fused rules that read memory, not strides: the
+    optimizer refuses one stored with padded rows, and a model stores its row-sparse matrices unpadded."""
+    flat = Flat({"E": (4, 3), "W": (3, 3)}, dtype=torch.float32, device="cpu")
+    assert "E" in flat.strides
+    with pytest.raises(ValueError, match="row padding"):
+        make_optimizer("sgd", flat, lr=0.1, sparse_rows=("E",))
+    make_optimizer("sgd", Flat({"E": (4, 3), "W": (3, 3)}, dtype=torch.float32, device="cpu", unpadded=("E",)),
+                   lr=0.1, sparse_rows=("E",))
+    model = model_of(output="class", cell="lstm", embedding=6)
+    assert model.net.row_sparse() and not set(model.net.row_sparse()) & set(model.flat.strides)

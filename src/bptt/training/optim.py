@@ -95,6 +95,9 @@ class Optimizer:
         unknown = [n for n in self.sparse_rows if n not in params or params[n].dim() != 2]
         if unknown:
             raise ValueError(f"sparse_rows names no matrix of the model: {unknown}")
+        padded = [n for n in self.sparse_rows if n in params.strides]
+        if padded:  # their runs of rows must be contiguous: the fused rules read memory, not strides
+            raise ValueError(f"row-sparse matrices are stored without row padding (Flat's unpadded): {padded}")
         if self.sparse_rows and capturable:
             raise ValueError("row-sparse updates cannot be captured (their shapes change from step to step)")
         data = params.data
@@ -128,10 +131,9 @@ class Optimizer:
         else:
             self._torch = torch.optim.RMSprop(groups or _placeholder(data), lr=lr, alpha=hyper.get("alpha", 0.99),
                                               eps=hyper.get("eps", 1e-8), **kind)
-        # the row-sparse matrices' buffers, (rows, stride) like Flat.storage (the padding stays zero): name ->
-        # torch.optim state key -> tensor; self._rows_of gives their (rows, width) part, as Flat.rows
+        # the row-sparse matrices' buffers, (rows, width) like Flat.rows: name -> torch.optim state key -> tensor
         self.sparse_state: dict[str, dict[str, Tensor]] = {
-            name: {theirs: torch.zeros_like(params.storage(name)) for theirs in BUFFERS[self.rule].values()}
+            name: {theirs: torch.zeros_like(params.rows(name)) for theirs in BUFFERS[self.rule].values()}
             for name in self.sparse_rows}
         self._space = {name: {k: RowBuffer(params.rows(name)) for k in ("param", *BUFFERS[self.rule].values())}
                        for name in self.sparse_rows}  # where the rows are gathered for the update
@@ -187,16 +189,14 @@ class Optimizer:
                 and not isinstance(lr, Tensor)):
             rows.index_add_(0, ids, grads.row_values[name], alpha=-lr)  # p ← p − lr·g on the rows: nothing gathered
             return
-        if runs is not None:  # whole rows of the storage, padding included: contiguous, as fused rules need
-            p_rows, g_rows = self.params.storage(name), grads.storage(name)
-            p = [p_rows[a:b] for a, b in runs]
-            g = [g_rows[a:b] for a, b in runs]
+        if runs is not None:  # views of runs of consecutive rows: contiguous (the matrix is unpadded)
+            p = [rows[a:b] for a, b in runs]
             state = {k: [v[a:b] for a, b in runs] for k, v in buffers.items()}
         else:
             space = self._space[name]
             p = [space["param"].gather(rows, ids)]
-            state = {k: [space[k].gather(self._rows_of(v, rows), ids)] for k, v in buffers.items()}
-            g = grads.row_views(name)
+            state = {k: [space[k].gather(v, ids)] for k, v in buffers.items()}
+        g = grads.row_views(name)
         wd = self.weight_decay
         if self.adamw and wd:
             g = [gi + wd * pi for gi, pi in zip(g, p)]  # AdamW + coupled L2
@@ -206,12 +206,7 @@ class Optimizer:
         if runs is None:
             rows.index_copy_(0, ids, p[0])
             for k, v in buffers.items():
-                self._rows_of(v, rows).index_copy_(0, ids, state[k][0])
-
-    @staticmethod
-    def _rows_of(buffer: Tensor, rows: Tensor) -> Tensor:
-        """A row-sparse buffer (rows, stride) -> its (rows, width) part, the shape of Flat.rows."""
-        return buffer[:, : rows.shape[1]]
+                v.index_copy_(0, ids, state[k][0])
 
     def _functional(self, p: list[Tensor], g: list[Tensor], state: dict[str, list[Tensor]], lr: float | Tensor) -> None:
         """torch.optim's functional form of the rule over lists of tensors (updated in place), at step self.t."""
@@ -247,7 +242,7 @@ class Optimizer:
             for piece, segment in zip(pieces, self.segments):
                 flat.data[segment] = piece
             for name, buffers in self.sparse_state.items():
-                flat.storage(name).copy_(buffers[theirs])
+                flat.rows(name).copy_(buffers[theirs])
             out[ours] = flat
         return out
 
@@ -277,7 +272,7 @@ class Optimizer:
     def _buffer_view(self, name: str, shape: tuple[int, ...], pieces: list[Tensor], theirs: str) -> Tensor:
         """Parameter `name`'s part of a buffer of the rule, as a view in the parameter's shape and layout."""
         if name in self.sparse_state:
-            rows = self._rows_of(self.sparse_state[name][theirs], self.params.rows(name))  # as Flat.rows
+            rows = self.sparse_state[name][theirs]  # (rows, width), as Flat.rows
             return rows.t() if name in self.params.column_major else rows
         a, b = self.params.offsets[name]
         segment, piece = next((s, p) for s, p in zip(self.segments, pieces) if s.start <= a and b <= s.stop)
@@ -308,7 +303,7 @@ class Optimizer:
                 else:
                     state[theirs] = flat.data[segment].clone()
             for name, buffers in self.sparse_state.items():
-                buffers[theirs].copy_(flat.storage(name))
+                buffers[theirs].copy_(flat.rows(name))
         for tensor in self.tensors:
             state = self._torch.state[tensor]
             if self.rule == "sgd":
