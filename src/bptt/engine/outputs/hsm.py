@@ -94,11 +94,7 @@ def huffman_arrays(counts) -> tuple[Tensor, Tensor, Tensor]:
 
 def huffman_tree(counts) -> tuple[list[list[int]], list[list[int]]]:
     """counts (V,) -> (paths, codes) as lists: per word, huffman_arrays' nodes and bits without the padding."""
-    return unpad_paths(*huffman_arrays(counts))
-
-
-def unpad_paths(nodes: Tensor, bits: Tensor, mask: Tensor) -> tuple[list[list[int]], list[list[int]]]:
-    """(V,D) padded paths -> per-word lists of nodes and of bits."""
+    nodes, bits, mask = huffman_arrays(counts)
     lengths = mask.sum(dim=1).tolist()
     return ([row[:n] for row, n in zip(nodes.tolist(), lengths)],
             [row[:n] for row, n in zip(bits.tolist(), lengths)])
