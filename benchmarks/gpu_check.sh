@@ -6,7 +6,9 @@
 #      keeps its best-on-valid model), then evaluated on the test set (static, and dynamic at 5e-5).
 # Env: RUNS_FILE (default benchmarks/gpu_runs/sweep3.txt, the next one to run), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py),
 #      SKIP_GRAPH_TRAIN=1 (the `bptt train --graph` timing),
-#      SKIP_TORCHRUN=1 (the torchrun run, one rank per GPU: NCCL with more than one).
+#      SKIP_TORCHRUN=1 (the torchrun run, one rank per GPU: NCCL with more than one; one GPU is world size 1,
+#      which starts no process group), SKIP_DYNAMIC=1 (no dynamic
+#      evaluation of the runs), WORK (default /tmp/gpu_check_work: the model directories that are not brought back).
 # Usage: benchmarks/gpu_check.sh PTB_DIR OUT_DIR [TRAIN_UNTIL]   (run from the repository root)
 # The training runs stop TRAIN_UNTIL seconds (default 470) after the script's start, so that the whole script
 # ends within about TRAIN_UNTIL + 70 s (one device call).
@@ -15,7 +17,8 @@ set -u
 PTB=$1; OUT=$2; TRAIN_UNTIL=${3:-470}
 DEVICE=${DEVICE:-cuda}; PRESET=${PRESET:-gpu}  # DEVICE=cpu PRESET=layers: a dry run of the plumbing on a CPU
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-mkdir -p "$OUT/runs"
+WORK=${WORK:-/tmp/gpu_check_work}  # model directories of the timing runs: they stay on the device (files back are few)
+mkdir -p "$OUT/runs" "$WORK"
 {
   date; nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, safetensors, numpy, tqdm; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
@@ -46,9 +49,12 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     # issue 17: the LSTM and the GRU against cuDNN (goal >= 1x at V 10k, m 650, 2 layers, B 64, T 35)
     echo "== bench --cell lstm/gru --layers 2 $(date +%T)" >> "$OUT/summary.txt"
     for cell in lstm gru; do
-      timeout 120 python3 -m bptt bench --device cuda --cell $cell --layers 2 \
-        --config V=10000,m=650,B=64,T=35 --config V=10000,m=200,B=20,T=35 --steps ${BENCH_STEPS:-100} --warmup 5 \
-        --rounds 4 --json >> "$OUT/bench_cells.jsonl" 2>&1
+      for g in "" --graph; do
+        echo "-- $cell $g" >> "$OUT/bench_cells.jsonl"
+        timeout 120 python3 -m bptt bench --device cuda --cell $cell --layers 2 $g \
+          --config V=10000,m=650,B=64,T=35 --config V=10000,m=200,B=20,T=35 --steps ${BENCH_STEPS:-100} --warmup 5 \
+          --rounds 4 --json >> "$OUT/bench_cells.jsonl" 2>&1
+      done
     done
     table "$OUT/bench_cells.jsonl"
   fi
@@ -57,16 +63,16 @@ fi
 if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GRAPH_TRAIN:-}" ]; then  # issue 16: `bptt train --graph` against the plain step
   echo "== train --graph vs plain, 400 steps, V 10k m 200 B 32 T 35, Adam $(date +%T)" >> "$OUT/summary.txt"
   for g in "" "--graph"; do
-    timeout 150 python3 -m bptt train --train "$PTB/ptb.train.txt" --valid "$PTB/ptb.valid.txt" --model "$OUT/graph$g" \
+    timeout 150 python3 -m bptt train --train "$PTB/ptb.train.txt" --valid "$PTB/ptb.valid.txt" --model "$WORK/graph$g" \
       --hidden 200 --batch 32 --bptt 35 --max-steps 400 --device cuda $g --quiet >> "$OUT/summary.txt" 2>&1
   done
 fi
 if [ "$DEVICE" = cuda ] && [ -z "${SKIP_TORCHRUN:-}" ]; then  # issue 18: the torchrun/NCCL path, one rank per GPU
   NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
   echo "== torchrun --nproc-per-node $NGPU (NCCL when > 1), 400 steps, V 10k m 200 B 32 T 35 $(date +%T)" >> "$OUT/summary.txt"
-  timeout 150 torchrun --standalone --nproc-per-node "$NGPU" -m bptt train --train "$PTB/ptb.train.txt"     --valid "$PTB/ptb.valid.txt" --model "$OUT/torchrun" --hidden 200 --batch 32 --bptt 35 --max-steps 400     --device cuda --quiet >> "$OUT/summary.txt" 2>&1
+  timeout 150 torchrun --standalone --nproc-per-node "$NGPU" -m bptt train --train "$PTB/ptb.train.txt"     --valid "$PTB/ptb.valid.txt" --model "$WORK/torchrun" --hidden 200 --batch 32 --bptt 35 --max-steps 400     --device cuda --quiet >> "$OUT/summary.txt" 2>&1
   python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('torchrun state: step', s['global_step'], 'tokens', s['epoch_tokens'], 'seconds', round(s['epoch_seconds'],1))" \
-    "$OUT/torchrun/checkpoint/config.json" >> "$OUT/summary.txt" 2>&1
+    "$WORK/torchrun/checkpoint/config.json" >> "$OUT/summary.txt" 2>&1
 fi
 
 echo "== mps $(date +%T)" >> "$OUT/summary.txt"
@@ -109,7 +115,7 @@ for name in "${!RUNS[@]}"; do
     > "$OUT/runs/$name.test.json" 2>&1 &
 done
 wait
-for name in "${!RUNS[@]}"; do  # rnnlm-style dynamic evaluation at the rate chosen on PTB valid (docs/results.md)
+[ -z "${SKIP_DYNAMIC:-}" ] && for name in "${!RUNS[@]}"; do  # rnnlm-style dynamic evaluation at the rate chosen on PTB valid (docs/results.md)
   timeout 120 python3 -m bptt eval --model "$OUT/runs/$name" --test "$PTB/ptb.test.txt" --device $DEVICE --json \
     --dynamic 5e-5 > "$OUT/runs/$name.dynamic.json" 2>&1 &
 done

@@ -46,6 +46,7 @@ OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
 BUFFERS = {"sgd": {}, "adam": {"m": "exp_avg", "v": "exp_avg_sq"}, "adagrad": {"sum": "sum"},
            "rmsprop": {"sq": "square_avg"}}  # our checkpoint names -> torch.optim's state keys
 FUSED = ("sgd", "adam", "adagrad")  # rules with a fused kernel in torch.optim
+FUSED_CPU_ONLY = ("adagrad",)  # torch.optim's fused Adagrad runs on the CPU only (CUDA: foreach)
 
 
 @torch.no_grad()
@@ -112,7 +113,8 @@ class Optimizer:
         for tensor, decays_ in zip(self.tensors, decays):
             wd = (self.decoupled_weight_decay if self.adamw else coupled) if decays_ else 0.0
             groups.append({"params": [tensor], "weight_decay": wd})
-        kind: dict[str, bool] = {"fused": True} if self.rule in FUSED else {"foreach": True}
+        self.fused = self.rule in FUSED and (data.device.type == "cpu" or self.rule not in FUSED_CPU_ONLY)
+        kind: dict[str, bool] = {"fused": True} if self.fused else {"foreach": True}
         if capturable and self.rule in ("adam", "rmsprop"):  # their step count lives on the device
             kind["capturable"] = True
         self.capturable = capturable
@@ -211,7 +213,7 @@ class Optimizer:
     def _functional(self, p: list[Tensor], g: list[Tensor], state: dict[str, list[Tensor]], lr: float | Tensor) -> None:
         """torch.optim's functional form of the rule over lists of tensors (updated in place), at step self.t."""
         group, wd = self._torch.defaults, self.weight_decay
-        fused = self.rule in FUSED
+        fused = self.fused
         steps = list(torch.full((len(p),), float(self.t - 1), dtype=torch.float32,
                                 device=p[0].device if fused else "cpu").unbind())  # one per tensor: each is advanced
         if self.rule == "sgd":
@@ -310,7 +312,7 @@ class Optimizer:
                 continue
             step = state.get("step")
             if step is None:
-                on_device = self.capturable or self.rule in FUSED
+                on_device = self.capturable or self.fused
                 state["step"] = torch.tensor(float(t), dtype=torch.float32,
                                              device=tensor.device if on_device else "cpu")
             else:

@@ -142,7 +142,9 @@ class StaticTrainStep:
             raise ValueError("--graph needs continuous streams with k2 = k1 (no --independent, no --bptt-block)")
         self.step, self.capture = step, capture
         self.engine, self.optimizer = step.engine, step.optimizer
-        self.lr = torch.zeros((), dtype=torch.float64, device=step.model.flat.data.device)  # read by the update
+        data = step.model.flat.data  # the rate, read by the update: float64 on the CPU; on CUDA torch's fused
+        # kernels take it in the parameters' dtype
+        self.lr = torch.zeros((), dtype=torch.float64 if data.device.type == "cpu" else data.dtype, device=data.device)
         self.engine.check_inputs = False  # the caller checks the block on the host, before it is copied in
         self._graphed: GraphedStep | None = None
         self._shape: tuple[int, ...] | None = None
