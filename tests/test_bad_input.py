@@ -364,7 +364,7 @@ BAD_OPTIONS = [
     (TRAIN + ["--embedding", "-4"], "--embedding"),
     (TRAIN + ["--cell", "lstm", "--embedding", "7", "--tie"], "--tie"),  # the embedding is V: e must be m
     (TRAIN + ["--cell", "lstm", "--embedding", "0", "--tie"], "--tie"),  # U (4m,V) is not Vᵀ
-    (TRAIN + ["--dropout", "0.5", "--graph"], "--graph"),
+    (TRAIN + ["--output", "class", "--graph"], "--graph"),
     (TRAIN + ["--schedule", "step", "--decay-start", "-1"], "--decay-start"),
     (TRAIN + ["--unit", "byte"], "--unit"),
     (TRAIN + ["--schedule", "cosine"], "--schedule"),

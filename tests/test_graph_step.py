@@ -43,8 +43,10 @@ def _state(directory):
     dict(optimizer="adam", weight_decay=0.2, truncation=2, direct=300, direct_order=3),
     dict(cell="lstm", layers=2, optimizer="sgd", lr=20.0, clip=0.25, sparse_updates="off"),
     dict(cell="gru", layers=2, optimizer="adam", lr=0.01, clip=0.1, sparse_updates="off"),
+    dict(cell="lstm", layers=2, dropout=0.4, dropout_embedding=0.2, optimizer="sgd", lr=2.0, sparse_updates="off"),
+    dict(cell="gru", layers=2, dropout=0.3, variational=True, tied=True, optimizer="adam"),
 ], ids=["adam", "sgd-decoupled", "adagrad-l2", "rmsprop-ar-tar", "adamw-truncation-direct", "lstm-sgd-clipped",
-        "gru-adam-clipped"])
+        "gru-adam-clipped", "lstm-dropout", "gru-variational-tied"])
 def test_the_static_step_is_the_plain_step_bit_for_bit(corpus, tmp_path, options):
     plain = Trainer(_config(corpus, tmp_path / "plain", **options))
     static = Trainer(_config(corpus, tmp_path / "static", graph=True, **options))
@@ -65,7 +67,7 @@ def test_the_static_step_is_the_plain_step_bit_for_bit(corpus, tmp_path, options
 DROPOUT = dict(cell="lstm", layers=2, dropout=0.3, variational=True, sparse_updates="off")
 
 
-@pytest.mark.parametrize("options", [dict(), dict(cell="lstm", layers=2, sparse_updates="off")], ids=["elman", "lstm"])
+@pytest.mark.parametrize("options", [dict(), DROPOUT], ids=["elman", "lstm-dropout"])
 def test_a_rollback_in_the_static_step_restores_in_place(corpus, tmp_path, options):
     """A step whose gradients are not finite: the static step has already applied it; the rollback puts
     the saved state back into the same tensors (what a graph reads), and the run ends like the plain
@@ -96,7 +98,7 @@ def test_a_rollback_in_the_static_step_restores_in_place(corpus, tmp_path, optio
             assert torch.equal(runs["plain"][key], runs["static"][key]), key
 
 
-@pytest.mark.parametrize("options", [dict(), dict(cell="lstm", layers=2, sparse_updates="off")], ids=["elman", "lstm"])
+@pytest.mark.parametrize("options", [dict(), DROPOUT], ids=["elman", "lstm-dropout"])
 def test_resume_of_a_static_run_is_exact(corpus, tmp_path, options):
     full = Trainer(_config(corpus, tmp_path / "full", graph=True, **options))
     full.run()

@@ -171,7 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph", action="store_true",
                         help="replay each block's whole training step (forward, backward, clipping, update) as one "
                         "CUDA graph: one launch instead of hundreds (--device cuda; continuous streams without "
-                        "--bptt-block, --output softmax); on the CPU the same static step runs eagerly")
+                        "--bptt-block, --output softmax; dropout's masks drawn before each replay); on the CPU the same static "
+                        "step runs eagerly")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                         help="save the training state every N steps (it is always saved at each epoch's end)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",

@@ -59,6 +59,9 @@ class TruncatedBPTT:
         # training, training/distributed.py); the masks are drawn for the whole batch and these columns kept,
         # so that each part of the batch is dropped exactly as in one process. None: the block is the batch.
         self.columns: tuple[int, int, int] | None = None
+        # masks drawn by the caller ahead of the step and read from fixed tensors (a step replayed as a CUDA
+        # graph, training/step.py StaticTrainStep), used instead of fresh ones; None: step() draws its own
+        self.fixed_masks: Masks | None = None
         self.reset()
 
     def masks(self, T: int, B: int) -> Masks | None:
@@ -166,7 +169,8 @@ class TruncatedBPTT:
             raise ValueError(f"the stream has {self.state.batch_size} parallel streams, this block has {B}; call reset()")
         net, params = model.net, model.params
         zero_(self.grads)
-        H, new_state, cache = self.stream.advance(inputs, self.masks(T, B))
+        masks = self.fixed_masks if self.fixed_masks is not None else self.masks(T, B)
+        H, new_state, cache = self.stream.advance(inputs, masks)
         loss, dH = output_errors(net.output, params, H, targets, self.grads, weights=weights, features=cache.features)
         if self.ar or self.tar:  # the block's own states only; the carried history has no new errors
             activation_penalty_backward(H, weights, self.ar, self.tar, dH)

@@ -126,8 +126,6 @@ class TrainConfig:
             if self.independent or (self.bptt_block is not None and self.bptt_block != self.bptt):
                 raise ValueError("--graph needs continuous streams with one window per block (no --independent, "
                                  "no --bptt-block)")
-            if self.model_config.dropout or self.model_config.input_dropout:
-                raise ValueError("--graph does not take --dropout (the masks are drawn outside the captured step)")
             if self.model_config.output != "softmax":
                 raise ValueError(f"--graph needs --output softmax (the {self.model_config.output!r} layer's shapes or "
                                  "noise depend on the data), got " + repr(self.model_config.output))

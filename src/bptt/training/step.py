@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from bptt.engine.dropout import Masks
 from bptt.engine.flat import Flat
 from bptt.engine.sweep import loss_and_grads
 from bptt.engine.tbptt import TruncatedBPTT
@@ -149,6 +150,7 @@ class StaticTrainStep:
         self._graphed: GraphedStep | None = None
         self._shape: tuple[int, ...] | None = None
         self.captured: list[Tensor] = []
+        self._masks: Masks | None = None  # dropout: the fixed tensors the step reads its masks from
 
     def _static_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss, norm, _ = self.step.forward_backward(x, y)
@@ -159,17 +161,41 @@ class StaticTrainStep:
         """Every tensor the step changes in place: the weights, the optimizer's buffers, the carried state."""
         return [self.step.model.flat.data, *self.optimizer.state_tensors(), *self.engine.state.tensors().values()]
 
+    def _draw_masks(self, T: int, B: int) -> None:
+        """Dropout: the block's masks drawn now, eagerly, from the engine's generator (the same draws, in the
+        same order, as the plain step makes inside its step), into the fixed tensors the step reads; a
+        variational mask keeps its layout, one (1,B,n) tensor expanded over T."""
+        masks = self.engine.masks(T, B)
+        if masks is None:
+            return
+        if self._masks is None:
+            self._masks = {site: m[:1].clone().expand_as(m) if m.stride(0) == 0 else m.clone()
+                           for site, m in masks.items()}
+            self.engine.fixed_masks = self._masks
+            return
+        for site, m in masks.items():
+            buffer = self._masks[site]
+            if buffer.stride(0) == 0:
+                buffer[:1].copy_(m[:1])  # the expanded tensor's one row
+            else:
+                buffer.copy_(m)
+
     def run(self, x: Tensor, y: Tensor, lr: float) -> tuple[float, float, int]:
         x, y, _ = self.step.model.prepare(x, y)  # the word-id check on the host's copy, then to the device
-        B = x.shape[1]
+        T, B = x.shape
         if self.engine.restarting:
             self.engine.start(B)  # zeroes the carried state in place: the graph reads the same tensors
         self.lr.fill_(float(lr))
         if self._shape is None:
             self._shape = tuple(x.shape)
-        if tuple(x.shape) != self._shape:  # another shape: the same operations, eagerly
-            loss, norm = self._static_step(x, y)
+        if tuple(x.shape) != self._shape:  # another shape: the same operations, eagerly, fresh masks
+            fixed, self.engine.fixed_masks = self.engine.fixed_masks, None
+            try:
+                loss, norm = self._static_step(x, y)
+            finally:
+                self.engine.fixed_masks = fixed
         else:
+            self._draw_masks(T, B)  # before the graph is captured too: its warm-up steps read them
             if self._graphed is None:
                 self.optimizer.load_state_dict(self.optimizer.state_dict())  # its buffers exist before the capture
                 t = self.optimizer.t
