@@ -83,3 +83,22 @@ def test_force_deletes_the_kept_epochs_of_the_run_it_replaces(tmp_path):
     assert kept_epochs(tmp_path / "m")
     assert main([*base, "--epochs", "1", "--force"]) == 0
     assert kept_epochs(tmp_path / "m") == [] and not (tmp_path / "m" / "epochs").exists()
+
+
+def test_keep_epochs_can_be_switched_on_when_resuming(tmp_path):
+    """`bptt train --resume DIR --keep-epochs`: the epochs from the resume on are kept (a long run started
+    without the option can still be averaged), and a later resume without the option keeps keeping them."""
+    train = write_corpus(tmp_path / "t.txt", 60, 0)
+    model = tmp_path / "m"
+    base = ["train", "--train", train, "--valid", train, "--model", str(model), "--hidden", "6", "--batch", "2",
+            "--bptt", "4", "--quiet", "--optimizer", "sgd", "--lr", "0.5", "--min-improvement", "1.0"]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert kept_epochs(model) == []
+    assert main(["train", "--resume", str(model), "--epochs", "3", "--keep-epochs", "--quiet"]) == 0
+    metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
+    accepted = [r["epoch"] for r in metrics if r.get("accepted") and r["epoch"] > 1]
+    assert kept_epochs(model) == accepted and accepted
+    assert main(["train", "--resume", str(model), "--epochs", "4", "--quiet"]) == 0
+    metrics = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
+    assert kept_epochs(model) == [r["epoch"] for r in metrics if r.get("accepted") and r["epoch"] > 1]
+    assert 4 in [r["epoch"] for r in metrics if "epoch" in r]

@@ -129,9 +129,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "whose loss or gradients are not finite, is undone: back to the last checkpoint, "
                         "rate halved; 0 = no norm bound (default 1000)")
     parser.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on weight matrices")
-    parser.add_argument("--keep-epochs", action="store_true",
+    parser.add_argument("--keep-epochs", action="store_true", default=None,
                         help="also keep every accepted epoch's weights as a model in DIR/epochs/epoch-N, for "
-                        "bptt average (checkpoint averaging) or to evaluate any epoch")
+                        "bptt average (checkpoint averaging) or to evaluate any epoch; with --resume: from the "
+                        "next epoch on")
     parser.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
                         help="decoupled weight decay on weight matrices (AdamW with adam): w *= 1 - lr*LAMBDA "
                         "every step; unlike --l2 it is not divided by Adam's sqrt(v), so rare words' rows "
@@ -208,7 +209,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         bptt_block=args.bptt_block, truncation=args.truncation, independent=args.independent,
         epochs=TrainConfig.epochs if args.epochs is None else args.epochs, lr=args.lr, optimizer=args.optimizer,
         clip=TrainConfig.clip if args.clip is None else args.clip, ar=args.ar or 0.0, tar=args.tar or 0.0,
-        l2=args.l2, weight_decay=args.weight_decay, keep_epochs=args.keep_epochs,
+        l2=args.l2, weight_decay=args.weight_decay, keep_epochs=bool(args.keep_epochs),
         max_grad_norm=args.max_grad_norm,
         min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
         halving_factor=args.halving_factor, schedule=args.schedule, decay_start=args.decay_start, lr_decay=args.lr_decay,

@@ -661,11 +661,12 @@ class Trainer:
         self.schedule.min_improvement = float(new.min_improvement)
         self.done = False
 
-    ADJUSTABLE = ("clip", "ar", "tar", "average_every")
+    ADJUSTABLE = ("clip", "ar", "tar", "average_every", "keep_epochs")
 
     def adjust(self, **options: float) -> None:
         """New values of the options in ADJUSTABLE (clipping threshold, AR and TAR strengths, how several
-        ranks combine their work) for the steps from here on, e.g. adjust(clip=0); saved with the state, so a later resume keeps them.
+        ranks combine their work, whether accepted epochs are kept for `bptt average`) for the steps from
+        here on, e.g. adjust(clip=0); saved with the state, so a later resume keeps them.
         Nothing else changes: the run goes on where it stood."""
         unknown = sorted(set(options) - set(self.ADJUSTABLE))
         if unknown:
