@@ -11,7 +11,7 @@ import torch
 
 from bptt import ElmanLM
 from bptt.verify import finite_difference_grads
-from bptt.engine.outputs.hsm import HierarchicalSoftmaxOutput, huffman_tree
+from bptt.engine.outputs.hsm import HierarchicalSoftmaxOutput, _group_by_node, huffman_tree
 from conftest import (
     assert_normalized_and_matches_loss,
     check_layer_against_autograd,
@@ -255,3 +255,15 @@ def test_sparse_path_equals_the_padded_path(weighted, bias):
     for k in params:
         torch.testing.assert_close(g_s[k], g_p[k], rtol=1e-12, atol=1e-14)
     assert len(set(y.tolist())) < N and int(layer.mask.sum(1).max()) > 2 * int(layer.mask.sum(1).min())
+
+
+@pytest.mark.parametrize("nodes", [9_999, 65_536, 70_000])
+def test_pairs_are_grouped_by_node_stably_either_way(nodes):
+    """The radix sort (numpy, 16-bit keys, up to 65,536 nodes) and torch's sort (more nodes) both give the
+    stable order: within a node, the pairs in their original (position) order."""
+    g = torch.Generator().manual_seed(nodes)
+    pair_nodes = torch.cat((torch.randint(0, nodes, (3000,), generator=g), torch.zeros(500, dtype=torch.int64),
+                            torch.full((300,), nodes - 1)))[torch.randperm(3800, generator=g)]
+    order = _group_by_node(pair_nodes, nodes)
+    assert order.dtype == torch.int64
+    assert torch.equal(order, torch.argsort(pair_nodes, stable=True))

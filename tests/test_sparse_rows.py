@@ -25,7 +25,7 @@ from bptt.model import ModelConfig, build_model
 from bptt.training import sparse_rows
 from bptt.training.optim import make_optimizer
 from bptt.training.resources import estimate_training_memory
-from bptt.training.sparse_rows import RowSparseGrads, choose, consecutive_runs, dense_slices
+from bptt.training.sparse_rows import RowSparseGrads, choose, consecutive_runs, dense_slices, distinct_rows, run_count
 from bptt.training.step import TrainStep
 
 V = 40
@@ -327,3 +327,18 @@ def test_row_sparse_matrices_must_be_unpadded():
                    lr=0.1, sparse_rows=("E",))
     model = model_of(output="class", cell="lstm", embedding=6)
     assert model.net.row_sparse() and not set(model.net.row_sparse()) & set(model.flat.strides)
+
+
+@pytest.mark.parametrize("n, rows", [(0, 50), (3, 1000), (40, 50), (5000, 600), (7, 7)])
+def test_distinct_rows_are_torch_unique_by_count_or_by_sort(n, rows):
+    """Both ways (a count per row for many ids, a sort for few) give torch.unique's increasing ids."""
+    ids = torch.randint(0, rows, (n,), generator=torch.Generator().manual_seed(n))
+    ids[: min(n, 2)] = rows - 1  # the last row, and a repeat
+    got = distinct_rows(ids, rows)
+    assert got.dtype == torch.int64 and torch.equal(got, torch.unique(ids))
+
+
+@pytest.mark.parametrize("ids", [[], [4], [0, 1, 2], [0, 2, 3, 9], [5, 6, 8, 9, 10, 20]])
+def test_run_count_is_the_number_of_consecutive_runs(ids):
+    ids = torch.tensor(ids, dtype=torch.int64)
+    assert run_count(ids) == len(consecutive_runs(ids))

@@ -29,14 +29,13 @@ def elman_forward(W: Tensor, b: Tensor | None, F: HiddenActivation, A: Tensor, h
     s^t = F(a^t)
     The loop does one (B,m)×(m,m) product per step, written in place into A: no allocation per step.
     """
-    T = A.shape[0]
     S = A
     if b is not None:
         S.add_(b)
     Wt = W.t()
     s = h0
-    for t in range(T):
-        a = S[t].addmm_(s, Wt)  # a^t = U x^t + b + s^{t-1} Wᵀ
+    for a in S.unbind(0):  # the steps' views made once (indexing inside the loop costs host time per step)
+        a.addmm_(s, Wt)  # a^t = U x^t + b + s^{t-1} Wᵀ
         s = F.forward_(a)  # s^t = F(a^t), in place
     return S
 
@@ -100,10 +99,11 @@ def backward_deltas(
         # Full BPTT: one reverse sweep, two operations per step (one (B,m)×(m,m) product that also adds
         # the direct error, one product with F'), written in place: no allocation inside the loop.
         delta = torch.empty_like(S)
-        torch.mul(dS[T - 1], F_prime[T - 1], out=delta[T - 1])  # the last step has no δ^{t+1}
+        dSs, Fs, deltas = dS.unbind(0), F_prime.unbind(0), delta.unbind(0)  # the steps' views, made once
+        torch.mul(dSs[T - 1], Fs[T - 1], out=deltas[T - 1])  # the last step has no δ^{t+1}
         for t in range(T - 2, -1, -1):
-            recurrent_backward_add(dS[t], delta[t + 1], W, out=delta[t])  # ∂L/∂s^t = dS^t + Wᵀ δ^{t+1}
-            delta[t].mul_(F_prime[t])  # δ^t = ∂L/∂s^t ⊙ F'(a^t)
+            recurrent_backward_add(dSs[t], deltas[t + 1], W, out=deltas[t])  # ∂L/∂s^t = dS^t + Wᵀ δ^{t+1}
+            deltas[t].mul_(Fs[t])  # δ^t = ∂L/∂s^t ⊙ F'(a^t)
         return delta
     # Truncated BPTT, vectorised over time. D_j[τ] = the error of L^{τ+j} after j recurrent hops,
     # arrived at a^τ:  D_0 = dS ⊙ F',  D_j[τ] = (Wᵀ D_{j-1}[τ+1]) ⊙ F'[τ].  δ^τ = Σ_{j<=k} D_j[τ].

@@ -137,6 +137,16 @@ class FlatPaths:
         return FlatPaths(self.ptr.to(device), self.length.to(device), self.nodes.to(device), self.signs.to(device))
 
 
+def _group_by_node(pair_nodes: Tensor, nodes: int) -> Tensor:
+    """The pairs' order grouped by node, stable (a block's pairs in position order within each node): on the
+    CPU, up to 65,536 nodes, numpy's stable sort of 16-bit keys (a radix sort: ≈ 0.4 of torch's stable sort
+    of the same keys, ≈ 0.25 of its 64-bit sort, on a block's ≈ 50k pairs); otherwise torch's on 32 bits.
+    Both are stable: the same order."""
+    if pair_nodes.device.type == "cpu" and nodes <= 1 << 16:
+        return torch.from_numpy(np.argsort(pair_nodes.numpy().astype(np.uint16), kind="stable"))
+    return torch.argsort(pair_nodes.to(torch.int32), stable=True)
+
+
 def path_pairs(paths: FlatPaths, targets: Tensor, dtype: torch.dtype) -> PathPairs:
     """The flat paths of every word, targets (N,) -> PathPairs: each target's run of nodes gathered from the
     flat array (one index per pair), positions in order."""
@@ -148,7 +158,7 @@ def path_pairs(paths: FlatPaths, targets: Tensor, dtype: torch.dtype) -> PathPai
     offset = (paths.ptr.index_select(0, targets) - crow[:-1]).index_select(0, pos)
     flat = offset.add_(torch.arange(pos.shape[0], device=targets.device))
     pair_nodes = paths.nodes.index_select(0, flat)
-    by_node = torch.argsort(pair_nodes, stable=True)
+    by_node = _group_by_node(pair_nodes, paths.ptr.shape[0] - 1)
     node_ids, counts = torch.unique_consecutive(pair_nodes.index_select(0, by_node), return_counts=True)
     node_crow = torch.zeros(node_ids.shape[0] + 1, dtype=torch.int64, device=targets.device)
     torch.cumsum(counts, 0, out=node_crow[1:])
