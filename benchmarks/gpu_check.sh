@@ -4,7 +4,7 @@
 #   3. PTB training runs side by side (one process each, under MPS when it starts) while
 #      tests/test_cuda.py runs; each run is stopped with SIGTERM at TRAIN_UNTIL (it saves its state and
 #      keeps its best-on-valid model), then evaluated on the test set (static, and dynamic at 5e-5).
-# Env: RUNS_FILE (default benchmarks/gpu_runs/sweep3.txt, the next one to run), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py),
+# Env: RUNS_FILE (default benchmarks/gpu_runs/issue17_graph.txt, the next one to run; sweep1-3: issue 5, issue17: 2026-11-28), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py),
 #      SKIP_GRAPH_TRAIN=1 (the `bptt train --graph` timing),
 #      SKIP_TORCHRUN=1 (the torchrun run, one rank per GPU: NCCL with more than one; one GPU is world size 1,
 #      which starts no process group), SKIP_DYNAMIC=1 (no dynamic
@@ -97,7 +97,7 @@ COMMON="--train $PTB/ptb.train.txt --valid $PTB/ptb.valid.txt --device $DEVICE -
 declare -A RUNS=()
 while IFS='|' read -r name options; do  # RUNS_FILE: "name | train options" per line, # comments
   name=$(echo $name); [ -z "$name" ] || [ "${name:0:1}" = "#" ] || RUNS[$name]=$options
-done < "${RUNS_FILE:-benchmarks/gpu_runs/sweep3.txt}"
+done < "${RUNS_FILE:-benchmarks/gpu_runs/issue17_graph.txt}"
 PIDS=()
 for name in "${!RUNS[@]}"; do
   timeout -s TERM -k 20 "$TRAIN_FOR" python3 -m bptt train $COMMON ${RUNS[$name]} --model "$OUT/runs/$name" \
