@@ -122,8 +122,8 @@ def run_count(ids: Tensor) -> int:
 
 def distinct_rows(ids: Tensor, rows: int) -> Tensor:
     """The distinct values of ids (row numbers in [0, rows)), increasing: a sort (torch.unique) for a few
-    ids; for many (one per eight rows or more: the pairs of an hsm block, ≈ 50k node ids of 10k rows) a
-    count per row and its nonzero entries, which is ≈ 6× faster there than the sort."""
+    ids; for many (one per eight rows or more: a block's 5,600 words of a 10k vocabulary, 4k hsm nodes of
+    10k) a count per row and its nonzero entries, 2.7× faster than the sort there (6× at 50k ids)."""
     if ids.numel() * 8 >= rows:
         return torch.bincount(ids, minlength=rows).nonzero().squeeze(1)
     return torch.unique(ids)
