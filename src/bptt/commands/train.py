@@ -304,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
               "(under torchrun, any number of processes)", file=sys.stderr)
         return 1
     distributed.shutdown()
+    if world > 1:  # a torchrun worker: ends here, without the teardown that sometimes aborted it
+        distributed.exit_worker(code)
     return code
 
 
