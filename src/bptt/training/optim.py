@@ -184,12 +184,10 @@ class Optimizer:
 
     @torch.no_grad()
     def _sgd_dense(self, g: Tensor, lr: float | Tensor) -> None:
-        """p ← p − lr·(g + wd·p) on the dense segments: the functional form of torch.optim.SGD, the same kernel
-        (fused, or foreach) that SGD.step calls, with each group's weight decay."""
+        """p ← p − lr·(g + wd·p) on the dense segments: the functional rule (_functional), the same fused kernel
+        that SGD.step calls, with each group's weight decay."""
         for tensor, segment, group in zip(self.tensors, self.segments, self._torch.param_groups):
-            _sgd.sgd([tensor], [g[segment]], [None], fused=self.fused or None, foreach=None if self.fused else True,
-                     weight_decay=group["weight_decay"], momentum=0.0, lr=lr, dampening=0.0, nesterov=False,
-                     maximize=False)
+            self._functional([tensor], [g[segment]], {}, lr, weight_decay=group["weight_decay"])
 
     def _step_rows(self, name: str, grads: RowSparseGrads, lr: float | Tensor) -> None:
         """The rule on the rows of a row-sparse matrix that the step used, with their buffers: in place on
@@ -222,16 +220,19 @@ class Optimizer:
             for k, v in buffers.items():
                 v.index_copy_(0, ids, state[k][0])
 
-    def _functional(self, p: list[Tensor], g: list[Tensor], state: dict[str, list[Tensor]], lr: float | Tensor) -> None:
-        """torch.optim's functional form of the rule over lists of tensors (updated in place), at step self.t."""
-        group, wd = self._torch.defaults, self.weight_decay
+    def _functional(self, p: list[Tensor], g: list[Tensor], state: dict[str, list[Tensor]], lr: float | Tensor,
+                    weight_decay: float | None = None) -> None:
+        """torch.optim's functional form of the rule over lists of tensors (updated in place), at step self.t;
+        weight_decay: the coupled decay (default: the optimizer's)."""
+        group, wd = self._torch.defaults, self.weight_decay if weight_decay is None else weight_decay
         fused = self.fused
-        steps = list(torch.full((len(p),), float(self.t - 1), dtype=torch.float32,
-                                device=p[0].device if fused else "cpu").unbind())  # one per tensor: each is advanced
-        if self.rule == "sgd":
+        if self.rule == "sgd":  # stateless: no step count
             _sgd.sgd(p, g, [None] * len(p), fused=fused, weight_decay=wd, momentum=0.0, lr=lr, dampening=0.0,
                      nesterov=False, maximize=False)
-        elif self.rule == "adam":
+            return
+        steps = list(torch.full((len(p),), float(self.t - 1), dtype=torch.float32,
+                                device=p[0].device if fused else "cpu").unbind())  # one per tensor: each is advanced
+        if self.rule == "adam":
             beta1, beta2 = group["betas"]
             _adam.adam(p, g, state["exp_avg"], state["exp_avg_sq"], [], steps, fused=fused,
                        decoupled_weight_decay=self.adamw, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
