@@ -5,11 +5,21 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
+from bptt.engine import native
 from bptt.verify import combinations, random_model, relative_error
 
 torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compiled_cells():
+    """The cells' CPU kernels built once, before any test (engine/native.py; on a fresh machine about half a
+    minute): the build's notice on stderr then lands in no test's output, and the commands run in
+    subprocesses find the build made."""
+    native.kernels("lstm")
 
 COMBINATIONS = combinations()  # every valid (F, f, loss)
 COMBO_IDS = [f"{F}-{f}-{loss}" for F, f, loss in COMBINATIONS]

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 
 from bptt.checks import number, optional_int
+from bptt.engine import native
 from bptt.engine.cells import CellCache, CellState, hidden_errors
 
 Tensor = torch.Tensor
@@ -53,7 +54,9 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
 
     a^t = A^t + b + W h^{t-1};  i, f, o = σ(·), g = tanh(·);  c^t = f ⊙ c^{t-1} + i ⊙ g;  h^t = o ⊙ tanh(c^t).
     Eight operations per step, on views made before the loop (one unbind per gate block: indexing
-    inside the loop would cost as much as the step's element-wise work).
+    inside the loop would cost as much as the step's element-wise work). On the CPU the same sweep runs
+    compiled (cells/lstm_cpu.cpp: the product, then the step's element-wise work in one loop) when
+    engine/native.py could build it.
     """
     T, B, four_m = A.shape
     m = four_m // 4
@@ -61,6 +64,10 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
     if b is not None:
         G.add_(b)
     H, C, K = A.new_empty(T, B, m), A.new_empty(T, B, m), A.new_empty(T, B, m)
+    kernels = native.kernels("lstm") if native.usable(G, strided=(W,)) else None
+    if kernels is not None:
+        kernels.lstm_forward_sweep(W, G, h0, c0, H, C, K)
+        return H, C, K, G
     Wt = W.t()
     steps = zip(G.unbind(0), G[..., : 2 * m].unbind(0), G[..., :m].unbind(0), G[..., m : 2 * m].unbind(0),
                 G[..., 2 * m : 3 * m].unbind(0), G[..., 3 * m :].unbind(0), C.unbind(0), K.unbind(0), H.unbind(0))
@@ -186,9 +193,16 @@ class LSTMCell:
         H, C, K, G = cache.steps["H"], cache.steps["C"], cache.steps["K"], cache.steps["G"]
         h0, c0 = cache.state0
         T, B, m = H.shape
-        C_prev = torch.cat((c0.unsqueeze(0), C[:-1]))
-        P, Q = gate_derivatives(G, C_prev, K)
-        delta = lstm_deltas(W, G, P, Q, dH, truncation)
+        truncation = optional_int("truncation", truncation)
+        kernels = native.kernels("lstm") if native.usable(G, C, K, dH, strided=(W,)) else None
+        if kernels is not None and (truncation is None or truncation >= T - 1):
+            # full BPTT, compiled: gate_derivatives' P and Q formed inside lstm_deltas' loop (lstm_cpu.cpp)
+            delta = torch.empty_like(G)
+            kernels.lstm_backward_sweep(W, G, C, K, c0, dH, delta)
+        else:
+            C_prev = torch.cat((c0.unsqueeze(0), C[:-1]))
+            P, Q = gate_derivatives(G, C_prev, K)
+            delta = lstm_deltas(W, G, P, Q, dH, truncation)
         H_prev = torch.cat((h0.unsqueeze(0), H[:-1])).view(T * B, m)
         flat = delta.view(T * B, 4 * m)
         grads["W"].addmm_(flat.t(), H_prev)  # ∂L/∂W = Σ_t δ^t h^{t-1}ᵀ

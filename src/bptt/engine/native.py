@@ -1,0 +1,99 @@
+"""Compiled CPU kernels for the cells' sweeps through time, built on first use, with the eager code as
+the reference and the fallback.
+
+A cell's sweep runs one matrix product and a handful of element-wise operations per time step; at small
+sizes (an LSTM of 200 units, 20 streams) the eager operations cost more than the product (each is a
+dispatch and a pass over a (B,m) block, and torch.tanh on the CPU is not vectorised). A cell may ship a
+C++ file next to it (cells/lstm_cpu.cpp) that runs the whole sweep with each step's element-wise work
+fused into one loop; `kernels(name)` builds it with torch.utils.cpp_extension (a C++ compiler and ninja,
+about half a minute, once per source and torch version, kept under $BPTT_NATIVE_DIR or
+~/.cache/bptt/native) and returns the module, or None: no compiler, a failed build, or BPTT_NATIVE=0
+(the cells then run their eager code, with one line on stderr the first time a build fails).
+
+The kernels take CPU tensors only; on CUDA the eager code runs (and the static step, `--graph`, captures
+it). Tests compare every kernel with the eager code it replaces (`with eager():`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_HERE = Path(__file__).resolve().parent / "cells"
+_modules: dict[str, ModuleType | None] = {}
+_lock = threading.Lock()
+_enabled = True
+
+
+def _flags() -> list[str]:
+    """-O3, and AVX2 + FMA (ATen's vectorised types then use their AVX2 code) where torch itself runs them."""
+    flags = ["-O3"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return flags
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("BPTT_NATIVE_DIR") or os.path.join(Path.home(), ".cache", "bptt", "native")
+    return Path(root) / f"torch-{torch.__version__}"
+
+
+def _build(name: str) -> ModuleType | None:
+    source = _HERE / f"{name}_cpu.cpp"
+    flags = _flags()
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    module_name = f"bptt_{name}_cpu_{digest}"  # a changed source is another module (and another build)
+    directory = _build_dir() / module_name
+    if not any(directory.glob(f"{module_name}*.so")):
+        print(f"bptt: building the {name} cell's CPU kernels (once, about half a minute; BPTT_NATIVE=0 skips "
+              f"them) in {directory}", file=sys.stderr, flush=True)
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory.mkdir(parents=True, exist_ok=True)
+        return load(name=module_name, sources=[str(source)], extra_cflags=flags, build_directory=str(directory),
+                    verbose=False)
+    except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: the eager code runs
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"bptt: the {name} cell's CPU kernels could not be built ({reason[:200]}); using the eager code",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def kernels(name: str) -> ModuleType | None:
+    """The compiled kernels of cells/{name}_cpu.cpp (built on the first call), or None (see the module)."""
+    if not _enabled or os.environ.get("BPTT_NATIVE", "1") == "0":
+        return None
+    if name not in _modules:
+        with _lock:
+            if name not in _modules:
+                _modules[name] = _build(name)
+    return _modules[name]
+
+
+def usable(*tensors: torch.Tensor, strided: tuple[torch.Tensor, ...] = ()) -> bool:
+    """The kernels take these: CPU, float32/float64, no autograd history wanted; `tensors` contiguous (the
+    kernels walk them by pointer), `strided` in any layout (the weights, views of the flat buffer whose
+    rows may be padded: they only enter ATen's matrix products)."""
+    return (all(t.is_contiguous() for t in tensors)
+            and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+                    for t in (*tensors, *strided)))
+
+
+@contextlib.contextmanager
+def eager():
+    """Within: every cell runs its eager code (the reference the kernels are tested against)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
