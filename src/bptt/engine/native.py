@@ -33,10 +33,16 @@ _enabled = True
 
 
 def _flags() -> list[str]:
-    """-O3, and AVX2 + FMA (ATen's vectorised types then use their AVX2 code) where torch itself runs them."""
+    """-O3, and the vector instructions torch itself runs here (torch.backends.cpu.get_cpu_capability()):
+    AVX-512 or AVX2 + FMA, so that ATen's vectorised types (and Sleef's σ and tanh) use them; elsewhere
+    (another architecture, an old x86) their portable code. BPTT_NATIVE_AVX512=0 builds AVX2 on an AVX-512
+    machine (to test that build)."""
     flags = ["-O3"]
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512"):
+    if capability == "AVX512" and os.environ.get("BPTT_NATIVE_AVX512", "1") == "1":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
+                  "-DCPU_CAPABILITY=AVX512"]
+    elif capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return flags
 
