@@ -7,7 +7,7 @@
 # Env: RUNS_FILE (default benchmarks/gpu_runs/issue17_graph.txt, the next one to run; sweep1-3: issue 5, issue17: 2026-11-28), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py),
 #      SKIP_GRAPH_TRAIN=1 (the `bptt train --graph` timing),
 #      SKIP_TORCHRUN=1 (the torchrun run, one rank per GPU: NCCL with more than one; one GPU is world size 1,
-#      which starts no process group), SKIP_DYNAMIC=1 (no dynamic
+#      which starts no process group), SKIP_PRESET=1 (the cell benches without the Elman tables), SKIP_DYNAMIC=1 (no dynamic
 #      evaluation of the runs), WORK (default /tmp/gpu_check_work: the model directories that are not brought back).
 # Usage: benchmarks/gpu_check.sh PTB_DIR OUT_DIR [TRAIN_UNTIL]   (run from the repository root)
 # The training runs stop TRAIN_UNTIL seconds (default 470) after the script's start, so that the whole script
@@ -17,6 +17,10 @@ set -u
 PTB=$1; OUT=$2; TRAIN_UNTIL=${3:-470}
 DEVICE=${DEVICE:-cuda}; PRESET=${PRESET:-gpu}  # DEVICE=cpu PRESET=layers: a dry run of the plumbing on a CPU
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+# the LSTM's compiled CPU sweeps (engine/native.py) would be built first, ≈ 30 s of device time; the CPU
+# machine tests them, so here the CPU side of the CUDA tests runs the eager code (BPTT_NATIVE_CPU=1 builds
+# them). The LSTM's CUDA sweeps (Triton, cells/lstm_triton.py) stay on; BPTT_NATIVE=0 turns them off too.
+export BPTT_NATIVE_CPU=${BPTT_NATIVE_CPU:-0}
 WORK=${WORK:-/tmp/gpu_check_work}  # model directories of the timing runs: they stay on the device (files back are few)
 mkdir -p "$OUT/runs" "$WORK"
 {
@@ -37,6 +41,7 @@ for line in open(sys.argv[1]):
 " "$1" >> "$OUT/summary.txt" 2>&1
 }
 if [ -z "${SKIP_BENCH:-}" ]; then
+  if [ -z "${SKIP_PRESET:-}" ]; then  # the Elman table against cuDNN (SKIP_PRESET=1: the cell benches only)
   echo "== bench $(date +%T)" >> "$OUT/summary.txt"
   timeout 120 python3 -m bptt bench --device $DEVICE --preset $PRESET --steps ${BENCH_STEPS:-100} --warmup 5 \
     --rounds 4 --json > "$OUT/bench.jsonl" 2>&1
@@ -46,6 +51,13 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     timeout 120 python3 -m bptt bench --device cuda --preset gpu --graph --steps ${BENCH_STEPS:-100} --warmup 5 \
       --rounds 4 --json > "$OUT/bench_graph.jsonl" 2>&1
     table "$OUT/bench_graph.jsonl"
+  fi
+  fi
+  if [ "$DEVICE" = cuda ]; then
+    # the LSTM's Triton sweeps (cells/lstm_triton.py) against its eager code, at the target shape, with the graph
+    echo "-- lstm --graph, eager sweeps (BPTT_NATIVE=0)" >> "$OUT/bench_cells.jsonl"
+    BPTT_NATIVE=0 timeout 120 python3 -m bptt bench --device cuda --cell lstm --layers 2 --graph \
+      --config V=10000,m=650,B=64,T=35 --steps ${BENCH_STEPS:-100} --warmup 5 --rounds 4 --json >> "$OUT/bench_cells.jsonl" 2>&1
     # issue 17: the LSTM and the GRU against cuDNN (goal >= 1x at V 10k, m 650, 2 layers, B 64, T 35)
     echo "== bench --cell lstm/gru --layers 2 $(date +%T)" >> "$OUT/summary.txt"
     for cell in lstm gru; do
@@ -104,7 +116,7 @@ for name in "${!RUNS[@]}"; do
     > "$OUT/runs/$name.log" 2>&1 &
   PIDS+=($!)
 done
-[ "$DEVICE" = cuda ] && [ -z "${SKIP_TESTS:-}" ] && timeout $((TRAIN_FOR - 10)) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
+[ "$DEVICE" = cuda ] && [ -z "${SKIP_TESTS:-}" ] && timeout $((TRAIN_FOR - 10)) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_native.py > "$OUT/test_cuda.log" 2>&1
 [ -f "$OUT/test_cuda.log" ] && tail -3 "$OUT/test_cuda.log" >> "$OUT/summary.txt"
 wait "${PIDS[@]}"
 kill $SMI 2>/dev/null

@@ -11,7 +11,12 @@ there is a failure, not a skip.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,6 +42,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def kernels():
+    if not native.enabled("cpu"):
+        pytest.skip("the CPU kernels are turned off (BPTT_NATIVE=0 or BPTT_NATIVE_CPU=0)")
     built = native.kernels("lstm")
     if built is None:
         if COMPILER:
@@ -129,3 +136,63 @@ def test_the_eager_code_runs_where_the_kernels_do_not_apply(kernels, monkeypatch
     with native.eager():
         H0, _, _ = lstm.LSTMCell.forward(params, A.clone(), state0)
     torch.testing.assert_close(H, H0, rtol=0, atol=0)  # a strided A: the eager sweep ran
+
+
+# -- the CUDA sweeps (cells/lstm_triton.py): on a GPU where there is one, else under Triton's interpreter ----
+
+
+@pytest.fixture(scope="module")
+def triton_sweeps():
+    """cells/lstm_triton.py: on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1 must be set
+    before Triton is first imported: here, or else the tests run again in a fresh process, and this gives
+    None). Skipped where Triton is not installed (PyTorch's CPU builds)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (it comes with PyTorch's CUDA builds)")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            return None
+        os.environ["TRITON_INTERPRET"] = "1"
+    from bptt.engine.cells import lstm_triton
+
+    return lstm_triton
+
+
+@functools.cache
+def _interpreted_run() -> subprocess.CompletedProcess:
+    """The Triton tests of this file in a fresh process under the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+TRITON_SIZES = [(torch.float64, 6, 3, 13), (torch.float32, 7, 4, 19), (torch.float32, 3, 2, 200)]
+
+
+@pytest.mark.parametrize("dtype, T, B, m", TRITON_SIZES, ids=str)
+def test_the_triton_sweeps_equal_the_eager_ones(triton_sweeps, dtype, T, B, m):
+    """Forward from the same A; backward from the same cache (the eager forward's), full BPTT."""
+    if triton_sweeps is None:  # Triton was imported without its interpreter: the same tests in a new process
+        run = _interpreted_run()
+        assert run.returncode == 0 and f"{len(TRITON_SIZES)} passed" in run.stdout, run.stdout[-3000:]
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params, A, (h0, c0), dH = random_case(dtype, T, B, m, seed=2)
+    params, A, h0, c0, dH = ({k: v.to(device) for k, v in params.items()}, A.to(device), h0.to(device),
+                             c0.to(device), dH.to(device))
+    W, b = params["W"], params["b"]
+    with native.eager():
+        want = lstm.lstm_forward(W, b, A.clone(), h0, c0)  # H, C, K, G
+    G = A + b
+    H, C, K = (torch.empty(T, B, m, dtype=dtype, device=device) for _ in range(3))
+    triton_sweeps.lstm_forward_sweep(W, G, h0, c0, H, C, K)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for got, expected in zip((H, C, K, G), want):
+        torch.testing.assert_close(got, expected, **tol)
+    H0, C0, K0, G0 = want
+    with native.eager():
+        grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        delta_want = lstm.LSTMCell.backward(params, CellCache((h0, c0), {"H": H0, "C": C0, "K": K0, "G": G0}), dH,
+                                            grads)
+    delta = torch.empty_like(G0)
+    triton_sweeps.lstm_backward_sweep(W, G0, C0, K0, c0, dH, delta)
+    torch.testing.assert_close(delta, delta_want, **tol)

@@ -10,14 +10,17 @@ about half a minute, once per source and torch version, kept under $BPTT_NATIVE_
 ~/.cache/bptt/native) and returns the module, or None: no compiler, a failed build, or BPTT_NATIVE=0
 (the cells then run their eager code, with one line on stderr the first time a build fails).
 
-The kernels take CPU tensors only; on CUDA the eager code runs (and the static step, `--graph`, captures
-it). Tests compare every kernel with the eager code it replaces (`with eager():`).
+On CUDA a cell may ship Triton kernels instead (cells/lstm_triton.py: Triton comes with PyTorch's CUDA
+builds and compiles each kernel on its first launch, in a second or two), which the static step
+(`--graph`) captures like any other kernel. Tests compare every kernel with the eager code it replaces
+(`with eager():`); the Triton ones also run on a CPU under Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import sys
 import threading
@@ -74,9 +77,18 @@ def _build(name: str) -> ModuleType | None:
         return None
 
 
+def enabled(device: str = "cpu") -> bool:
+    """Whether compiled sweeps may run on this kind of device: not within `eager()`, not with BPTT_NATIVE=0
+    (all of them off) and, for the CPU, not with BPTT_NATIVE_CPU=0 (the C++ build skipped, the GPU's
+    Triton kernels kept: benchmarks/gpu_check.sh, where the build would cost device time)."""
+    if not _enabled or os.environ.get("BPTT_NATIVE", "1") == "0":
+        return False
+    return device != "cpu" or os.environ.get("BPTT_NATIVE_CPU", "1") != "0"
+
+
 def kernels(name: str) -> ModuleType | None:
     """The compiled kernels of cells/{name}_cpu.cpp (built on the first call), or None (see the module)."""
-    if not _enabled or os.environ.get("BPTT_NATIVE", "1") == "0":
+    if not enabled("cpu"):
         return None
     if name not in _modules:
         with _lock:
@@ -85,12 +97,30 @@ def kernels(name: str) -> ModuleType | None:
     return _modules[name]
 
 
-def usable(*tensors: torch.Tensor, strided: tuple[torch.Tensor, ...] = ()) -> bool:
-    """The kernels take these: CPU, float32/float64, no autograd history wanted; `tensors` contiguous (the
-    kernels walk them by pointer), `strided` in any layout (the weights, views of the flat buffer whose
-    rows may be padded: they only enter ATen's matrix products)."""
+def triton_sweeps(name: str) -> ModuleType | None:
+    """cells/{name}_triton.py, the cell's sweeps with Triton kernels for CUDA tensors, or None: Triton is not
+    installed (one line on stderr, once), or compiled sweeps are off."""
+    if not enabled("cuda"):
+        return None
+    key = f"{name}_triton"
+    if key not in _modules:
+        with _lock:
+            if key not in _modules:
+                try:
+                    _modules[key] = importlib.import_module(f"bptt.engine.cells.{key}")
+                except ImportError as e:
+                    print(f"bptt: the {name} cell's CUDA kernels need Triton ({e}); using the eager code",
+                          file=sys.stderr, flush=True)
+                    _modules[key] = None
+    return _modules[key]
+
+
+def usable(*tensors: torch.Tensor, strided: tuple[torch.Tensor, ...] = (), device: str = "cpu") -> bool:
+    """The kernels take these: on `device` ("cpu" or "cuda"), float32/float64, no autograd history wanted;
+    `tensors` contiguous (the kernels walk them by pointer), `strided` in any layout (the weights, views of
+    the flat buffer whose rows may be padded: they only enter the library's matrix products)."""
     return (all(t.is_contiguous() for t in tensors)
-            and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
+            and all(t.device.type == device and t.dtype in (torch.float32, torch.float64) and not t.requires_grad
                     for t in (*tensors, *strided)))
 
 

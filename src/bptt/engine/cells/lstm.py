@@ -48,15 +48,25 @@ def tanh_derivative(y: Tensor) -> Tensor:
     return 1 - y * y
 
 
+def compiled_sweeps(W: Tensor, *tensors: Tensor):
+    """The compiled forms of the two sweeps that take these tensors, or None (engine/native.py): on the CPU
+    cells/lstm_cpu.cpp, on CUDA cells/lstm_triton.py; each has lstm_forward_sweep(W, G, h0, c0, H, C, K) and
+    lstm_backward_sweep(W, G, C, K, c0, dH, delta), the equations of lstm_forward and lstm_deltas."""
+    if native.usable(*tensors, strided=(W,)):
+        return native.kernels("lstm")
+    if native.usable(*tensors, strided=(W,), device="cuda"):
+        return native.triton_sweeps("lstm")
+    return None
+
+
 def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A (T,B,4m) = U x^t, (h0, c0) (B,m) -> (H, C, K = tanh(C) (T,B,m), G (T,B,4m) = [i;f;g;o]); G is A,
     overwritten.
 
     a^t = A^t + b + W h^{t-1};  i, f, o = σ(·), g = tanh(·);  c^t = f ⊙ c^{t-1} + i ⊙ g;  h^t = o ⊙ tanh(c^t).
     Eight operations per step, on views made before the loop (one unbind per gate block: indexing
-    inside the loop would cost as much as the step's element-wise work). On the CPU the same sweep runs
-    compiled (cells/lstm_cpu.cpp: the product, then the step's element-wise work in one loop) when
-    engine/native.py could build it.
+    inside the loop would cost as much as the step's element-wise work). The same sweep runs compiled
+    where it can (compiled_sweeps: the product, then the step's element-wise work in one loop or kernel).
     """
     T, B, four_m = A.shape
     m = four_m // 4
@@ -64,9 +74,9 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
     if b is not None:
         G.add_(b)
     H, C, K = A.new_empty(T, B, m), A.new_empty(T, B, m), A.new_empty(T, B, m)
-    kernels = native.kernels("lstm") if native.usable(G, strided=(W,)) else None
-    if kernels is not None:
-        kernels.lstm_forward_sweep(W, G, h0, c0, H, C, K)
+    sweeps = compiled_sweeps(W, G)
+    if sweeps is not None:
+        sweeps.lstm_forward_sweep(W, G, h0, c0, H, C, K)
         return H, C, K, G
     Wt = W.t()
     steps = zip(G.unbind(0), G[..., : 2 * m].unbind(0), G[..., :m].unbind(0), G[..., m : 2 * m].unbind(0),
@@ -194,11 +204,11 @@ class LSTMCell:
         h0, c0 = cache.state0
         T, B, m = H.shape
         truncation = optional_int("truncation", truncation)
-        kernels = native.kernels("lstm") if native.usable(G, C, K, dH, strided=(W,)) else None
-        if kernels is not None and (truncation is None or truncation >= T - 1):
-            # full BPTT, compiled: gate_derivatives' P and Q formed inside lstm_deltas' loop (lstm_cpu.cpp)
+        sweeps = compiled_sweeps(W, G, C, K, dH) if truncation is None or truncation >= T - 1 else None
+        if sweeps is not None:
+            # full BPTT, compiled: gate_derivatives' P and Q formed inside lstm_deltas' loop
             delta = torch.empty_like(G)
-            kernels.lstm_backward_sweep(W, G, C, K, c0, dH, delta)
+            sweeps.lstm_backward_sweep(W, G, C, K, c0, dH, delta)
         else:
             C_prev = torch.cat((c0.unsqueeze(0), C[:-1]))
             P, Q = gate_derivatives(G, C_prev, K)
