@@ -11,6 +11,7 @@ there is a failure, not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -97,6 +98,26 @@ def test_backward_equals_the_eager_sweep(kernels, dtype, T, B, m):
     tol = {"rtol": 1e-14, "atol": 1e-16} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-7}
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_the_streams_split_over_two_threads_give_the_same_sweeps(kernels):
+    """With two threads the kernels split each step's B streams between them (at::parallel_for): the same
+    numbers as with one, and as the eager sweeps."""
+    params, A, state0, dH = random_case(torch.float32, 5, 24, 20, seed=3)
+    results = []
+    for threads, compiled in ((2, True), (1, True), (1, False)):
+        torch.set_num_threads(threads)
+        with contextlib.ExitStack() as stack:
+            if not compiled:
+                stack.enter_context(native.eager())
+            H, _, cache = lstm.LSTMCell.forward(params, A.clone(), state0)
+            grads = {k: torch.zeros_like(p) for k, p in params.items()}
+            delta = lstm.LSTMCell.backward(params, cache, dH, grads)
+        results.append((H, delta))
+    torch.set_num_threads(1)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][0], results[2][0], rtol=1e-5, atol=5e-7)
+    torch.testing.assert_close(results[0][1], results[2][1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("layers", [1, 2])

@@ -36,11 +36,13 @@ _enabled = True
 
 
 def _flags() -> list[str]:
-    """-O3, and the vector instructions torch itself runs here (torch.backends.cpu.get_cpu_capability()):
+    """-O3, OpenMP (torch's threads, on Linux), and the vector instructions torch itself runs here (torch.backends.cpu.get_cpu_capability()):
     AVX-512 or AVX2 + FMA, so that ATen's vectorised types (and Sleef's σ and tanh) use them; elsewhere
     (another architecture, an old x86) their portable code. BPTT_NATIVE_AVX512=0 builds AVX2 on an AVX-512
     machine (to test that build)."""
     flags = ["-O3"]
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        flags.append("-fopenmp")  # at::parallel_for splits a step's streams over torch's OpenMP threads
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX512" and os.environ.get("BPTT_NATIVE_AVX512", "1") == "1":
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",

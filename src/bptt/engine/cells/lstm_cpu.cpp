@@ -18,6 +18,7 @@
 
 #include <torch/extension.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/Parallel.h>
 
 using at::vec::Vectorized;
 
@@ -138,7 +139,10 @@ void lstm_forward_sweep(const at::Tensor& W, at::Tensor& G, const at::Tensor& h0
       at::Tensor a = G.select(0, t);
       a.addmm_(t == 0 ? h0 : H.select(0, t - 1), Wt);  // a^t = A^t + b + W h^{t-1}
       const scalar_t* c_prev = t == 0 ? c_first.data_ptr<scalar_t>() : c + (t - 1) * step;
-      forward_step<scalar_t>(g + t * 4 * step, c_prev, c + t * step, k + t * step, h + t * step, B, m);
+      at::parallel_for(0, B, 4, [&](int64_t lo, int64_t hi) {
+        forward_step<scalar_t>(g + t * 4 * step + lo * 4 * m, c_prev + lo * m, c + t * step + lo * m, k + t * step + lo * m,
+                               h + t * step + lo * m, hi - lo, m);
+      });
     }
   });
 }
@@ -167,8 +171,11 @@ void lstm_backward_sweep(const at::Tensor& W, const at::Tensor& G, const at::Ten
       }
       const scalar_t* c_prev = t == 0 ? c_first.data_ptr<scalar_t>() : c + (t - 1) * step;
       const scalar_t* f_next = t < T - 1 ? g + (t + 1) * 4 * step + m : nullptr;
-      backward_step<scalar_t>(dh_t, E.data_ptr<scalar_t>(), f_next, g + t * 4 * step, c_prev, k + t * step,
-                              d + t * 4 * step, B, m);
+      scalar_t* Ep = E.data_ptr<scalar_t>();
+      at::parallel_for(0, B, 4, [&](int64_t lo, int64_t hi) {
+        backward_step<scalar_t>(dh_t + lo * m, Ep + lo * m, f_next ? f_next + lo * 4 * m : nullptr, g + t * 4 * step + lo * 4 * m,
+                                c_prev + lo * m, k + t * step + lo * m, d + t * 4 * step + lo * 4 * m, hi - lo, m);
+      });
     }
   });
 }
