@@ -17,6 +17,7 @@ from bptt.benchmark import (
     token_stream,
 )
 from bptt.cli import build_parser, main
+from bptt.engine import native
 
 TINY = ["bench", "--config", "V=50,m=8,B=4,T=5", "--steps", "2", "--warmup", "1"]
 REQUIRED_KEYS = {
@@ -258,9 +259,25 @@ def test_cells_against_their_torch_peers(cell, capsys, keep_threads):
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
     assert _positive_finite(r["cpu_ratio"]) and _positive_finite(r["bptt_cpu_seconds"])
     assert r["cpu_ratio"] == pytest.approx(r["peer_cpu_seconds"] / r["bptt_cpu_seconds"])
+    # the LSTM's record says what was timed: its compiled sweeps (engine/native.py) or the eager code
+    assert ("lstm_sweeps" in r["machine"]) == (cell == "lstm")
     assert main(["bench", "--cell", cell, "--config", "V=40,m=6,B=3,T=4", "--steps", "2", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     assert f"V=40,m=6,B=3,T=4,{cell}x1" in out and "median" in out
+    assert ("the LSTM's sweeps " in out.splitlines()[0]) == (cell == "lstm")
+
+
+def test_the_lstm_bench_names_the_sweeps_it_timed(capsys, keep_threads, monkeypatch):
+    argv = ["bench", "--cell", "lstm", "--config", "V=40,m=6,B=3,T=4", "--steps", "1", "--warmup", "1", "--rounds", "1",
+            "--threads", "1", "--json"]
+    monkeypatch.setenv("BPTT_NATIVE", "0")
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["machine"]["lstm_sweeps"] == "eager"
+    monkeypatch.delenv("BPTT_NATIVE")
+    assert main(argv) == 0
+    sweeps = json.loads(capsys.readouterr().out)["machine"]["lstm_sweeps"]
+    assert sweeps == ("eager" if native.kernels("lstm") is None else native.describe("lstm"))
+    assert native.kernels("lstm") is None or sweeps.startswith("compiled (C++")
 
 
 @pytest.mark.parametrize("cell, rnn", [("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU), ("elman", torch.nn.RNN)])

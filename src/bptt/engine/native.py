@@ -52,6 +52,18 @@ def _flags() -> list[str]:
     return flags
 
 
+def describe(name: str, device: str = "cpu") -> str:
+    """How cell `name`'s sweeps run on `device` (for benchmarks' machine lines): "compiled (C++, AVX-512,
+    OpenMP)", "Triton" or "eager" (building the CPU kernels if they are not built yet)."""
+    if device == "cuda":
+        return "Triton" if triton_sweeps(name) is not None else "eager"
+    if kernels(name) is None:
+        return "eager"
+    flags = _flags()
+    isa = "AVX-512" if "-mavx512f" in flags else "AVX2" if "-mavx2" in flags else "portable"
+    return "compiled (C++, " + isa + (", OpenMP)" if "-fopenmp" in flags else ")")
+
+
 def _build_dir() -> Path:
     root = os.environ.get("BPTT_NATIVE_DIR") or os.path.join(Path.home(), ".cache", "bptt", "native")
     return Path(root) / f"torch-{torch.__version__}"
