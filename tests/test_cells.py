@@ -351,8 +351,9 @@ def _assert_rejected_and_intact_passes(monkeypatch, mutate, model, c, truncation
 
 
 def eager_cells(monkeypatch):
-    """The LSTM mutants below break the eager code (cells/lstm.py): the compiled sweeps (engine/native.py,
-    which test_native.py holds equal to the eager code) are turned off so that the mutant runs."""
+    """The LSTM and GRU mutants below break the eager code (cells/lstm.py, cells/gru.py): the compiled sweeps
+    (engine/native.py, which test_native.py holds equal to the eager code) are turned off so that the mutant
+    runs."""
     monkeypatch.setattr(native, "_enabled", False)
 
 
@@ -385,6 +386,7 @@ def sigmoid_derivative_of_y(monkeypatch):
 
 def gru_reset_forgotten_in_backward(monkeypatch):
     """The error of W_hn h^{t-1} + b_hn taken as δ_n instead of δ_n ⊙ r: the reset gate's scaling lost."""
+    eager_cells(monkeypatch)
     real = gru.gate_derivatives
 
     def mutant(*args, **kwargs):
@@ -445,6 +447,7 @@ def reset_before_the_product(params, A, state0):
 
 def reset_on_the_input(monkeypatch):
     """n = tanh(r ⊙ (A_n + b_n) + q): the reset gate on the input side instead of on q = W_hn h + b_hn."""
+    eager_cells(monkeypatch)
     monkeypatch.setattr(gru, "reset_candidate_", lambda pre, r, q: pre.mul_(r).add_(q).tanh_())
 
 

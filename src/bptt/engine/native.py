@@ -129,6 +129,17 @@ def triton_sweeps(name: str) -> ModuleType | None:
     return _modules[key]
 
 
+def sweeps(name: str, *tensors: torch.Tensor, strided: tuple[torch.Tensor, ...] = ()) -> ModuleType | None:
+    """The compiled sweeps of cell `name` that take these tensors (see usable), or None: on the CPU its C++
+    kernels (cells/{name}_cpu.cpp), on CUDA its Triton ones (cells/{name}_triton.py). Both modules have the
+    same functions, {name}_forward_sweep and {name}_backward_sweep, with the eager sweeps' equations."""
+    if usable(*tensors, strided=strided):
+        return kernels(name)
+    if usable(*tensors, strided=strided, device="cuda"):
+        return triton_sweeps(name)
+    return None
+
+
 def usable(*tensors: torch.Tensor, strided: tuple[torch.Tensor, ...] = (), device: str = "cpu") -> bool:
     """The kernels take these: on `device` ("cpu" or "cuda"), float32/float64, no autograd history wanted;
     `tensors` contiguous (the kernels walk them by pointer), `strided` in any layout (the weights, views of

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 
 from bptt.checks import optional_int
+from bptt.engine import native
 from bptt.engine.cells import CellCache, CellState
 from bptt.engine.cells.lstm import sigmoid_derivative, tanh_derivative
 
@@ -48,7 +49,9 @@ def gru_forward(W: Tensor, b: Tensor | None, b_hn: Tensor | None, A: Tensor, h0:
     """A (T,B,3m) = U x^t, h0 (B,m) -> (H (T,B,m), Qn (T,B,m) = q^t, G (T,B,3m) = [r;z;n]); G is A, overwritten.
 
     Per step two products (W_hr, W_hz h^{t-1} added to the gates' rows of G; q^t = W_hn h^{t-1} + b_hn
-    written into Qn) and four element-wise operations, on views made before the loop.
+    written into Qn) and four element-wise operations, on views made before the loop. The same sweep runs
+    compiled where it can (native.sweeps: gru_cpu.cpp on the CPU, gru_triton.py on CUDA: the products, then
+    the step's element-wise work in one loop or kernel).
     """
     T, B, three_m = A.shape
     m = three_m // 3
@@ -56,6 +59,10 @@ def gru_forward(W: Tensor, b: Tensor | None, b_hn: Tensor | None, A: Tensor, h0:
     if b is not None:
         G.add_(b)
     H, Qn = A.new_empty(T, B, m), A.new_empty(T, B, m)
+    sweeps = native.sweeps("gru", G, strided=(W,) if b_hn is None else (W, b_hn))  # gru_cpu.cpp, gru_triton.py
+    if sweeps is not None:
+        sweeps.gru_forward_sweep(W, b_hn, G, h0, Qn, H)
+        return H, Qn, G
     Wt_rz, Wt_n = W[: 2 * m].t(), W[2 * m :].t()
     steps = zip(G[..., : 2 * m].unbind(0), G[..., :m].unbind(0), G[..., m : 2 * m].unbind(0),
                 G[..., 2 * m :].unbind(0), Qn.unbind(0), H.unbind(0))
@@ -162,8 +169,16 @@ class GRUCell:
         H, Qn, G = cache.steps["H"], cache.steps["Q"], cache.steps["G"]
         T, B, m = H.shape
         H_prev = torch.cat((cache.state0[0].unsqueeze(0), H[:-1]))
-        P, R, z = gate_derivatives(G, Qn, H_prev)
-        delta, gamma = gru_deltas(params["W"], P, R, z, dH, truncation)
+        truncation = optional_int("truncation", truncation)
+        full = truncation is None or truncation >= T - 1
+        sweeps = native.sweeps("gru", G, Qn, H, dH, strided=(params["W"],)) if full else None
+        if sweeps is not None:
+            # full BPTT, compiled: gate_derivatives' P and R formed inside gru_deltas' loop
+            delta, gamma = torch.empty_like(G), torch.empty_like(G)
+            sweeps.gru_backward_sweep(params["W"], G, Qn, H, cache.state0[0], dH, delta, gamma)
+        else:
+            P, R, z = gate_derivatives(G, Qn, H_prev)
+            delta, gamma = gru_deltas(params["W"], P, R, z, dH, truncation)
         flat_gamma = gamma.view(T * B, 3 * m)
         grads["W"].addmm_(flat_gamma.t(), H_prev.view(T * B, m))  # ∂L/∂W = Σ_t γ^t h^{t-1}ᵀ
         if "b" in grads:

@@ -48,17 +48,6 @@ def tanh_derivative(y: Tensor) -> Tensor:
     return 1 - y * y
 
 
-def compiled_sweeps(W: Tensor, *tensors: Tensor):
-    """The compiled forms of the two sweeps that take these tensors, or None (engine/native.py): on the CPU
-    cells/lstm_cpu.cpp, on CUDA cells/lstm_triton.py; each has lstm_forward_sweep(W, G, h0, c0, H, C, K) and
-    lstm_backward_sweep(W, G, C, K, c0, dH, delta), the equations of lstm_forward and lstm_deltas."""
-    if native.usable(*tensors, strided=(W,)):
-        return native.kernels("lstm")
-    if native.usable(*tensors, strided=(W,), device="cuda"):
-        return native.triton_sweeps("lstm")
-    return None
-
-
 def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A (T,B,4m) = U x^t, (h0, c0) (B,m) -> (H, C, K = tanh(C) (T,B,m), G (T,B,4m) = [i;f;g;o]); G is A,
     overwritten.
@@ -66,7 +55,9 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
     a^t = A^t + b + W h^{t-1};  i, f, o = σ(·), g = tanh(·);  c^t = f ⊙ c^{t-1} + i ⊙ g;  h^t = o ⊙ tanh(c^t).
     Eight operations per step, on views made before the loop (one unbind per gate block: indexing
     inside the loop would cost as much as the step's element-wise work). The same sweep runs compiled
-    where it can (compiled_sweeps: the product, then the step's element-wise work in one loop or kernel).
+    where it can (native.sweeps: lstm_cpu.cpp on the CPU, lstm_triton.py on CUDA: the product, then the
+    step's element-wise work in one loop or kernel); their lstm_forward_sweep(W, G, h0, c0, H, C, K) fills
+    what this function returns.
     """
     T, B, four_m = A.shape
     m = four_m // 4
@@ -74,7 +65,7 @@ def lstm_forward(W: Tensor, b: Tensor | None, A: Tensor, h0: Tensor, c0: Tensor)
     if b is not None:
         G.add_(b)
     H, C, K = A.new_empty(T, B, m), A.new_empty(T, B, m), A.new_empty(T, B, m)
-    sweeps = compiled_sweeps(W, G)
+    sweeps = native.sweeps("lstm", G, strided=(W,))  # cells/lstm_cpu.cpp, cells/lstm_triton.py, or None
     if sweeps is not None:
         sweeps.lstm_forward_sweep(W, G, h0, c0, H, C, K)
         return H, C, K, G
@@ -204,7 +195,7 @@ class LSTMCell:
         h0, c0 = cache.state0
         T, B, m = H.shape
         truncation = optional_int("truncation", truncation)
-        sweeps = compiled_sweeps(W, G, C, K, dH) if truncation is None or truncation >= T - 1 else None
+        sweeps = native.sweeps("lstm", G, C, K, dH, strided=(W,)) if truncation is None or truncation >= T - 1 else None
         if sweeps is not None:
             # full BPTT, compiled: gate_derivatives' P and Q formed inside lstm_deltas' loop
             delta = torch.empty_like(G)

@@ -17,7 +17,7 @@ with σ' = y (1 − y) from the cached activations. Shapes: T = time, B = stream
 (T,B,4m), C, K, H, dH (T,B,m), all contiguous.
 
 Triton ships with PyTorch's CUDA builds; engine/native.py imports this module for CUDA tensors only
-(lstm.compiled_sweeps), and the eager code runs where the import fails or BPTT_NATIVE=0. tanh is libdevice's on a GPU; Triton's interpreter (TRITON_INTERPRET=1, how the tests run these kernels
+(native.sweeps), and the eager code runs where the import fails or BPTT_NATIVE=0. tanh is libdevice's on a GPU; Triton's interpreter (TRITON_INTERPRET=1, how the tests run these kernels
 on a CPU) has no libdevice, so there tanh(x) = 2σ(2x) − 1.
 """
 
