@@ -259,12 +259,12 @@ def test_cells_against_their_torch_peers(cell, capsys, keep_threads):
     assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
     assert _positive_finite(r["cpu_ratio"]) and _positive_finite(r["bptt_cpu_seconds"])
     assert r["cpu_ratio"] == pytest.approx(r["peer_cpu_seconds"] / r["bptt_cpu_seconds"])
-    # the LSTM's record says what was timed: its compiled sweeps (engine/native.py) or the eager code
-    assert ("lstm_sweeps" in r["machine"]) == (cell == "lstm")
+    # the record says what was timed: the cell's compiled sweeps (engine/native.py) or its eager code
+    assert f"{cell}_sweeps" in r["machine"] and "elman_sweeps" not in r["machine"]
     assert main(["bench", "--cell", cell, "--config", "V=40,m=6,B=3,T=4", "--steps", "2", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     assert f"V=40,m=6,B=3,T=4,{cell}x1" in out and "median" in out
-    assert ("the LSTM's sweeps " in out.splitlines()[0]) == (cell == "lstm")
+    assert f"the {cell.upper()}'s sweeps " in out.splitlines()[0]
 
 
 def test_the_lstm_bench_names_the_sweeps_it_timed(capsys, keep_threads, monkeypatch):

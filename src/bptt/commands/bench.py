@@ -115,14 +115,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _bench_all(configs: list[BenchConfig], args: argparse.Namespace, device: torch.device) -> None:
     machine = machine_info(device)
-    if any(c.cell == "lstm" for c in configs):  # what is timed: the compiled sweeps or the eager code
-        machine["lstm_sweeps"] = native.describe("lstm", device.type)
+    for cell in sorted({c.cell for c in configs} & {"lstm", "gru"}):  # what is timed: compiled sweeps or eager
+        machine[f"{cell}_sweeps"] = native.describe(cell, device.type)
     threads = torch.get_num_threads()
     width = max(len("config"), *(len(str(c)) for c in configs))
     if not args.json:
         print(machine_line(machine, device, threads, args.steps, args.warmup)
               + ("; bptt's step replayed as a CUDA graph" if args.graph else "")
-              + (f"; the LSTM's sweeps {machine['lstm_sweeps']}" if "lstm_sweeps" in machine else ""))
+              + "".join(f"; the {cell.upper()}'s sweeps {machine[f'{cell}_sweeps']}" for cell in ("lstm", "gru")
+                        if f"{cell}_sweeps" in machine))
         print(table_header(width, device), flush=True)
     for config in configs:
         record = bench_config(config, args.steps, args.warmup, args.seed, device, args.rounds, args.graph)
