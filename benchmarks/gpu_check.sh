@@ -54,10 +54,13 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   fi
   fi
   if [ "$DEVICE" = cuda ]; then
-    # the LSTM's Triton sweeps (cells/lstm_triton.py) against its eager code, at the target shape, with the graph
-    echo "-- lstm --graph, eager sweeps (BPTT_NATIVE=0)" >> "$OUT/bench_cells.jsonl"
-    BPTT_NATIVE=0 timeout 120 python3 -m bptt bench --device cuda --cell lstm --layers 2 --graph \
-      --config V=10000,m=650,B=64,T=35 --steps ${BENCH_STEPS:-100} --warmup 5 --rounds 4 --json >> "$OUT/bench_cells.jsonl" 2>&1
+    # the cells' Triton sweeps (cells/{lstm,gru}_triton.py) against their eager code, at the target shape,
+    # with the graph (the runs below time the Triton sweeps; each record's machine field names them)
+    for cell in lstm gru; do
+      echo "-- $cell --graph, eager sweeps (BPTT_NATIVE=0)" >> "$OUT/bench_cells.jsonl"
+      BPTT_NATIVE=0 timeout 120 python3 -m bptt bench --device cuda --cell $cell --layers 2 --graph \
+        --config V=10000,m=650,B=64,T=35 --steps ${BENCH_STEPS:-100} --warmup 5 --rounds 4 --json >> "$OUT/bench_cells.jsonl" 2>&1
+    done
     # issue 17: the LSTM and the GRU against cuDNN (goal >= 1x at V 10k, m 650, 2 layers, B 64, T 35)
     echo "== bench --cell lstm/gru --layers 2 $(date +%T)" >> "$OUT/summary.txt"
     for cell in lstm gru; do
