@@ -70,9 +70,9 @@ def _build_dir() -> Path:
 
 
 def _build(name: str) -> ModuleType | None:
-    source = _HERE / f"{name}_cpu.cpp"
+    source, common = _HERE / f"{name}_cpu.cpp", _HERE / "cpu_common.h"
     flags = _flags()
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source.read_bytes() + common.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
     module_name = f"bptt_{name}_cpu_{digest}"  # a changed source is another module (and another build)
     directory = _build_dir() / module_name
     if not any(directory.glob(f"{module_name}*.so")):
@@ -82,8 +82,8 @@ def _build(name: str) -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         directory.mkdir(parents=True, exist_ok=True)
-        return load(name=module_name, sources=[str(source)], extra_cflags=flags, build_directory=str(directory),
-                    verbose=False)
+        return load(name=module_name, sources=[str(source)], extra_cflags=flags, extra_include_paths=[str(_HERE)],
+                    build_directory=str(directory), verbose=False)
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: the eager code runs
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         print(f"bptt: the {name} cell's CPU kernels could not be built ({reason[:200]}); using the eager code",

@@ -15,22 +15,12 @@
 //     δ = ∂L/∂h^t ⊙ [P_r ; P_z ; P_n]      γ = ∂L/∂h^t ⊙ [P_r ; P_z ; P_n r]
 // The backward's products are those of the eager code, operand for operand.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-
-using at::vec::Vectorized;
+#include "cpu_common.h"
 
 namespace {
 
-template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
-  const Vectorized<T> one(T(1));
-  return one / (one + x.neg().exp());
-}
-
-template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+using bptt_cells::Vectorized;
+using bptt_cells::sigmoid;
 
 // torch.lerp(start, end, w): start + w (end − start) for |w| < 0.5, else end − (end − start)(1 − w)
 template <typename T>

@@ -16,18 +16,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+
+from bptt.engine.cells.lstm_triton import BLOCK, tanh
 
 Tensor = torch.Tensor
-BLOCK = 512
-
-
-@triton.jit
-def _tanh(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        return libdevice.tanh(x)
-    else:
-        return 2 * tl.sigmoid(2 * x) - 1
 
 
 @triton.jit
@@ -38,7 +30,7 @@ def _forward_step(a_ptr, q_ptr, h_prev_ptr, h_ptr, n_units, m, BLOCK: tl.constex
     gr = s * 2 * m + e  # = s·3m + j: the unit's r in the step's (B,3m) gates; z, n follow by m
     r = tl.sigmoid(tl.load(a_ptr + gr, mask=mask, other=0.0))
     z = tl.sigmoid(tl.load(a_ptr + gr + m, mask=mask, other=0.0))
-    n = _tanh(tl.load(a_ptr + gr + 2 * m, mask=mask, other=0.0) + r * tl.load(q_ptr + e, mask=mask, other=0.0),
+    n = tanh(tl.load(a_ptr + gr + 2 * m, mask=mask, other=0.0) + r * tl.load(q_ptr + e, mask=mask, other=0.0),
               LIBDEVICE)  # n = tanh(a_n + r ⊙ q)
     tl.store(a_ptr + gr, r, mask=mask)
     tl.store(a_ptr + gr + m, z, mask=mask)

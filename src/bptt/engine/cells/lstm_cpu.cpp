@@ -16,22 +16,12 @@
 // code, operand for operand; the forward's σ and tanh are ATen's vectorised (Sleef) functions, so its
 // values may differ from torch.sigmoid/torch.tanh in the last bit.
 
-#include <torch/extension.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/Parallel.h>
-
-using at::vec::Vectorized;
+#include "cpu_common.h"
 
 namespace {
 
-template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
-  const Vectorized<T> one(T(1));
-  return one / (one + x.neg().exp());
-}
-
-template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+using bptt_cells::Vectorized;
+using bptt_cells::sigmoid;
 
 // a (B,4m) = the step's pre-activations, overwritten by [i;f;g;o]; c_prev (B,m) -> c, k, h (B,m)
 template <typename T>

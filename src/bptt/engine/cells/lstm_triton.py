@@ -32,8 +32,9 @@ Tensor = torch.Tensor
 BLOCK = 512
 
 
+# tanh: libdevice's on a GPU, 2σ(2x) − 1 under Triton's interpreter (which has no libdevice); also the GRU's
 @triton.jit
-def _tanh(x, LIBDEVICE: tl.constexpr):
+def tanh(x, LIBDEVICE: tl.constexpr):
     if LIBDEVICE:
         return libdevice.tanh(x)
     else:
@@ -48,14 +49,14 @@ def _forward_step(a_ptr, c_prev_ptr, c_ptr, k_ptr, h_ptr, n, m, BLOCK: tl.conste
     gi = s * 3 * m + e  # = s·4m + j: the unit's i in the step's (B,4m) gates; f, g, o follow by m
     i = tl.sigmoid(tl.load(a_ptr + gi, mask=mask, other=0.0))
     f = tl.sigmoid(tl.load(a_ptr + gi + m, mask=mask, other=0.0))
-    g = _tanh(tl.load(a_ptr + gi + 2 * m, mask=mask, other=0.0), LIBDEVICE)
+    g = tanh(tl.load(a_ptr + gi + 2 * m, mask=mask, other=0.0), LIBDEVICE)
     o = tl.sigmoid(tl.load(a_ptr + gi + 3 * m, mask=mask, other=0.0))
     tl.store(a_ptr + gi, i, mask=mask)
     tl.store(a_ptr + gi + m, f, mask=mask)
     tl.store(a_ptr + gi + 2 * m, g, mask=mask)
     tl.store(a_ptr + gi + 3 * m, o, mask=mask)
     c = f * tl.load(c_prev_ptr + e, mask=mask, other=0.0) + i * g  # c^t = f ⊙ c^{t-1} + i ⊙ g
-    k = _tanh(c, LIBDEVICE)
+    k = tanh(c, LIBDEVICE)
     tl.store(c_ptr + e, c, mask=mask)
     tl.store(k_ptr + e, k, mask=mask)
     tl.store(h_ptr + e, k * o, mask=mask)  # h^t = o ⊙ tanh(c^t)
