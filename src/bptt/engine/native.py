@@ -1,18 +1,19 @@
-"""Compiled CPU kernels for the cells' sweeps through time, built on first use, with the eager code as
-the reference and the fallback.
+"""Compiled forms of the cells' sweeps through time (C++ on the CPU, built on first use; Triton on CUDA),
+with the eager code as the reference and the fallback.
 
 A cell's sweep runs one matrix product and a handful of element-wise operations per time step; at small
 sizes (an LSTM of 200 units, 20 streams) the eager operations cost more than the product (each is a
 dispatch and a pass over a (B,m) block, and torch.tanh on the CPU is not vectorised). A cell may ship a
-C++ file next to it (cells/lstm_cpu.cpp) that runs the whole sweep with each step's element-wise work
-fused into one loop; `kernels(name)` builds it with torch.utils.cpp_extension (a C++ compiler and ninja,
+C++ file next to it (cells/lstm_cpu.cpp, cells/gru_cpu.cpp; what they share in cells/cpu_common.h) that
+runs the whole sweep with each step's element-wise work fused into one loop; `kernels(name)` builds it with torch.utils.cpp_extension (a C++ compiler and ninja,
 about half a minute, once per source and torch version, kept under $BPTT_NATIVE_DIR or
-~/.cache/bptt/native) and returns the module, or None: no compiler, a failed build, or BPTT_NATIVE=0
-(the cells then run their eager code, with one line on stderr the first time a build fails).
+~/.cache/bptt/native) and returns the module, or None: no compiler, a failed build, BPTT_NATIVE=0 or
+BPTT_NATIVE_CPU=0 (the cells then run their eager code, with one line on stderr if a build fails).
 
-On CUDA a cell may ship Triton kernels instead (cells/lstm_triton.py: Triton comes with PyTorch's CUDA
-builds and compiles each kernel on its first launch, in a second or two), which the static step
-(`--graph`) captures like any other kernel. Tests compare every kernel with the eager code it replaces
+On CUDA a cell may ship Triton kernels instead (cells/lstm_triton.py, cells/gru_triton.py: Triton comes
+with PyTorch's CUDA builds and compiles each kernel on its first launch, in a second or two), which the
+static step (`--graph`) captures like any other kernel. `sweeps(name, ...)` picks the form for the tensors
+at hand. Tests compare every kernel with the eager code it replaces
 (`with eager():`); the Triton ones also run on a CPU under Triton's interpreter.
 """
 
@@ -36,10 +37,10 @@ _enabled = True
 
 
 def _flags() -> list[str]:
-    """-O3, OpenMP (torch's threads, on Linux), and the vector instructions torch itself runs here (torch.backends.cpu.get_cpu_capability()):
-    AVX-512 or AVX2 + FMA, so that ATen's vectorised types (and Sleef's σ and tanh) use them; elsewhere
-    (another architecture, an old x86) their portable code. BPTT_NATIVE_AVX512=0 builds AVX2 on an AVX-512
-    machine (to test that build)."""
+    """-O3, OpenMP (torch's threads, on Linux), and the vector instructions torch itself runs here
+    (torch.backends.cpu.get_cpu_capability()): AVX-512 or AVX2 + FMA, so that ATen's vectorised types (and
+    Sleef's σ and tanh) use them; elsewhere (another architecture, an old x86) their portable code.
+    BPTT_NATIVE_AVX512=0 builds AVX2 on an AVX-512 machine (to test that build)."""
     flags = ["-O3"]
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         flags.append("-fopenmp")  # at::parallel_for splits a step's streams over torch's OpenMP threads
