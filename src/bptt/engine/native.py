@@ -5,16 +5,17 @@ A cell's sweep runs one matrix product and a handful of element-wise operations 
 sizes (an LSTM of 200 units, 20 streams) the eager operations cost more than the product (each is a
 dispatch and a pass over a (B,m) block, and torch.tanh on the CPU is not vectorised). A cell may ship a
 C++ file next to it (cells/lstm_cpu.cpp, cells/gru_cpu.cpp; what they share in cells/cpu_common.h) that
-runs the whole sweep with each step's element-wise work fused into one loop; `kernels(name)` builds it with torch.utils.cpp_extension (a C++ compiler and ninja,
-about half a minute, once per source and torch version, kept under $BPTT_NATIVE_DIR or
-~/.cache/bptt/native) and returns the module, or None: no compiler, a failed build, BPTT_NATIVE=0 or
-BPTT_NATIVE_CPU=0 (the cells then run their eager code, with one line on stderr if a build fails).
+runs the whole sweep with each step's element-wise work fused into one loop; `kernels(name)` builds it
+with torch.utils.cpp_extension (a C++ compiler and ninja, about half a minute, once per source and torch
+version, kept under $BPTT_NATIVE_DIR or ~/.cache/bptt/native) and returns the module, or None: no
+compiler, a failed build, BPTT_NATIVE=0 or BPTT_NATIVE_CPU=0 (the cells then run their eager code, with
+one line on stderr if a build fails).
 
 On CUDA a cell may ship Triton kernels instead (cells/lstm_triton.py, cells/gru_triton.py: Triton comes
 with PyTorch's CUDA builds and compiles each kernel on its first launch, in a second or two), which the
 static step (`--graph`) captures like any other kernel. `sweeps(name, ...)` picks the form for the tensors
-at hand. Tests compare every kernel with the eager code it replaces
-(`with eager():`); the Triton ones also run on a CPU under Triton's interpreter.
+at hand. Tests compare every kernel with the eager code it replaces (`with eager():`); the Triton ones
+also run on a CPU under Triton's interpreter.
 """
 
 from __future__ import annotations

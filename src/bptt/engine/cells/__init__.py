@@ -94,6 +94,13 @@ class Cell(Protocol):
     # def hidden_errors(self, params, cache, dA, dH) -> Tensor: ...
 
 
+
+def full_bptt(truncation: int | None, T: int) -> bool:
+    """Whether a truncation (a checked int or None, the cells' `truncation` argument) keeps every path of a
+    T-step window: None, or k >= T − 1 (no path crosses more than T − 1 recurrent connections)."""
+    return truncation is None or truncation >= T - 1
+
+
 def hidden_errors(W: Tensor, dA: Tensor, dH: Tensor) -> Tensor:
     """W (G·m,m), dA (T,B,G·m) = ∂L/∂A^t of a full backward, dH (T,B,m) the errors arriving from above ->
     ∂L/∂h^t (T,B,m) at every step, for a cell whose h^t reaches step t+1 only through the gate

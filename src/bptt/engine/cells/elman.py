@@ -17,7 +17,7 @@ import torch
 from bptt.checks import optional_int
 from bptt.engine.activations import HiddenActivation
 from bptt.engine.activations import hidden_activation as lookup_hidden_activation
-from bptt.engine.cells import CellCache, CellState, hidden_errors
+from bptt.engine.cells import CellCache, CellState, full_bptt, hidden_errors
 
 Tensor = torch.Tensor
 
@@ -95,7 +95,7 @@ def backward_deltas(
     truncation = optional_int("truncation", truncation)
     T = S.shape[0]
     F_prime = F.derivative(S)  # F'(a^t) from s^t, (T,B,m)
-    if truncation is None or truncation >= T - 1:
+    if full_bptt(truncation, T):
         # Full BPTT: one reverse sweep, two operations per step (one (B,m)×(m,m) product that also adds
         # the direct error, one product with F'), written in place: no allocation inside the loop.
         delta = torch.empty_like(S)

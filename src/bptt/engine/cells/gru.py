@@ -34,7 +34,7 @@ import torch
 
 from bptt.checks import optional_int
 from bptt.engine import native
-from bptt.engine.cells import CellCache, CellState
+from bptt.engine.cells import CellCache, CellState, full_bptt
 from bptt.engine.cells.lstm import sigmoid_derivative, tanh_derivative
 
 Tensor = torch.Tensor
@@ -105,7 +105,7 @@ def gru_deltas(W: Tensor, P: Tensor, R: Tensor, z: Tensor, dH: Tensor,
     truncation = optional_int("truncation", truncation)
     T, B, m = dH.shape
     gamma = torch.empty_like(R)
-    if truncation is None or truncation >= T - 1:
+    if full_bptt(truncation, T):
         # the sweep keeps ∂L/∂h^t of every step (DH) and forms γ, which the next step back needs;
         # δ = ∂L/∂h^t ⊙ P is one product over all steps afterwards
         DH = torch.empty_like(dH)
@@ -170,8 +170,7 @@ class GRUCell:
         T, B, m = H.shape
         H_prev = torch.cat((cache.state0[0].unsqueeze(0), H[:-1]))
         truncation = optional_int("truncation", truncation)
-        full = truncation is None or truncation >= T - 1
-        sweeps = native.sweeps("gru", G, Qn, H, dH, strided=(params["W"],)) if full else None
+        sweeps = native.sweeps("gru", G, Qn, H, dH, strided=(params["W"],)) if full_bptt(truncation, T) else None
         if sweeps is not None:
             # full BPTT, compiled: gate_derivatives' P and R formed inside gru_deltas' loop
             delta, gamma = torch.empty_like(G), torch.empty_like(G)

@@ -33,7 +33,7 @@ import torch
 
 from bptt.checks import number, optional_int
 from bptt.engine import native
-from bptt.engine.cells import CellCache, CellState, hidden_errors
+from bptt.engine.cells import CellCache, CellState, full_bptt, hidden_errors
 
 Tensor = torch.Tensor
 
@@ -118,7 +118,7 @@ def lstm_deltas(W: Tensor, G: Tensor, P: Tensor, Q: Tensor, dH: Tensor, truncati
     T, B, m = dH.shape
     f = G[..., m : 2 * m]
     delta = torch.empty_like(G)
-    if truncation is None or truncation >= T - 1:
+    if full_bptt(truncation, T):
         # per-step views, made once: (B,3,m) blocks [i;f;g] and (B,m) blocks o of P and δ
         P3, d3 = P.unflatten(-1, (4, m))[..., :3, :].unbind(0), delta.unflatten(-1, (4, m))[..., :3, :].unbind(0)
         Po, do = P[..., 3 * m :].unbind(0), delta[..., 3 * m :].unbind(0)
@@ -195,7 +195,7 @@ class LSTMCell:
         h0, c0 = cache.state0
         T, B, m = H.shape
         truncation = optional_int("truncation", truncation)
-        sweeps = native.sweeps("lstm", G, C, K, dH, strided=(W,)) if truncation is None or truncation >= T - 1 else None
+        sweeps = native.sweeps("lstm", G, C, K, dH, strided=(W,)) if full_bptt(truncation, T) else None
         if sweeps is not None:
             # full BPTT, compiled: gate_derivatives' P and Q formed inside lstm_deltas' loop
             delta = torch.empty_like(G)
