@@ -16,11 +16,12 @@ torch.set_default_dtype(torch.float64)
 
 @pytest.fixture(autouse=True, scope="session")
 def compiled_cells():
-    """The cells' CPU kernels built once, before any test (engine/native.py; on a fresh machine about half a
+    """The cells' and the full softmax's CPU kernels built once, before any test (engine/native.py; on a fresh machine about half a
     minute each): the build's notice on stderr then lands in no test's output, and the commands run in
     subprocesses find the build made."""
     native.kernels("lstm")
     native.kernels("gru")
+    native.kernels("softmax")
 
 COMBINATIONS = combinations()  # every valid (F, f, loss)
 COMBO_IDS = [f"{F}-{f}-{loss}" for F, f, loss in COMBINATIONS]

@@ -272,12 +272,14 @@ def test_the_lstm_bench_names_the_sweeps_it_timed(capsys, keep_threads, monkeypa
             "--threads", "1", "--json"]
     monkeypatch.setenv("BPTT_NATIVE", "0")
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["machine"]["lstm_sweeps"] == "eager"
+    machine = json.loads(capsys.readouterr().out)["machine"]
+    assert machine["lstm_sweeps"] == "eager" and machine["softmax_loss"] == "eager"
     monkeypatch.delenv("BPTT_NATIVE")
     assert main(argv) == 0
-    sweeps = json.loads(capsys.readouterr().out)["machine"]["lstm_sweeps"]
-    assert sweeps == ("eager" if native.kernels("lstm") is None else native.describe("lstm"))
-    assert native.kernels("lstm") is None or sweeps.startswith("compiled (C++")
+    machine = json.loads(capsys.readouterr().out)["machine"]
+    for key, name in (("lstm_sweeps", "lstm"), ("softmax_loss", "softmax")):  # the cell's sweeps, the loss pass
+        assert machine[key] == ("eager" if native.kernels(name) is None else native.describe(name))
+        assert native.kernels(name) is None or machine[key].startswith("compiled (C++")
 
 
 @pytest.mark.parametrize("cell, rnn", [("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU), ("elman", torch.nn.RNN)])

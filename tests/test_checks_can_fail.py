@@ -13,6 +13,7 @@ import torch
 import bptt.engine.activations as activations
 import bptt.engine.cells.elman as elman
 import bptt.engine.outputs.full as full
+from bptt.engine import native
 from bptt.verify import finite_difference_grads, relative_error
 from bptt.oracle import autograd_loss_and_grads
 from conftest import make_case, max_rel_error
@@ -93,7 +94,9 @@ def test_missing_softmax_jacobian_term_is_rejected(monkeypatch):
 
 
 def test_missing_target_term_in_cross_entropy_is_rejected(monkeypatch):
-    """dL/dg = o − d with the −d (the target's −1) forgotten."""
+    """dL/dg = o − d with the −d (the target's −1) forgotten (in the eager code: the compiled pass,
+    outputs/softmax_cpu.cpp, off; its own mutants are in tests/test_native.py)."""
+    monkeypatch.setattr(native, "_enabled", False)
     monkeypatch.setattr(full, "softmax_cross_entropy_backward_", lambda o, targets, weights: o)
     assert_rejected(*errors())
 
@@ -103,6 +106,7 @@ def test_missing_output_bias_gradient_is_rejected(monkeypatch):
         grads["V"].addmm_(dg.t(), S)
         return dg @ V
 
+    monkeypatch.setattr(native, "_enabled", False)  # the eager code's dc (the compiled pass forms its own)
     monkeypatch.setattr(full, "linear_backward", no_bias_grad)
     assert_rejected(*errors())
 

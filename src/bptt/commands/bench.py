@@ -117,13 +117,16 @@ def _bench_all(configs: list[BenchConfig], args: argparse.Namespace, device: tor
     machine = machine_info(device)
     for cell in sorted({c.cell for c in configs} & {"lstm", "gru"}):  # what is timed: compiled sweeps or eager
         machine[f"{cell}_sweeps"] = native.describe(cell, device.type)
+    if device.type == "cpu" and any(c.out == "softmax" for c in configs):  # the full softmax's loss pass
+        machine["softmax_loss"] = native.describe("softmax")
     threads = torch.get_num_threads()
     width = max(len("config"), *(len(str(c)) for c in configs))
     if not args.json:
         print(machine_line(machine, device, threads, args.steps, args.warmup)
               + ("; bptt's step replayed as a CUDA graph" if args.graph else "")
               + "".join(f"; the {cell.upper()}'s sweeps {machine[f'{cell}_sweeps']}" for cell in ("lstm", "gru")
-                        if f"{cell}_sweeps" in machine))
+                        if f"{cell}_sweeps" in machine)
+              + (f"; the softmax's loss and gradient {machine['softmax_loss']}" if "softmax_loss" in machine else ""))
         print(table_header(width, device), flush=True)
     for config in configs:
         record = bench_config(config, args.steps, args.warmup, args.seed, device, args.rounds, args.graph)

@@ -1,14 +1,16 @@
-"""Compiled forms of the cells' sweeps through time (C++ on the CPU, built on first use; Triton on CUDA),
-with the eager code as the reference and the fallback.
+"""Compiled forms of the cells' sweeps through time (C++ on the CPU, built on first use; Triton on CUDA) and
+of the full softmax's loss pass (C++ on the CPU), with the eager code as the reference and the fallback.
 
 A cell's sweep runs one matrix product and a handful of element-wise operations per time step; at small
 sizes (an LSTM of 200 units, 20 streams) the eager operations cost more than the product (each is a
 dispatch and a pass over a (B,m) block, and torch.tanh on the CPU is not vectorised). A cell may ship a
 C++ file next to it (cells/lstm_cpu.cpp, cells/gru_cpu.cpp; what they share in cells/cpu_common.h) that
-runs the whole sweep with each step's element-wise work fused into one loop; `kernels(name)` builds it
-with torch.utils.cpp_extension (a C++ compiler and ninja, about half a minute, once per source and torch
-version, kept under $BPTT_NATIVE_DIR or ~/.cache/bptt/native) and returns the module, or None: no
-compiler, a failed build, BPTT_NATIVE=0 or BPTT_NATIVE_CPU=0 (the cells then run their eager code, with
+runs the whole sweep with each step's element-wise work fused into one loop; an output layer may too
+(outputs/softmax_cpu.cpp: the bias, the cross-entropy, its gradient and the bias's gradient in one pass
+over each row of scores, where the eager code reads the (N,V) scores five times). `kernels(name)` builds
+{name}_cpu.cpp with torch.utils.cpp_extension (a C++ compiler and ninja, about half a minute, once per
+source and torch version, kept under $BPTT_NATIVE_DIR or ~/.cache/bptt/native) and returns the module, or
+None: no compiler, a failed build, BPTT_NATIVE=0 or BPTT_NATIVE_CPU=0 (the eager code then runs, with
 one line on stderr if a build fails).
 
 On CUDA a cell may ship Triton kernels instead (cells/lstm_triton.py, cells/gru_triton.py: Triton comes
@@ -31,7 +33,8 @@ from types import ModuleType
 
 import torch
 
-_HERE = Path(__file__).resolve().parent / "cells"
+_HERE = Path(__file__).resolve().parent / "cells"  # the cells' sources, and cpu_common.h that every source includes
+_SOURCES = (_HERE, _HERE.parent / "outputs")  # where {name}_cpu.cpp is looked for: cells, then output layers
 _modules: dict[str, ModuleType | None] = {}
 _lock = threading.Lock()
 _enabled = True
@@ -72,13 +75,15 @@ def _build_dir() -> Path:
 
 
 def _build(name: str) -> ModuleType | None:
-    source, common = _HERE / f"{name}_cpu.cpp", _HERE / "cpu_common.h"
+    source = next(d / f"{name}_cpu.cpp" for d in _SOURCES if (d / f"{name}_cpu.cpp").exists())
+    common = _HERE / "cpu_common.h"
+    owner = f"the {name} cell's" if source.parent == _HERE else f"the {name} output layer's"
     flags = _flags()
     digest = hashlib.sha256(source.read_bytes() + common.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
     module_name = f"bptt_{name}_cpu_{digest}"  # a changed source is another module (and another build)
     directory = _build_dir() / module_name
     if not any(directory.glob(f"{module_name}*.so")):
-        print(f"bptt: building the {name} cell's CPU kernels (once, about half a minute; BPTT_NATIVE=0 skips "
+        print(f"bptt: building {owner} CPU kernels (once, about half a minute; BPTT_NATIVE=0 skips "
               f"them) in {directory}", file=sys.stderr, flush=True)
     try:
         from torch.utils.cpp_extension import load
@@ -88,7 +93,7 @@ def _build(name: str) -> ModuleType | None:
                     build_directory=str(directory), verbose=False)
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: the eager code runs
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f"bptt: the {name} cell's CPU kernels could not be built ({reason[:200]}); using the eager code",
+        print(f"bptt: {owner} CPU kernels could not be built ({reason[:200]}); using the eager code",
               file=sys.stderr, flush=True)
         return None
 
@@ -103,7 +108,8 @@ def enabled(device: str = "cpu") -> bool:
 
 
 def kernels(name: str) -> ModuleType | None:
-    """The compiled kernels of cells/{name}_cpu.cpp (built on the first call), or None (see the module)."""
+    """The compiled kernels of cells/{name}_cpu.cpp or outputs/{name}_cpu.cpp (built on the first call), or
+    None (see the module)."""
     if not enabled("cpu"):
         return None
     if name not in _modules:

@@ -3,6 +3,11 @@
 Shapes: N = T·B positions, m = hidden, V = vocabulary. The layer is one matrix product over all N
 positions (not one per step). With softmax + cross-entropy the loss gradient is fused (losses.py).
 
+On the CPU, forward_backward with softmax + cross-entropy runs the loss, its gradient and the bias (its
+value and its gradient) as one compiled pass over each row of scores (outputs/softmax_cpu.cpp, built on
+first use by engine/native.py); forward and backward, and every other case, are the eager reference it
+is tested against.
+
 Memory: forward keeps the (N,V) scores for backward. forward_backward (what the engine calls) runs
 the pair over chunks of at most `chunk_scores` scores (chunk rows × V), so that for a large
 vocabulary the memory does not grow with T·B·V: ∂L/∂g of a position depends on that position alone,
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bptt.engine import native
 from bptt.engine.activations import output_activation
 from bptt.engine.outputs.direct import direct_backward, direct_forward_
 from bptt.engine.losses import (
@@ -46,7 +52,7 @@ def linear_forward(V: Tensor, c: Tensor | None, S: Tensor, out: Tensor | None = 
 
 
 def linear_backward(V: Tensor, S: Tensor, dg: Tensor, grads: dict[str, Tensor], bias: bool) -> Tensor:
-    """dg (N,V) -> dS (N,m); accumulates dV (V,m) and dc (V,).
+    """dg (N,V) -> dS (N,m); accumulates dV (V,m) and, with bias, dc (V,).
 
     forward was g = S Vᵀ + c, i.e. g_i^t = Σ_j V_ij s_j^t + c_i; so
       ∂L/∂V_ij = Σ_t ∂L/∂g_i^t s_j^t  -> dV += dgᵀ S      (eq. 2–3: (o−d)·f'(g) times s^t)
@@ -141,7 +147,10 @@ class FullOutput:
         additions into dV and dc differs), with one (chunk, V) workspace instead of (N, V).
         """
         N, rows = S.shape[0], self.chunk_rows(params["V"].shape[0])
+        kernel = self._kernel(params, S, targets, weights, grads)
         if rows >= N:
+            if kernel is not None:
+                return self._fused(kernel, params, S, targets, weights, features, grads, self._g_buffer(N, params["V"]))
             loss, cache = self.forward(params, S, targets, weights, features)
             return loss, self.backward(params, S, cache, targets, weights, grads)
         workspace = self._g_buffer(rows, params["V"])  # (rows, V), the last chunk uses its first rows
@@ -152,10 +161,38 @@ class FullOutput:
             S_c, y_c = S[chunk], targets[chunk]
             w_c = None if weights is None else weights[chunk]
             f_c = None if features is None else features[chunk]
-            loss_c, cache = self._forward(params, S_c, y_c, w_c, f_c, workspace[: S_c.shape[0]])
+            if kernel is not None:
+                loss_c, dS[chunk] = self._fused(kernel, params, S_c, y_c, w_c, f_c, grads, workspace[: S_c.shape[0]])
+            else:
+                loss_c, cache = self._forward(params, S_c, y_c, w_c, f_c, workspace[: S_c.shape[0]])
+                dS[chunk] = self.backward(params, S_c, cache, y_c, w_c, grads)
             loss = loss + loss_c
-            dS[chunk] = self.backward(params, S_c, cache, y_c, w_c, grads)
         return loss, dS
+
+    def _kernel(self, params, S, targets, weights, grads):
+        """The compiled loss and gradient (outputs/softmax_cpu.cpp) where they apply: softmax + cross-entropy
+        on CPU tensors it can walk by pointer (float32/float64, contiguous bias, weights and bias gradient,
+        int64 targets), compiled sweeps not turned off; else None (the eager forward and backward run)."""
+        if self.loss != "cross_entropy" or targets.dtype != torch.int64 or not targets.is_contiguous():
+            return None
+        c = params.get("c")
+        vectors = [t for t in (c, None if c is None else grads["c"], weights) if t is not None]
+        if any(t.dtype != params["V"].dtype for t in vectors):
+            return None
+        return native.kernels("softmax") if native.usable(*vectors, strided=(params["V"], S)) else None
+
+    def _fused(self, kernel, params, S, targets, weights, features, grads, out: Tensor) -> tuple[Tensor, Tensor]:
+        """forward then backward in one: g = S Vᵀ (+ direct offsets) into `out`, then the kernel adds c,
+        computes L = −Σ w log softmax(g)_y, overwrites g with ∂L/∂g = w (softmax(g) − d) and accumulates
+        dc = Σ_n ∂L/∂g_n, all in one pass over each row -> (L, dS); accumulates dV (and dD)."""
+        g = linear_forward(params["V"], None, S, out=out)
+        if features is not None:
+            direct_forward_(params["D"], features, 0, g)
+        c = params.get("c")
+        loss = kernel.softmax_xent_(g, c, targets, weights, None if c is None else grads["c"])
+        if features is not None:
+            direct_backward(features, 0, g, grads)
+        return loss, linear_backward(params["V"], S, g, grads, bias=False)  # dc is already in grads["c"]
 
     def backward(
         self,
