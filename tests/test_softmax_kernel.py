@@ -149,3 +149,13 @@ def test_the_eager_code_runs_where_the_kernel_does_not_apply(kernel, monkeypatch
         assert layer._kernel(params, S.detach(), y, None, grads) is None
     monkeypatch.setenv("BPTT_NATIVE", "0")
     assert layer._kernel(params, S.detach(), y, None, grads) is None
+
+
+def test_a_target_outside_the_vocabulary_is_refused_before_anything_is_written(kernel):
+    scores, c, y, _ = case(5, 7, torch.float64)
+    for bad in (7, -1):
+        y[3] = bad
+        g = scores.clone()
+        with pytest.raises(RuntimeError, match="outside"):
+            kernel.softmax_xent_(g, c, y, None, None)
+        assert torch.equal(g, scores)

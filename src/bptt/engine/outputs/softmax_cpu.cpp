@@ -93,6 +93,7 @@ at::Tensor run(at::Tensor& g, const c10::optional<at::Tensor>& c, const at::Tens
   const T* C = c ? c->data_ptr<T>() : nullptr;
   const int64_t* Y = targets.data_ptr<int64_t>();
   const T* W = weights ? weights->data_ptr<T>() : nullptr;
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(0 <= Y[n] && Y[n] < V, "target ", Y[n], " outside [0, ", V, ")");
   const int64_t blocks = (N + ROWS - 1) / ROWS;
   std::vector<double> losses(N);
   std::vector<T> partial(dc ? blocks * V : 0);
