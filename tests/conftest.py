@@ -68,7 +68,8 @@ def assert_normalized_and_matches_loss(model, x, y, h0) -> torch.Tensor:
 
 def check_layer_against_autograd(layer, params, names, S, y, weights, reference) -> tuple[float, float]:
     """An output layer's forward/backward on (S, y, weights) against autograd of reference(leaves, S):
-    the gradients of the parameters `names` and dS agree to 1e-12 (asserted here). reference gets the
+    the gradients of the parameters `names` and dS agree to 1e-12 (asserted here), and so do those of its
+    forward_backward where it has one. reference gets the
     parameters as leaves {name: tensor} and S as a leaf and returns the loss written out independently.
     Returns (the layer's loss, the reference loss) for the caller's own check of the loss."""
     grads = {k: torch.zeros_like(params[k]) for k in names}
@@ -81,6 +82,12 @@ def check_layer_against_autograd(layer, params, names, S, y, weights, reference)
         ref = torch.autograd.grad(total, [*leaves.values(), S_leaf])
     for got, want in zip([*grads.values(), dS], ref):
         assert relative_error(got, want) <= 1e-12
+    if hasattr(layer, "forward_backward"):  # the pair in one call, what the engine runs (compiled where it can be)
+        fused = {k: torch.zeros_like(params[k]) for k in names}
+        loss_fb, dS_fb = layer.forward_backward(params, S, y, weights, fused)
+        assert abs(float(loss_fb) - float(loss)) <= 1e-12 * max(1.0, abs(float(loss)))
+        for got, want in zip([*fused.values(), dS_fb], ref):
+            assert relative_error(got, want) <= 1e-12
     return float(loss), float(total.detach())
 
 

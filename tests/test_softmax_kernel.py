@@ -159,3 +159,43 @@ def test_a_target_outside_the_vocabulary_is_refused_before_anything_is_written(k
         with pytest.raises(RuntimeError, match="outside"):
             kernel.softmax_xent_(g, c, y, None, None)
         assert torch.equal(g, scores)
+
+
+# -- the class layer: the same pass for the classes' softmax and for each class's words' --------------------
+
+COUNTS = [90, 60, 50, 30, 20, 20, 9, 8, 5, 4, 3, 2, 2, 1, 1, 1, 1]  # 17 words, Zipf-like
+
+
+@pytest.mark.parametrize("direct", [0, 2048], ids=["plain", "direct-connections"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_the_class_layer_compiled_equals_the_class_layer_eager(kernel, direct, bias):
+    """ClassSoftmaxOutput.forward_backward with the kernel (every class a span of ids) against its eager
+    forward and backward: weighted positions, direct connections, with and without biases (float64)."""
+    V, m, T, B = len(COUNTS), 6, 7, 4
+    model = LanguageModel(ModelConfig(vocab_size=V, hidden_size=m, output="class", classes=5, direct=direct,
+                                      bias=bias, dtype="float64"), word_counts=COUNTS, seed=4)
+    g = torch.Generator().manual_seed(2)
+    for p in model.params.values():
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    layer = model.net.output
+    x, y = torch.randint(0, V, (T, B), generator=g), torch.randint(0, V, (T, B), generator=g)
+    w = (torch.rand(T, B, generator=g) > 0.25).double() * 1.5
+    grads = model.zero_grads()
+    assert layer._kernel(model.params, torch.zeros(2, m), y.reshape(-1), w.reshape(-1), grads) is kernel
+    state = model.zero_state(B)
+    loss, grads, _ = loss_and_grads(model.net, model.params, x, y, state, weights=w)
+    with native.eager():
+        assert layer._kernel(model.params, torch.zeros(2, m), y.reshape(-1), None, grads) is None
+        ref_loss, ref, _ = loss_and_grads(model.net, model.params, x, y, state, weights=w)
+    assert abs(float(loss - ref_loss)) <= 1e-12 * abs(float(ref_loss))
+    for key in ref:
+        torch.testing.assert_close(grads[key], ref[key], rtol=1e-11, atol=1e-12, msg=key)
+
+
+def test_a_class_layer_with_scattered_classes_runs_its_eager_code(kernel):
+    from bptt.engine.outputs.class_softmax import ClassSoftmaxOutput
+
+    layer = ClassSoftmaxOutput(torch.arange(11) % 4)  # words 0, 4, 8 in class 0, …: no spans
+    params = {"V": torch.randn(11, 3), "c": torch.randn(11), "Vc": torch.randn(4, 3), "cc": torch.randn(4)}
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    assert layer._kernel(params, torch.zeros(2, 3), torch.tensor([1, 2]), None, grads) is None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bptt import checks
+from bptt.engine import native
 from bptt.engine.flat import note_rows
 from bptt.engine.losses import softmax_cross_entropy_backward_, softmax_cross_entropy_forward_
 from bptt.engine.outputs.direct import direct_backward, direct_forward_, direct_gather, direct_gather_backward
@@ -188,6 +189,65 @@ class ClassSoftmaxOutput:
                     grads["c"].index_add_(0, members, dg.sum(dim=0))
             dS.index_add_(0, rows, dg @ self._class_rows(params["V"], c))
         return dS
+
+    def forward_backward(
+        self, params: dict[str, Tensor], S: Tensor, targets: Tensor, weights: Tensor | None,
+        grads: dict[str, Tensor], features: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """forward then backward -> (L, dS (N,m)); accumulates dV, dc, dVc, dcc (the engine's call).
+
+        On the CPU, where every class's words are consecutive ids, each softmax (the classes', then each
+        class's words') runs as the full softmax's compiled pass (outputs/softmax_cpu.cpp: the bias, the
+        loss, ∂L/∂g and the bias's gradient in one pass over each row) between its products; elsewhere the
+        eager forward and backward above, which are its reference."""
+        kernel = self._kernel(params, S, targets, weights, grads)
+        if kernel is None:
+            loss, cache = self.forward(params, S, targets, weights, features)
+            return loss, self.backward(params, S, cache, targets, weights, grads)
+        self._to(S.device)
+        bias = "c" in params
+        target_class = self.word_class[targets]  # (N,)
+        # the classes' softmax: g_cls = S Vcᵀ (+ direct), then cc, L, ∂L/∂g_cls and dcc in the kernel
+        g_cls = S @ params["Vc"].t()
+        if features is not None:
+            direct_forward_(params["D"], features, self.word_class.numel(), g_cls)
+        loss = kernel.softmax_xent_(g_cls, params.get("cc"), target_class, weights, grads.get("cc"))
+        if features is not None:
+            direct_backward(features, self.word_class.numel(), g_cls, grads)
+        grads["Vc"].addmm_(g_cls.t(), S)
+        dS = g_cls @ params["Vc"]
+        order = torch.argsort(target_class, stable=True)  # positions grouped by their target's class
+        sizes = torch.bincount(target_class, minlength=self.n_classes).tolist()
+        inner_all = self.index_in_class[targets]
+        for c, rows in zip(range(self.n_classes), torch.split(order, sizes)):
+            if rows.numel() == 0:
+                continue
+            span, members = self.spans[c], self.members[c]
+            S_rows = S.index_select(0, rows)
+            g = S_rows @ params["V"][span].t()  # (n_c,K_c)
+            f_rows = None if features is None else features.index_select(0, rows)
+            if f_rows is not None:
+                g.add_(direct_gather(params["D"], f_rows, members.unsqueeze(0)))
+            w = None if weights is None else weights.index_select(0, rows)
+            loss = loss + kernel.softmax_xent_(g, params["c"][span] if bias else None, inner_all.index_select(0, rows),
+                                               w, grads["c"][span] if bias else None)
+            if f_rows is not None:
+                direct_gather_backward(f_rows, members.unsqueeze(0), g, grads)
+            note_rows(grads, "V", members)
+            grads["V"][span].addmm_(g.t(), S_rows)
+            dS.index_add_(0, rows, g @ params["V"][span])
+        return loss, dS
+
+    def _kernel(self, params, S, targets, weights, grads):
+        """The full softmax's compiled pass where it applies to this layer: every class a span of ids, CPU
+        tensors of one float dtype (outputs/full.py's conditions); else None."""
+        if any(span is None for span in self.spans) or targets.dtype != torch.int64:
+            return None
+        vectors = [t for t in (params.get("c"), params.get("cc"), grads.get("c"), grads.get("cc"), weights)
+                   if t is not None]
+        if any(t.dtype != params["V"].dtype for t in vectors):
+            return None
+        return native.kernels("softmax") if native.usable(*vectors, strided=(params["V"], params["Vc"], S)) else None
 
     def log_probs(self, params: dict[str, Tensor], S: Tensor, features: Tensor | None = None) -> Tensor:
         """S (N,m), features (N,K)|None -> log P(w | h) (N,V) in nats, exactly normalized over the vocabulary."""
