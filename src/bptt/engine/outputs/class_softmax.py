@@ -216,26 +216,34 @@ class ClassSoftmaxOutput:
             direct_backward(features, self.word_class.numel(), g_cls, grads)
         grads["Vc"].addmm_(g_cls.t(), S)
         dS = g_cls @ params["Vc"]
-        order = torch.argsort(target_class, stable=True)  # positions grouped by their target's class
+        # the positions sorted by their target's class, once: each class's rows are then a slice (a view)
+        order = torch.argsort(target_class, stable=True)
         sizes = torch.bincount(target_class, minlength=self.n_classes).tolist()
-        inner_all = self.index_in_class[targets]
-        for c, rows in zip(range(self.n_classes), torch.split(order, sizes)):
-            if rows.numel() == 0:
+        inner = self.index_in_class[targets.index_select(0, order)]
+        w_sorted = None if weights is None else weights.index_select(0, order)
+        f_sorted = None if features is None else features.index_select(0, order)
+        dS_sorted = torch.empty_like(S)  # the words' part of dS, in the sorted order
+        start = 0
+        for c, n in enumerate(sizes):
+            if n == 0:
                 continue
+            rows = slice(start, start + n)
+            start += n
             span, members = self.spans[c], self.members[c]
-            S_rows = S.index_select(0, rows)
-            g = S_rows @ params["V"][span].t()  # (n_c,K_c)
-            f_rows = None if features is None else features.index_select(0, rows)
-            if f_rows is not None:
-                g.add_(direct_gather(params["D"], f_rows, members.unsqueeze(0)))
-            w = None if weights is None else weights.index_select(0, rows)
-            loss = loss + kernel.softmax_xent_(g, params["c"][span] if bias else None, inner_all.index_select(0, rows),
-                                               w, grads["c"][span] if bias else None)
-            if f_rows is not None:
-                direct_gather_backward(f_rows, members.unsqueeze(0), g, grads)
+            V_c = params["V"][span]
+            S_rows = S.index_select(0, order[rows])  # a fresh, aligned copy: the products run faster on it
+            g = S_rows @ V_c.t()  # (n_c,K_c)
+            if f_sorted is not None:
+                g.add_(direct_gather(params["D"], f_sorted[rows], members.unsqueeze(0)))
+            loss = loss + kernel.softmax_xent_(g, params["c"][span] if bias else None, inner[rows],
+                                               None if w_sorted is None else w_sorted[rows],
+                                               grads["c"][span] if bias else None)
+            if f_sorted is not None:
+                direct_gather_backward(f_sorted[rows], members.unsqueeze(0), g, grads)
             note_rows(grads, "V", members)
             grads["V"][span].addmm_(g.t(), S_rows)
-            dS.index_add_(0, rows, g @ params["V"][span])
+            dS_sorted[rows] = g @ V_c
+        dS.index_add_(0, order, dS_sorted)
         return loss, dS
 
     def _kernel(self, params, S, targets, weights, grads):
