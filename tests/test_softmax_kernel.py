@@ -199,3 +199,46 @@ def test_a_class_layer_with_scattered_classes_runs_its_eager_code(kernel):
     params = {"V": torch.randn(11, 3), "c": torch.randn(11), "Vc": torch.randn(4, 3), "cc": torch.randn(4)}
     grads = {k: torch.zeros_like(v) for k, v in params.items()}
     assert layer._kernel(params, torch.zeros(2, 3), torch.tensor([1, 2]), None, grads) is None
+
+
+def _class_case(seed=0):
+    from bptt.engine.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
+
+    layer = ClassSoftmaxOutput(frequency_classes(COUNTS, 6))
+    g = torch.Generator().manual_seed(seed)
+    V, C, m, N = len(COUNTS), layer.n_classes, 5, 300
+    params = {"V": torch.randn(V, m, generator=g, dtype=torch.float32), "c": torch.randn(V, generator=g, dtype=torch.float32),
+              "Vc": torch.randn(C, m, generator=g, dtype=torch.float32), "cc": torch.randn(C, generator=g, dtype=torch.float32)}
+    S, y = torch.randn(N, m, generator=g, dtype=torch.float32), torch.randint(0, V, (N,), generator=g)
+    w = (torch.rand(N, generator=g) > 0.2).float()
+    return layer, params, S, y, w
+
+
+def test_the_class_layer_gives_the_same_bits_with_one_thread_and_two(kernel):
+    """Its classes are dealt to the threads whole (each class's sums in one order): the thread count does
+    not change a bit of the loss or of any gradient."""
+    layer, params, S, y, w = _class_case()
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads = {k: torch.zeros_like(v) for k, v in params.items()}
+            loss, dS = layer.forward_backward(params, S, y, w, grads)
+            out.append([loss, dS, *grads.values()])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_the_class_words_kernel_refuses_a_target_outside_its_class(kernel):
+    layer, params, S, y, w = _class_case()
+    order = torch.arange(4)
+    starts = [0, 4] + [4] * (layer.n_classes - 1)
+    inner = torch.tensor([0, 1, 0, layer._count[0]])  # the last is one past class 0's words
+    dV, dS = torch.zeros_like(params["V"]), torch.empty(4, 5)
+    with pytest.raises(RuntimeError, match="outside class 0"):
+        kernel.class_words_(S[:4], order, starts, layer._first, layer._count, params["V"], None, inner, None, dV,
+                            None, dS)
+    assert not dV.any()

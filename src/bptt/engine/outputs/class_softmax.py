@@ -82,6 +82,9 @@ class ClassSoftmaxOutput:
         self.spans = [slice(int(m[0]), int(m[-1]) + 1) if bool((m == torch.arange(int(m[0]), int(m[0]) + m.numel())).all())
                       else None for m in self.members]
         self._device = torch.device("cpu")
+        # each class's span of ids as (first id, count), for the compiled path (every class a span)
+        self._first = [s.start if s is not None else -1 for s in self.spans]
+        self._count = [int(m.numel()) for m in self.members]
 
     def _to(self, device: torch.device) -> None:
         if device != self._device:
@@ -222,7 +225,15 @@ class ClassSoftmaxOutput:
         inner = self.index_in_class[targets.index_select(0, order)]
         w_sorted = None if weights is None else weights.index_select(0, order)
         f_sorted = None if features is None else features.index_select(0, order)
-        dS_sorted = torch.empty_like(S)  # the words' part of dS, in the sorted order
+        dS_sorted = torch.empty(S.shape, dtype=S.dtype)  # the words' part of dS, in the sorted order
+        if f_sorted is None:  # each class's words in C++, the classes dealt to torch's threads whole
+            starts = np.concatenate(([0], np.cumsum(sizes))).tolist()
+            loss = loss + kernel.class_words_(S, order, starts, self._first, self._count, params["V"],
+                                              params.get("c"), inner, w_sorted, grads["V"], grads.get("c"), dS_sorted)
+            present = [c for c, n in enumerate(sizes) if n]
+            note_rows(grads, "V", torch.cat([self.members[c] for c in present]))
+            dS.index_add_(0, order, dS_sorted)
+            return loss, dS
         start = 0
         for c, n in enumerate(sizes):
             if n == 0:

@@ -20,6 +20,7 @@
 #include "cpu_common.h"
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -139,8 +140,105 @@ at::Tensor softmax_xent_(at::Tensor g, c10::optional<at::Tensor> c, at::Tensor t
   return run<float>(g, c, targets, weights, dc);
 }
 
+// The class layer's words (outputs/class_softmax.py, ClassSoftmaxOutput.forward_backward is the reference):
+// for each class k with positions at sorted places [starts[k], starts[k+1]) of `order` and words
+// [first[k], first[k] + count[k]) (a span of ids),
+//     S_k = S[order[rows]]                  (n_k,m)  gathered fresh
+//     g = S_k V_kᵀ, then row() over each position: + c_k, ℓ, ∂L/∂g in place, dc_k += Σ ∂L/∂g
+//     dV_k += gᵀ S_k,   dS_sorted[rows] = g V_k
+// The classes are independent (disjoint rows of V, c, dV, dc and of dS_sorted), so they are dealt to torch's
+// threads whole, the largest first to the least loaded (each thread then runs its classes in class order,
+// its products single-threaded): the same result with any number of threads.
+template <typename T>
+double class_words(const at::Tensor& S, const at::Tensor& order, const std::vector<int64_t>& starts,
+                   const std::vector<int64_t>& first, const std::vector<int64_t>& count, const at::Tensor& Vw,
+                   const c10::optional<at::Tensor>& c, const at::Tensor& inner, const c10::optional<at::Tensor>& w,
+                   at::Tensor& dV, const c10::optional<at::Tensor>& dc, at::Tensor& dS_sorted) {
+  const int64_t C = static_cast<int64_t>(count.size());
+  const int threads = std::max(1, at::get_num_threads());
+  // deal the classes: cost n_k · K_k, largest first, each to the thread with the least so far
+  std::vector<int64_t> by_cost;
+  for (int64_t k = 0; k < C; ++k) {
+    if (starts[k + 1] > starts[k]) by_cost.push_back(k);
+  }
+  std::stable_sort(by_cost.begin(), by_cost.end(), [&](int64_t a, int64_t b) {
+    return (starts[a + 1] - starts[a]) * count[a] > (starts[b + 1] - starts[b]) * count[b];
+  });
+  std::vector<std::vector<int64_t>> bins(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t k : by_cost) {
+    const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    bins[t].push_back(k);
+    load[t] += (starts[k + 1] - starts[k]) * count[k];
+  }
+  for (auto& bin : bins) std::sort(bin.begin(), bin.end());
+  std::vector<double> losses(C, 0.0);
+  const int64_t* Y = inner.data_ptr<int64_t>();
+  const T* W = w ? w->data_ptr<T>() : nullptr;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t k : bins[t]) {
+        const int64_t start = starts[k], n = starts[k + 1] - start, K = count[k];
+        const at::Tensor S_k = S.index_select(0, order.narrow(0, start, n));  // (n,m)
+        const at::Tensor V_k = Vw.narrow(0, first[k], K);                     // (K,m)
+        at::Tensor g = at::mm(S_k, V_k.t());                                  // (n,K)
+        T* G = g.data_ptr<T>();
+        const T* ck = c ? c->data_ptr<T>() + first[k] : nullptr;
+        T* dck = dc ? dc->data_ptr<T>() + first[k] : nullptr;
+        double loss = 0;
+        for (int64_t r = 0; r < n; ++r) {
+          loss += row<T>(G + r * K, ck, Y[start + r], W ? W[start + r] : T(1), K, dck, false);
+        }
+        losses[k] = loss;
+        dV.narrow(0, first[k], K).addmm_(g.t(), S_k);
+        at::Tensor rows_out = dS_sorted.narrow(0, start, n);
+        at::mm_out(rows_out, g, V_k);
+      }
+    }
+  });
+  double total = 0;
+  for (int64_t k = 0; k < C; ++k) total += losses[k];
+  return total;
+}
+
+// S (N,m); order (N,) int64 positions sorted by class; starts (C+1,) offsets into order per class; first,
+// count (C,) each class's span of word ids; V (vocab,m) rows in any stride; c (vocab,)|None; inner (N,) the
+// targets' places within their class, sorted like order; w (N,)|None sorted too; dV, dc|None accumulate;
+// dS_sorted (N,m) written -> the words' part of the loss (0-d, S's dtype)
+at::Tensor class_words_(at::Tensor S, at::Tensor order, std::vector<int64_t> starts, std::vector<int64_t> first,
+                        std::vector<int64_t> count, at::Tensor V, c10::optional<at::Tensor> c, at::Tensor inner,
+                        c10::optional<at::Tensor> w, at::Tensor dV, c10::optional<at::Tensor> dc,
+                        at::Tensor dS_sorted) {
+  const int64_t C = static_cast<int64_t>(count.size()), N = order.numel(), vocab = V.size(0);
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == C + 1 && static_cast<int64_t>(first.size()) == C,
+              "starts must have C + 1 entries and first C");
+  TORCH_CHECK(starts[0] == 0 && starts[C] == N, "starts must run from 0 to N");
+  TORCH_CHECK(order.scalar_type() == at::kLong && inner.scalar_type() == at::kLong && order.is_contiguous() &&
+              inner.is_contiguous() && inner.numel() == N, "order and inner must be contiguous (N,) int64");
+  TORCH_CHECK(dS_sorted.is_contiguous() && dS_sorted.sizes() == S.sizes(), "dS_sorted must be like S, contiguous");
+  for (int64_t k = 0; k < C; ++k) {
+    TORCH_CHECK(starts[k] <= starts[k + 1] && 0 <= first[k] && count[k] > 0 && first[k] + count[k] <= vocab,
+                "class ", k, ": bad rows or span");
+  }
+  const int64_t* Y = inner.data_ptr<int64_t>();
+  for (int64_t k = 0; k < C; ++k) {
+    for (int64_t r = starts[k]; r < starts[k + 1]; ++r) {
+      TORCH_CHECK(0 <= Y[r] && Y[r] < count[k], "target place ", Y[r], " outside class ", k, "'s ", count[k], " words");
+    }
+  }
+  for (const auto* t : {&c, &w, &dc}) {
+    TORCH_CHECK(!t->has_value() || ((*t)->is_contiguous() && (*t)->scalar_type() == S.scalar_type()),
+                "c, w and dc must be contiguous and of S's dtype");
+  }
+  const double loss = S.scalar_type() == at::kDouble
+                          ? class_words<double>(S, order, starts, first, count, V, c, inner, w, dV, dc, dS_sorted)
+                          : class_words<float>(S, order, starts, first, count, V, c, inner, w, dV, dc, dS_sorted);
+  return at::scalar_tensor(loss, S.options());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_xent_", &softmax_xent_, "the full softmax's loss and gradient, in place over the scores");
+  m.def("class_words_", &class_words_, "the class layer's words: loss, dV, dc and dS per class, over threads");
 }
