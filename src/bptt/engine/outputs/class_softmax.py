@@ -219,8 +219,10 @@ class ClassSoftmaxOutput:
             direct_backward(features, self.word_class.numel(), g_cls, grads)
         grads["Vc"].addmm_(g_cls.t(), S)
         dS = g_cls @ params["Vc"]
-        # the positions sorted by their target's class, once: each class's rows are then a slice (a view)
-        order = torch.argsort(target_class, stable=True)
+        # the positions sorted by their target's class, once (numpy's stable sort of 16-bit keys is a radix
+        # sort, ≈ 10× torch's argsort of int64 here)
+        keys = target_class.numpy().astype(np.uint16 if self.n_classes <= 1 << 16 else np.int64)
+        order = torch.from_numpy(np.argsort(keys, kind="stable"))
         sizes = torch.bincount(target_class, minlength=self.n_classes).tolist()
         inner = self.index_in_class[targets.index_select(0, order)]
         w_sorted = None if weights is None else weights.index_select(0, order)
