@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,22 @@ from bptt.engine import native
 from bptt.verify import combinations, random_model, relative_error
 
 torch.set_default_dtype(torch.float64)
+
+
+COMPILER = bool((shutil.which("c++") or shutil.which("g++")) and shutil.which("ninja"))
+
+
+def compiled_or_skip(name: str, what: str):
+    """native.kernels(name), built; the test skipped where the CPU kernels are turned off or there is no C++
+    compiler and ninja, and failed where there are and the build did not succeed. what: "the lstm cell's"."""
+    if not native.enabled("cpu"):
+        pytest.skip("the CPU kernels are turned off (BPTT_NATIVE=0 or BPTT_NATIVE_CPU=0)")
+    built = native.kernels(name)
+    if built is None:
+        if COMPILER:
+            pytest.fail(f"a C++ compiler and ninja are here, but {what} CPU kernels did not build")
+        pytest.skip("no C++ compiler or ninja: the eager code runs")
+    return built
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -33,9 +32,9 @@ from bptt.engine.cells import CellCache
 from bptt.engine.network import State
 from bptt.engine.sweep import loss_and_grads
 from bptt.model import LanguageModel, ModelConfig
+from conftest import compiled_or_skip
 from reference_rnn import Spec, reference_grads
 
-COMPILER = bool((shutil.which("c++") or shutil.which("g++")) and shutil.which("ninja"))
 CELLS = {"lstm": lstm.LSTMCell, "gru": gru.GRUCell}
 
 
@@ -51,14 +50,7 @@ def one_thread():
 def cell(request):
     """(name, the cell class, its C++ kernels): skipped where the CPU kernels are off or cannot be built."""
     name = request.param
-    if not native.enabled("cpu"):
-        pytest.skip("the CPU kernels are turned off (BPTT_NATIVE=0 or BPTT_NATIVE_CPU=0)")
-    built = native.kernels(name)
-    if built is None:
-        if COMPILER:
-            pytest.fail(f"a C++ compiler and ninja are here, but the {name} cell's CPU kernels did not build")
-        pytest.skip("no C++ compiler or ninja: the cells run their eager code")
-    return name, CELLS[name], built
+    return name, CELLS[name], compiled_or_skip(name, f"the {name} cell's")
 
 
 def random_case(name, dtype, T, B, m, seed=0, bias=True):

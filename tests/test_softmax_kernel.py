@@ -18,19 +18,12 @@ from bptt.engine import native
 from bptt.engine.outputs.full import FullOutput
 from bptt.engine.sweep import loss_and_grads
 from bptt.model import LanguageModel, ModelConfig
-from test_native import COMPILER
+from conftest import compiled_or_skip
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not native.enabled("cpu"):
-        pytest.skip("the CPU kernels are turned off (BPTT_NATIVE=0 or BPTT_NATIVE_CPU=0)")
-    built = native.kernels("softmax")
-    if built is None:
-        if COMPILER:
-            pytest.fail("a C++ compiler and ninja are here, but the full softmax's CPU kernels did not build")
-        pytest.skip("no C++ compiler or ninja: the full softmax runs its eager code")
-    return built
+    return compiled_or_skip("softmax", "the full softmax's")
 
 
 def case(N, V, dtype, seed=0, weighted=False):

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from bptt import checks
-from bptt.engine import native
 from bptt.engine.flat import note_rows
 from bptt.engine.losses import softmax_cross_entropy_backward_, softmax_cross_entropy_forward_
 from bptt.engine.outputs.direct import direct_backward, direct_forward_, direct_gather, direct_gather_backward
+from bptt.engine.outputs.full import softmax_pass
 
 Tensor = torch.Tensor
 
@@ -262,15 +262,12 @@ class ClassSoftmaxOutput:
         return loss, dS
 
     def _kernel(self, params, S, targets, weights, grads):
-        """The full softmax's compiled pass where it applies to this layer: every class a span of ids, CPU
-        tensors of one float dtype (outputs/full.py's conditions); else None."""
-        if any(span is None for span in self.spans) or targets.dtype != torch.int64:
+        """The full softmax's compiled pass where it applies to this layer: every class a span of ids, and
+        full.softmax_pass's conditions; else None."""
+        if any(span is None for span in self.spans):
             return None
-        vectors = [t for t in (params.get("c"), params.get("cc"), grads.get("c"), grads.get("cc"), weights)
-                   if t is not None]
-        if any(t.dtype != params["V"].dtype for t in vectors):
-            return None
-        return native.kernels("softmax") if native.usable(*vectors, strided=(params["V"], params["Vc"], S)) else None
+        return softmax_pass(targets, (params.get("c"), params.get("cc"), grads.get("c"), grads.get("cc"), weights),
+                            (params["V"], params["Vc"], S))
 
     def log_probs(self, params: dict[str, Tensor], S: Tensor, features: Tensor | None = None) -> Tensor:
         """S (N,m), features (N,K)|None -> log P(w | h) (N,V) in nats, exactly normalized over the vocabulary."""

@@ -51,6 +51,17 @@ def linear_forward(V: Tensor, c: Tensor | None, S: Tensor, out: Tensor | None = 
     return torch.addmm(c, S, V.t(), out=out) if out is not None else torch.addmm(c, S, V.t())
 
 
+def softmax_pass(targets: Tensor, vectors: tuple[Tensor | None, ...], matrices: tuple[Tensor, ...]):
+    """The compiled softmax pass (outputs/softmax_cpu.cpp, engine/native.py) if it takes these tensors, else
+    None: int64 targets; `vectors` (biases, their gradients, weights; None skipped) contiguous and of the
+    first matrix's dtype; everything on the CPU, float32/float64, no autograd (native.usable); compiled
+    kernels not turned off. The full and the class layers ask it before their compiled path."""
+    given = [t for t in vectors if t is not None]
+    if targets.dtype != torch.int64 or any(t.dtype != matrices[0].dtype for t in given):
+        return None
+    return native.kernels("softmax") if native.usable(*given, strided=matrices) else None
+
+
 def linear_backward(V: Tensor, S: Tensor, dg: Tensor, grads: dict[str, Tensor], bias: bool) -> Tensor:
     """dg (N,V) -> dS (N,m); accumulates dV (V,m) and, with bias, dc (V,).
 
@@ -170,16 +181,12 @@ class FullOutput:
         return loss, dS
 
     def _kernel(self, params, S, targets, weights, grads):
-        """The compiled loss and gradient (outputs/softmax_cpu.cpp) where they apply: softmax + cross-entropy
-        on CPU tensors it can walk by pointer (float32/float64, contiguous bias, weights and bias gradient,
-        int64 targets), compiled sweeps not turned off; else None (the eager forward and backward run)."""
-        if self.loss != "cross_entropy" or targets.dtype != torch.int64 or not targets.is_contiguous():
+        """The compiled loss and gradient (outputs/softmax_cpu.cpp) where they apply: softmax + cross-entropy,
+        contiguous targets (the kernel reads them by pointer), softmax_pass's conditions; else None (the eager
+        forward and backward run)."""
+        if self.loss != "cross_entropy" or not targets.is_contiguous():
             return None
-        c = params.get("c")
-        vectors = [t for t in (c, None if c is None else grads["c"], weights) if t is not None]
-        if any(t.dtype != params["V"].dtype for t in vectors):
-            return None
-        return native.kernels("softmax") if native.usable(*vectors, strided=(params["V"], S)) else None
+        return softmax_pass(targets, (params.get("c"), grads.get("c"), weights), (params["V"], S))
 
     def _fused(self, kernel, params, S, targets, weights, features, grads, out: Tensor) -> tuple[Tensor, Tensor]:
         """forward then backward in one: g = S Vᵀ (+ direct offsets) into `out`, then the kernel adds c,
