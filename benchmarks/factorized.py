@@ -13,9 +13,9 @@ over the epoch, validation excluded).
 bptt is timed through its trainer (bptt.training.Trainer: the same step, checks and update as `bptt train`),
 over --steps blocks of its PTB stream after 5 warm-up blocks, validation excluded like faster-rnnlm's
 figure: tokens trained / seconds, for each output layer and hidden size, `--batch 160 --bptt 35`
-(class: 100 classes; --activation: tanh, bptt's default, or sigmoid, faster-rnnlm's; --optimizer: adam, bptt's
-default, or sgd, faster-rnnlm's rule, which also makes bptt update only the rows a step used:
---sparse-updates auto). The sides alternate in --rounds rounds so that a busy phase of a shared machine
+(class: 100 classes by frequency binning; `class:sqrt` bins by square roots, `class:sqrt:60` into 60;
+--activation: tanh, bptt's default, or sigmoid, faster-rnnlm's; --optimizer: adam, bptt's default, or sgd,
+faster-rnnlm's rule, which also makes bptt update only the rows a step used: --sparse-updates auto). The sides alternate in --rounds rounds so that a busy phase of a shared machine
 hits both; the table gives the median round.
 """
 
@@ -59,9 +59,11 @@ def bptt_trainer(data: Path, output: str, hidden: int, model_dir: str, activatio
                  optimizer: str = "adam"):
     from bptt.training.trainer import TrainConfig, Trainer
 
+    output, *spec = output.split(":")  # "class:sqrt:60": the class layer with sqrt binning into 60 classes
     options = dict(output=output, hidden_size=hidden, hidden_activation=activation)
     if output == "class":
-        options["classes"] = 100
+        options["class_binning"] = spec[0] if spec else "frequency"
+        options["classes"] = int(spec[1]) if len(spec) > 1 else 100
     config = TrainConfig.from_options(train=str(data / "ptb.train.txt"), valid=str(data / "ptb.valid.txt"),
                                       model=model_dir, batch=160, bptt=35, optimizer=optimizer, progress=False,
                                       **options)
@@ -92,7 +94,8 @@ def main() -> int:
     p.add_argument("--faster-rnnlm", help="the faster-rnnlm binary (left out: bptt alone)")
     p.add_argument("--data", type=Path, default=PTB, help="the directory of ptb.{train,valid}.txt")
     p.add_argument("--hidden", type=int, nargs="+", default=[100, 256])
-    p.add_argument("--outputs", nargs="+", default=["hsm", "class"])
+    p.add_argument("--outputs", nargs="+", default=["hsm", "class"],
+                   help="hsm, class, or class:BINNING[:CLASSES] (e.g. class:sqrt, class:sqrt:60)")
     p.add_argument("--threads", type=int, default=2, help="threads of both sides")
     p.add_argument("--activation", default="tanh", help="bptt's hidden activation (faster-rnnlm: sigmoid)")
     p.add_argument("--optimizer", default="adam", help="bptt's update rule (faster-rnnlm: plain SGD, i.e. sgd)")

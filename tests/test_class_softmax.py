@@ -39,6 +39,78 @@ def test_frequency_binning():
         frequency_classes(COUNTS, 0)
 
 
+def _bins_by_thresholds(counts, n_classes, weigh):
+    """A reference for the binning, written as threshold counting: words sorted by count (stable), a word's bin
+    the number of cuts k·total/C (k = 1..C−1) at or below the weight of the words before it; bins renumbered."""
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])
+    total = sum(weigh(counts[i]) for i in order)
+    bins, before = {}, 0.0
+    for i in order:
+        bins[i] = sum(1 for k in range(1, n_classes) if k * total / n_classes <= before)
+        before += weigh(counts[i])
+    used = sorted(set(bins.values()))
+    return [used.index(bins[i]) for i in range(len(counts))]
+
+
+@pytest.mark.parametrize("binning, weigh", [("frequency", float), ("sqrt", np.sqrt)])
+def test_binning_against_threshold_counting(binning, weigh):
+    rng = np.random.default_rng(1)
+    for counts, C in [(COUNTS, 4), ([5, 5, 5, 5], 2), ([100, 1, 1, 1], 4), (list(rng.integers(0, 500, 60)), 7),
+                      (sorted((1000 // r for r in range(1, 300)), reverse=True), 20)]:
+        assert frequency_classes(counts, C, binning).tolist() == _bins_by_thresholds(counts, C, weigh)
+
+
+def test_sqrt_binning_makes_fewer_empty_bins_and_less_arithmetic_on_a_zipf_vocabulary():
+    """Square roots spread a Zipf vocabulary's mass: the frequent words no longer take bins alone (none dropped
+    here), and the layer's cost per position, C' + E[K_class(y)] under the unigram, falls."""
+    counts = [100_000 // r for r in range(1, 2001)]
+    p = np.asarray(counts) / sum(counts)
+
+    def cost(classes):
+        sizes = np.bincount(classes)
+        return len(sizes) + float((sizes[classes] * p).sum())
+
+    freq, root = frequency_classes(counts, 40), frequency_classes(counts, 40, "sqrt")
+    assert freq.max() + 1 < 40 == root.max() + 1
+    assert cost(root) < 0.8 * cost(freq)
+    with pytest.raises(ValueError, match="--class-binning"):
+        frequency_classes(counts, 40, "log")
+
+
+@pytest.mark.parametrize("binning", ["frequency", "sqrt"])
+def test_the_binning_reaches_the_layer_the_saved_model_and_the_memory_guard(tmp_path, binning):
+    from bptt import RNNLM
+    from bptt.model import ModelConfig
+    from bptt.training.resources import parameter_count
+
+    counts = [10_000, 400, 0] + [1] * 37  # frequency binning drops bins here; sqrt binning does not
+    expected = frequency_classes(counts, 6, binning)
+    elman = ElmanLM(40, 7, output="class", classes=6, class_binning=binning, word_counts=counts)
+    lstm = RNNLM(40, 7, cell="lstm", output="class", classes=6, class_binning=binning, word_counts=counts)
+    for model in (elman, lstm):
+        assert model.output.word_class.tolist() == expected.tolist()
+    config = ModelConfig(vocab_size=40, hidden_size=7, output="class", classes=6, class_binning=binning)
+    assert parameter_count(config, counts) == sum(p.numel() for p in elman.params.values())
+    assert (frequency_classes(counts, 6, "sqrt").max() > frequency_classes(counts, 6).max())  # the case differs
+    # the memory guard's workspace: two floats per position and score, C' + E[K_class(y)] scores a position
+    from bptt.training.resources import estimate_training_memory
+
+    sizes = np.bincount(expected)
+    scores = len(sizes) + float((sizes[expected] * np.asarray(counts)).sum() / sum(counts))
+    est = estimate_training_memory(config, batch=4, k1=10, word_counts=counts, optimizer="sgd")
+    assert est.parts["output workspace"] == 2 * int(40 * scores) * 4
+
+
+def test_a_config_without_the_binning_is_frequency_binning_and_a_bad_one_is_refused():
+    from bptt.model import ModelConfig
+
+    old = ModelConfig(vocab_size=40, hidden_size=7, output="class").to_json()
+    del old["class_binning"]  # a model saved before the option
+    assert ModelConfig.from_json(old).class_binning == "frequency"
+    with pytest.raises(ValueError, match="class_binning"):
+        ModelConfig(vocab_size=40, hidden_size=7, output="class", class_binning="log").validate()
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradients_against_finite_differences_masked_and_unmasked(bias):
     """BPTT through the class layer against finite differences of the loss, with and without a mask:
@@ -129,9 +201,14 @@ def test_train_eval_score_with_class_output(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
     model_dir = str(tmp_path / "m")
     assert main(["train", "--train", str(tmp_path / "t.txt"), "--valid", str(tmp_path / "t.txt"), "--model",
-                 model_dir, "--output", "class", "--classes", "4", "--hidden", "8", "--batch", "4",
-                 "--epochs", "2", "--quiet"]) == 0
+                 model_dir, "--output", "class", "--classes", "4", "--class-binning", "sqrt", "--hidden", "8",
+                 "--batch", "4", "--epochs", "2", "--quiet"]) == 0
     capsys.readouterr()
+    from bptt.storage.saved_model import load_model
+
+    model, vocab, _ = load_model(model_dir)  # the saved model keeps its binning
+    assert model.output.word_class.tolist() == frequency_classes(vocab.counts, 4, "sqrt").tolist()
+    assert model.output.word_class.tolist() != frequency_classes(vocab.counts, 4).tolist()
     assert main(["eval", "--model", model_dir, "--test", str(tmp_path / "t.txt"), "--json"]) == 0
     import json
 

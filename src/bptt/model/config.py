@@ -24,7 +24,7 @@ from bptt import checks
 from bptt.engine.activations import HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
 from bptt.engine.cells import CELLS
 from bptt.engine.losses import LOSSES
-from bptt.engine.outputs import OUTPUT_LAYERS
+from bptt.engine.outputs import CLASS_BINNINGS, OUTPUT_LAYERS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIED_OUTPUTS = ("softmax", "class")  # output layers with a matrix V of one row per word
@@ -79,6 +79,10 @@ class ModelConfig:
     output_activation: str = "softmax"  # f (sigmoid and identity with the quadratic loss: the seed's variants)
     loss: str = "cross_entropy"
     classes: int = field(default=100, metadata=_cli("--classes", "classes for --output class (default 100)"))
+    class_binning: str = field(default="frequency", metadata=_cli(
+        "--class-binning", "how --output class cuts the count-sorted vocabulary into classes: equal shares of the "
+        "counts (frequency, rnnlm's -old-classes) or of their square roots (sqrt, rnnlm's default: smaller classes "
+        "for the rare words, less arithmetic; default frequency)", choices=lambda: list(CLASS_BINNINGS)))
     bias: bool = True
     direct: int = field(default=0, metadata=_cli(
         "--direct", "maxent direct connections with a hash of M million weights (rnnlm -direct; --output softmax "
@@ -116,6 +120,7 @@ class ModelConfig:
         checks.choice(name("output_activation"), self.output_activation, OUTPUT_ACTIVATIONS)
         checks.choice(name("loss"), self.loss, LOSSES)
         checks.positive_int(name("classes"), self.classes)
+        checks.choice(name("class_binning"), self.class_binning, CLASS_BINNINGS)
         checks.flag(name("bias"), self.bias)
         checks.non_negative_int(name("direct"), self.direct)
         checks.positive_int(name("direct_order"), self.direct_order)

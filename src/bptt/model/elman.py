@@ -48,7 +48,7 @@ class ElmanLM(LanguageModel):
 
     params: "U" (m,V), "W" (m,m), "V" (V,m), and with bias=True "b" (m,), "c" (V,).
     tied=True ties the input weights to the output layer's (U ≡ Vᵀ, engine/network.py): no "U".
-    output="class" (with `classes` C and the training `word_counts` for frequency binning) factorizes
+    output="class" (with `classes` C, the training `word_counts` and `class_binning`, "frequency" or "sqrt") factorizes
     the softmax: P(w|h) = P(class(w)|h) P(w|class(w),h), adding "Vc" (C,m) and "cc" (C,).
     Weights start uniform in [-init_range, init_range] from a generator seeded with `seed` (drawn on
     the CPU, so a seed gives the same model on every device); biases start at zero.
@@ -76,12 +76,14 @@ class ElmanLM(LanguageModel):
         direct: int = 0,
         direct_order: int = 3,
         tied: bool = False,
+        class_binning: str = "frequency",
     ):
         checks.positive_int("vocab_size", vocab_size)
         checks.positive_int("hidden_size", hidden_size)
         config = ModelConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, cell="elman", layers=1, hidden_activation=hidden_activation,
-            output=output, output_activation=output_activation, loss=loss, classes=classes or 100, bias=bias,
+            output=output, output_activation=output_activation, loss=loss, classes=classes or 100,
+            class_binning=class_binning, bias=bias,
             direct=int(direct), direct_order=int(direct_order), tied=tied, dtype=dtype_name(dtype),
             init_range=init_range,
         )
@@ -96,7 +98,8 @@ class ElmanLM(LanguageModel):
             raise ValueError(f"ElmanLM is one Elman layer, not cell={config.cell!r} layers={config.layers}")
         c = config
         model = cls(c.vocab_size, c.hidden_size, c.hidden_activation, c.output_activation, c.loss, c.bias, c.dtype,
-                    seed, device, c.init_range, c.output, c.classes, word_counts, c.direct, c.direct_order, c.tied)
+                    seed, device, c.init_range, c.output, c.classes, word_counts, c.direct, c.direct_order, c.tied,
+                    c.class_binning)
         return model
 
     # -- the seed's names ----------------------------------------------------------------------------
@@ -226,6 +229,7 @@ class ElmanLM(LanguageModel):
             f"ElmanLM(vocab_size={self.vocab_size}, hidden_size={self.hidden_size}, "
             f"hidden_activation={self.hidden_activation!r}, output_activation={self.output_activation!r}, "
             f"loss={self.loss_name!r}, bias={self.bias}, dtype={self.dtype}, device={str(self.device)!r}, "
-            f"output={self.output_name!r}, classes={self.classes}, direct={self.direct}, "
+            f"output={self.output_name!r}, classes={self.classes}, class_binning={self.config.class_binning!r}, "
+            f"direct={self.direct}, "
             f"direct_order={self.direct_order}, tied={self.tied})"
         )

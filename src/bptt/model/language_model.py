@@ -38,7 +38,8 @@ def build_network(config: ModelConfig, *, word_counts: Any = None, seed: int = 0
     what LanguageModel runs, and what storage and the memory guard read the parameter shapes from."""
     cells = [CELLS[config.cell](**config.cell_options()) for _ in range(config.layers)]
     output = make_output(config.output, config.vocab_size, loss=config.loss, output_activation=config.output_activation,
-                         classes=config.classes, word_counts=word_counts, seed=seed)
+                         classes=config.classes, class_binning=config.class_binning, word_counts=word_counts,
+                         seed=seed)
     dropout = Dropout(config.input_dropout, config.dropout, config.variational)
     return Network(cells, output, vocab_size=config.vocab_size, hidden_size=config.hidden_size, bias=config.bias,
                    tied=config.tied, direct=config.direct, direct_order=config.direct_order,

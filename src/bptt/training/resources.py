@@ -113,23 +113,23 @@ def format_bytes(n: int | float) -> str:
 def parameter_count(config: ModelConfig, word_counts: Any = None) -> int:
     """Elements of all parameters of the model of `config` (with its vocab_size), from the shapes its
     network declares (nothing allocated). With the word counts, the class layer's classes are counted as
-    frequency binning makes them (empty bins dropped)."""
+    the binning makes them (empty bins dropped)."""
     shapes = build_network(config, word_counts=word_counts).param_shapes()
     return sum(math.prod(shape) for shape in shapes.values())
 
 
-def _class_sizes(word_counts: Any, classes: int, V: int) -> tuple[np.ndarray, np.ndarray]:
-    """(words per class, count mass per class) of the class layer's frequency binning."""
+def _class_sizes(word_counts: Any, classes: int, V: int, binning: str) -> tuple[np.ndarray, np.ndarray]:
+    """(words per class, count mass per class) of the class layer's binning."""
     counts = np.asarray(word_counts, dtype=np.float64)
-    word_class = frequency_classes(counts, min(classes, V))
+    word_class = frequency_classes(counts, min(classes, V), binning)
     return np.bincount(word_class), np.bincount(word_class, weights=counts)
 
 
-def _class_positions_factor(word_counts: Any, classes: int, V: int) -> float:
+def _class_positions_factor(word_counts: Any, classes: int, V: int, binning: str) -> float:
     """C' + the expected size of a target's class under the unigram distribution (class layer cost/position)."""
     if word_counts is None:
         return min(classes, V) + V / max(1, min(classes, V))
-    sizes, mass = _class_sizes(word_counts, classes, V)
+    sizes, mass = _class_sizes(word_counts, classes, V, binning)
     total = mass.sum()
     expected = float((mass / total * sizes).sum()) if total > 0 else float(sizes.mean())
     return len(sizes) + expected
@@ -173,7 +173,7 @@ def estimate_training_memory(
     if output == "softmax":  # forward_backward's chunks: at most OUTPUT_CHUNK_SCORES scores at once
         workspace = 2 * min(N, rows_within(OUTPUT_CHUNK_SCORES, V)) * V * s
     elif output == "class":
-        workspace = 2 * int(N * _class_positions_factor(word_counts, classes, V)) * s
+        workspace = 2 * int(N * _class_positions_factor(word_counts, classes, V, config.class_binning)) * s
     elif output == "hsm":
         depth = math.ceil(math.log2(max(V, 2))) + 8  # Huffman paths: about log2 V, longer for rare words
         workspace = 2 * N * depth * m * s
@@ -187,7 +187,7 @@ def estimate_training_memory(
         if output == "class" and V / max(1, min(classes, V)) >= sparse_rows.RUN_ROWS:
             used = 0  # whole classes, spans of a vocabulary sorted by frequency: runs of views, nothing gathered
         elif output == "class":
-            used = N * max(1.0, _class_positions_factor(word_counts, classes, V) - min(classes, V))
+            used = N * max(1.0, _class_positions_factor(word_counts, classes, V, config.class_binning) - min(classes, V))
         elif output == "hsm":
             used = N * (math.ceil(math.log2(max(V, 2))) + 8)
         else:

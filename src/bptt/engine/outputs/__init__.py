@@ -15,7 +15,8 @@ An output layer (the `OutputLayer` protocol below) is a class with
         that has it takes `features` (N,K) in forward, forward_backward and log_probs (direct.py)
 
 OUTPUT_LAYERS maps the name used by ModelConfig(output=...) and `bptt train --output` to a builder
-    builder(vocab_size, *, loss, output_activation, classes, word_counts, seed) -> layer
+    builder(vocab_size, *, loss, output_activation, classes, word_counts, seed, class_binning) -> layer
+(classes and class_binning: the class layer's, which the others ignore)
 A layer that draws random numbers (NCE, sampled softmax) seeds its own generator with `seed` and has
 state_dict()/load_state_dict() for it, which the trainer's checkpoints keep.
 New layers are a new file plus one entry here; the model, the engine and the trainer stay as they are
@@ -28,7 +29,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from bptt.engine.outputs.class_softmax import ClassSoftmaxOutput, frequency_classes
+from bptt.engine.outputs.class_softmax import CLASS_BINNINGS, ClassSoftmaxOutput, frequency_classes
 from bptt.engine.outputs.full import FullOutput
 from bptt.engine.outputs.hsm import HierarchicalSoftmaxOutput
 from bptt.engine.outputs.sampled import NCEOutput, SampledSoftmaxOutput
@@ -50,23 +51,23 @@ class OutputLayer(Protocol):
     def log_probs(self, params: dict[str, Tensor], S: Tensor) -> Tensor: ...
 
 
-def _full(vocab_size, *, loss, output_activation, classes, word_counts, seed):
+def _full(vocab_size, *, loss, output_activation, classes, word_counts, seed, class_binning):
     return FullOutput(output_activation, loss)
 
 
-def _class(vocab_size, *, loss, output_activation, classes, word_counts, seed):
-    return ClassSoftmaxOutput(frequency_classes(word_counts, classes), loss, output_activation)
+def _class(vocab_size, *, loss, output_activation, classes, word_counts, seed, class_binning):
+    return ClassSoftmaxOutput(frequency_classes(word_counts, classes, class_binning), loss, output_activation)
 
 
-def _hsm(vocab_size, *, loss, output_activation, classes, word_counts, seed):
+def _hsm(vocab_size, *, loss, output_activation, classes, word_counts, seed, class_binning):
     return HierarchicalSoftmaxOutput(word_counts, loss, output_activation)
 
 
-def _nce(vocab_size, *, loss, output_activation, classes, word_counts, seed):
+def _nce(vocab_size, *, loss, output_activation, classes, word_counts, seed, class_binning):
     return NCEOutput(word_counts, loss, output_activation, seed=seed)
 
 
-def _sampled(vocab_size, *, loss, output_activation, classes, word_counts, seed):
+def _sampled(vocab_size, *, loss, output_activation, classes, word_counts, seed, class_binning):
     return SampledSoftmaxOutput(word_counts, loss, output_activation, seed=seed)
 
 
@@ -81,7 +82,7 @@ OUTPUT_LAYERS: dict[str, Callable[..., Any]] = {
 
 def make_output(
     name: str, vocab_size: int, *, loss: str, output_activation: str, classes: int = 100, word_counts: Any = None,
-    seed: int = 0,
+    seed: int = 0, class_binning: str = "frequency",
 ):
     """Build the output layer `name`; word_counts (V,) default to all ones (no frequency information)."""
     if name not in OUTPUT_LAYERS:
@@ -90,11 +91,12 @@ def make_output(
     if len(counts) != vocab_size:
         raise ValueError(f"word_counts has {len(counts)} entries, the vocabulary {vocab_size}")
     return OUTPUT_LAYERS[name](
-        vocab_size, loss=loss, output_activation=output_activation, classes=classes, word_counts=counts, seed=seed
+        vocab_size, loss=loss, output_activation=output_activation, classes=classes, word_counts=counts, seed=seed,
+        class_binning=class_binning,
     )
 
 
 __all__ = [
-    "OUTPUT_LAYERS", "OutputLayer", "ClassSoftmaxOutput", "FullOutput", "HierarchicalSoftmaxOutput", "NCEOutput",
+    "CLASS_BINNINGS", "OUTPUT_LAYERS", "OutputLayer", "ClassSoftmaxOutput", "FullOutput", "HierarchicalSoftmaxOutput", "NCEOutput",
     "SampledSoftmaxOutput", "make_output",
 ]
