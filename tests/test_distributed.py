@@ -305,12 +305,14 @@ def test_torchrun_with_model_averaging(corpus, tmp_path):
 
 # torchrun runs this instead of `-m bptt` to kill rank KILL_RANK with SIGKILL just before its step KILL_STEP
 KILLED_WORKER = """
-import os, signal, sys
+import os, signal, sys, time
 from bptt.training.trainer import Trainer
 if os.environ.get("RANK") == os.environ["KILL_RANK"]:
     step = Trainer.train_step
     def train_step(self, *args):
         if self.global_step == int(os.environ["KILL_STEP"]):
+            with open("killed_at", "w") as f:  # the wall-clock time of the kill, for the test's bound
+                f.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
         return step(self, *args)
     Trainer.train_step = train_step
@@ -321,20 +323,22 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_run_and_resume_finishes_it(corpus, tmp_path):
-    """SIGKILL to rank 1 mid-run: torchrun exits non-zero well within a minute, the surviving rank says so
-    in one line (no traceback), and `--resume` with torchrun finishes the run where an uninterrupted one ends."""
+    """SIGKILL to rank 1 mid-run: torchrun exits non-zero within the --dist-timeout of the kill (plus the
+    teardown; the bound is from the kill, so that a slow start on a busy machine does not count), the
+    surviving rank says so in one line (no traceback), and `--resume` with torchrun finishes the run where an
+    uninterrupted one ends."""
     data = ["--train", corpus[0], "--valid", corpus[1], *CLI]
     one_process(["train", *data, "--model", "straight"], tmp_path)
     (tmp_path / "worker.py").write_text(KILLED_WORKER)
     os.environ.update(KILL_RANK="1", KILL_STEP="7")
     try:
-        started = time.monotonic()
         done = torchrun(["worker.py", "train", *data, "--model", "two", "--checkpoint-every", "3",
-                         "--dist-timeout", "30"], tmp_path, timeout=90, logs=tmp_path / "logs")
-        elapsed = time.monotonic() - started
+                         "--dist-timeout", "30"], tmp_path, timeout=180, logs=tmp_path / "logs")
+        ended = time.time()
     finally:
         del os.environ["KILL_RANK"], os.environ["KILL_STEP"]
-    assert done.returncode != 0 and elapsed < 60, (done.returncode, elapsed)
+    after_kill = ended - float((tmp_path / "killed_at").read_text())
+    assert done.returncode != 0 and 0 < after_kill < 30 + 15, (done.returncode, after_kill)
     survivor = Path(glob.glob(str(tmp_path / "logs" / "**" / "0" / "stderr.log"), recursive=True)[0]).read_text()
     lines = [line for line in survivor.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: rank 0 of 2:"), survivor
