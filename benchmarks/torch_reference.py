@@ -9,7 +9,7 @@ tests): the reference is written here from PyTorch's modules only and shares no 
 nn.Embedding (e) -> dropout -> nn.LSTM(m, layers, dropout between layers) -> dropout -> nn.Linear(V), the
 per-token mean cross-entropy, loss.backward(), clip_grad_norm_, plain SGD — with bptt's recipe: every weight
 uniform in ±R and biases zero (PyTorch's LSTM has two bias vectors, b_ih and b_hh, whose sum is bptt's one
-bias: both start at zero), B contiguous streams of the training text (each line followed by <eos>) cut into
+bias: both start at zero, and with --one-bias b_hh stays zero), B contiguous streams of the training text (each line followed by <eos>) cut into
 blocks of T steps with the state carried across blocks, the rate kept for `--decay-start` epochs and then
 multiplied by `--halving-factor` every epoch (Zaremba's schedule, bptt's `--schedule step`), validation as
 one stream from <eos> with the state carried through the whole text. bptt runs the same options through its
@@ -50,7 +50,7 @@ def read_ids(path: Path, vocab: dict[str, int] | None) -> tuple[list[int], dict[
 
 
 class Reference(nn.Module):
-    def __init__(self, V: int, m: int, layers: int, dropout: float, init_range: float):
+    def __init__(self, V: int, m: int, layers: int, dropout: float, init_range: float, one_bias: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(V, m)
         self.lstm = nn.LSTM(m, m, layers, dropout=dropout)
@@ -59,6 +59,8 @@ class Reference(nn.Module):
         for name, p in self.named_parameters():
             with torch.no_grad():
                 p.zero_() if "bias" in name else p.uniform_(-init_range, init_range)
+            if one_bias and name.startswith("lstm.bias_hh"):
+                p.requires_grad_(False)  # b_hh stays zero: b_ih alone is bptt's one bias
 
     def forward(self, x, state):
         h, state = self.lstm(self.drop(self.embedding(x)), state)
@@ -67,7 +69,7 @@ class Reference(nn.Module):
 
 def train_reference(args, train: list[int], valid: list[int], V: int) -> list[float]:
     torch.manual_seed(args.seed)
-    model = Reference(V, args.hidden, args.layers, args.dropout, args.init_range)
+    model = Reference(V, args.hidden, args.layers, args.dropout, args.init_range, args.one_bias)
     B, T = args.batch, args.bptt
     n = (len(train) - 1) // B
     stream = torch.tensor(train[: n * B + 1])
@@ -90,10 +92,11 @@ def train_reference(args, train: list[int], valid: list[int], V: int) -> list[fl
             loss = nn.functional.cross_entropy(logits.view(-1, V), y.reshape(-1))
             loss.backward()
             train_nats, train_tokens = train_nats + loss.item() * y.numel(), train_tokens + y.numel()
+            trained = [p for p in model.parameters() if p.requires_grad]
             if args.clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                nn.utils.clip_grad_norm_(trained, args.clip)
             with torch.no_grad():
-                for p in model.parameters():
+                for p in trained:
                     p.sub_(p.grad, alpha=lr)
         model.eval()
         with torch.no_grad():
@@ -142,6 +145,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", choices=["reference", "bptt"], help="run one side only")
+    p.add_argument("--one-bias", action="store_true",
+                   help="the reference's LSTM trains b_ih only (b_hh kept at zero), as bptt's one bias per gate")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} threads; {vars(args)}", flush=True)
