@@ -73,7 +73,7 @@ class ModelConfig:
     hidden_activation: str = field(default="tanh", metadata=_cli(
         "--activation", "the Elman cell's hidden nonlinearity F (default tanh)", choices=lambda: sorted(HIDDEN_ACTIVATIONS)))
     output: str = field(default="softmax", metadata=_cli(
-        "--output", "output layer: softmax (full), class (class-based softmax, frequency binning), hsm "
+        "--output", "output layer: softmax (full), class (class-based softmax, --classes, --class-binning), hsm "
         "(hierarchical softmax, Huffman tree), nce, sampled (training-time approximations)",
         choices=lambda: sorted(OUTPUT_LAYERS)))
     output_activation: str = "softmax"  # f (sigmoid and identity with the quadratic loss: the seed's variants)
