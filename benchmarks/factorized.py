@@ -15,8 +15,9 @@ over --steps blocks of its PTB stream after 5 warm-up blocks, validation exclude
 figure: tokens trained / seconds, for each output layer and hidden size, `--batch 160 --bptt 35`
 (class: 100 classes by frequency binning; `class:sqrt` bins by square roots, `class:sqrt:60` into 60;
 --activation: tanh, bptt's default, or sigmoid, faster-rnnlm's; --optimizer: adam, bptt's default, or sgd,
-faster-rnnlm's rule, which also makes bptt update only the rows a step used: --sparse-updates auto). The sides alternate in --rounds rounds so that a busy phase of a shared machine
-hits both; the table gives the median round.
+faster-rnnlm's rule, which also makes bptt update only the rows a step used: --sparse-updates auto). The
+sides alternate in --rounds rounds so that a busy phase of a shared machine hits both; the table gives the
+median round.
 """
 
 from __future__ import annotations

@@ -61,7 +61,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bptt.engine.outputs.class_softmax import frequency_classes
 from bptt.engine.outputs.full import OUTPUT_CHUNK_SCORES, rows_within
 from bptt.data import stream_length
 from bptt.evaluation import eval_block
@@ -118,18 +117,14 @@ def parameter_count(config: ModelConfig, word_counts: Any = None) -> int:
     return sum(math.prod(shape) for shape in shapes.values())
 
 
-def _class_sizes(word_counts: Any, classes: int, V: int, binning: str) -> tuple[np.ndarray, np.ndarray]:
-    """(words per class, count mass per class) of the class layer's binning."""
-    counts = np.asarray(word_counts, dtype=np.float64)
-    word_class = frequency_classes(counts, min(classes, V), binning)
-    return np.bincount(word_class), np.bincount(word_class, weights=counts)
-
-
-def _class_positions_factor(word_counts: Any, classes: int, V: int, binning: str) -> float:
-    """C' + the expected size of a target's class under the unigram distribution (class layer cost/position)."""
+def _class_positions_factor(net: Any, word_counts: Any, classes: int, V: int) -> float:
+    """C' + the expected size of a target's class under the unigram distribution (class layer cost/position),
+    for the classes of the network's class layer as it was built (its binning, empty bins dropped)."""
     if word_counts is None:
         return min(classes, V) + V / max(1, min(classes, V))
-    sizes, mass = _class_sizes(word_counts, classes, V, binning)
+    word_class = net.output.word_class.cpu().numpy()
+    sizes = np.bincount(word_class)
+    mass = np.bincount(word_class, weights=np.asarray(word_counts, dtype=np.float64))
     total = mass.sum()
     expected = float((mass / total * sizes).sum()) if total > 0 else float(sizes.mean())
     return len(sizes) + expected
@@ -170,10 +165,11 @@ def estimate_training_memory(
     largest = max(math.prod(shape) for shape in shapes.values())
     k = OPTIMIZER_BUFFERS.get(optimizer, 2)
     output, classes = config.output, config.classes
+    class_factor = _class_positions_factor(net, word_counts, classes, V) if output == "class" else 0.0
     if output == "softmax":  # forward_backward's chunks: at most OUTPUT_CHUNK_SCORES scores at once
         workspace = 2 * min(N, rows_within(OUTPUT_CHUNK_SCORES, V)) * V * s
     elif output == "class":
-        workspace = 2 * int(N * _class_positions_factor(word_counts, classes, V, config.class_binning)) * s
+        workspace = 2 * int(N * class_factor) * s
     elif output == "hsm":
         depth = math.ceil(math.log2(max(V, 2))) + 8  # Huffman paths: about log2 V, longer for rare words
         workspace = 2 * N * depth * m * s
@@ -187,7 +183,7 @@ def estimate_training_memory(
         if output == "class" and V / max(1, min(classes, V)) >= sparse_rows.RUN_ROWS:
             used = 0  # whole classes, spans of a vocabulary sorted by frequency: runs of views, nothing gathered
         elif output == "class":
-            used = N * max(1.0, _class_positions_factor(word_counts, classes, V, config.class_binning) - min(classes, V))
+            used = N * max(1.0, class_factor - min(classes, V))
         elif output == "hsm":
             used = N * (math.ceil(math.log2(max(V, 2))) + 8)
         else:
