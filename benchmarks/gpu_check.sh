@@ -6,8 +6,8 @@
 #      keeps its best-on-valid model), then evaluated on the test set (static, and dynamic at 5e-5).
 # Env: RUNS_FILE (default benchmarks/gpu_runs/issue17_graph.txt, the next one to run; sweep1-3: issue 5, issue17: 2026-11-28), SKIP_BENCH=1, SKIP_TESTS=1, PROFILE=1 (gpu_profile.py),
 #      SKIP_GRAPH_TRAIN=1 (the `bptt train --graph` timing),
-#      SKIP_TORCHRUN=1 (the torchrun run, one rank per GPU: NCCL with more than one; one GPU is world size 1,
-#      which starts no process group), SKIP_PRESET=1 (the cell benches without the Elman tables), SKIP_DYNAMIC=1 (no dynamic
+#      SKIP_TORCHRUN=1 (the torchrun run, one rank per GPU, with --backend nccl: on one GPU a group of one,
+#      whose all-reduce runs through NCCL), SKIP_PRESET=1 (the cell benches without the Elman tables), SKIP_DYNAMIC=1 (no dynamic
 #      evaluation of the runs), WORK (default /tmp/gpu_check_work: the model directories that are not brought back).
 # Usage: benchmarks/gpu_check.sh PTB_DIR OUT_DIR [TRAIN_UNTIL]   (run from the repository root)
 # The training runs stop TRAIN_UNTIL seconds (default 470) after the script's start, so that the whole script
@@ -84,8 +84,10 @@ if [ "$DEVICE" = cuda ] && [ -z "${SKIP_GRAPH_TRAIN:-}" ]; then  # issue 16: `bp
 fi
 if [ "$DEVICE" = cuda ] && [ -z "${SKIP_TORCHRUN:-}" ]; then  # issue 18: the torchrun/NCCL path, one rank per GPU
   NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  echo "== torchrun --nproc-per-node $NGPU (NCCL when > 1), 400 steps, V 10k m 200 B 32 T 35 $(date +%T)" >> "$OUT/summary.txt"
-  timeout 150 torchrun --standalone --nproc-per-node "$NGPU" -m bptt train --train "$PTB/ptb.train.txt"     --valid "$PTB/ptb.valid.txt" --model "$WORK/torchrun" --hidden 200 --batch 32 --bptt 35 --max-steps 400     --device cuda --quiet >> "$OUT/summary.txt" 2>&1
+  echo "== torchrun --nproc-per-node $NGPU --backend nccl, 400 steps, V 10k m 200 B 32 T 35 $(date +%T)" >> "$OUT/summary.txt"
+  NCCL_DEBUG=VERSION timeout 150 torchrun --standalone --nproc-per-node "$NGPU" -m bptt train --train "$PTB/ptb.train.txt" \
+    --valid "$PTB/ptb.valid.txt" --model "$WORK/torchrun" --hidden 200 --batch 32 --bptt 35 --max-steps 400 \
+    --device cuda --backend nccl --quiet >> "$OUT/summary.txt" 2>&1
   python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('torchrun state: step', s['global_step'], 'tokens', s['epoch_tokens'], 'seconds', round(s['epoch_seconds'],1))" \
     "$WORK/torchrun/checkpoint/config.json" >> "$OUT/summary.txt" 2>&1
 fi

@@ -168,6 +168,30 @@ def test_two_ranks_train_the_one_process_model(corpus, tmp_path, kw):
     assert (tmp_path / "two" / "model.safetensors").is_file()  # the best model, written by rank 0
 
 
+def test_one_process_with_a_backend_runs_its_collectives_and_the_same_run(corpus, tmp_path):
+    """torchrun with one process and --backend (NCCL's path on a single GPU): a process group of one is
+    started, every step's gradients go through its all-reduce, and the run is the plain one bit for bit."""
+    steps = steps_per_epoch(config(corpus, tmp_path / "count", **LSTM)) + 3
+    Trainer(config(corpus, tmp_path / "one", **LSTM)).run(max_steps=steps)
+
+    def job(rank):
+        reduce, calls = torch.distributed.all_reduce, []
+
+        def counted(tensor, *args, **kwargs):
+            calls.append(tensor.numel())
+            return reduce(tensor, *args, **kwargs)
+        torch.distributed.all_reduce = counted
+        trainer = Trainer(config(corpus, tmp_path / "group", **LSTM), backend="gloo")
+        assert trainer.dist.active and torch.distributed.get_world_size() == 1
+        result = trainer.run(max_steps=steps)
+        flat = trainer.model.flat.data.numel()
+        assert sum(n == flat for n in calls) == steps, calls  # the flat gradient buffer, once a step
+        return trainer, result
+    (rank,) = run_ranks(1, job, tmp_path / "out")
+    assert rank["step"] == steps
+    assert_same_state(tmp_path / "one", tmp_path / "group", 0.0)
+
+
 def test_a_checkpoint_does_not_depend_on_the_number_of_ranks(corpus, tmp_path):
     """Stopped with 2 ranks and resumed with 1, or stopped with 1 and resumed with 2: the weights of the
     uninterrupted run (the carried state and BPTT history are gathered on save and split on resume)."""
@@ -280,14 +304,17 @@ def one_process(args: list[str], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_trains_the_one_process_model(corpus, tmp_path):
-    """`torchrun --standalone --nproc-per-node 2 -m bptt train ...` == `python -m bptt train ...` (float32)."""
+@pytest.mark.parametrize("nproc, backend, tol", [(2, [], 1e-5), (1, ["--backend", "gloo"], 0.0)],
+                         ids=["two-processes", "one-process-group-of-one"])
+def test_torchrun_trains_the_one_process_model(corpus, tmp_path, nproc, backend, tol):
+    """`torchrun --standalone --nproc-per-node 2 -m bptt train ...` == `python -m bptt train ...` (float32);
+    with one process and --backend (a group of one, NCCL's path on a single GPU) bit for bit."""
     data = ["--train", corpus[0], "--valid", corpus[1], *CLI, "--max-steps", "12"]
     one_process(["train", *data, "--model", "one"], tmp_path)
-    done = torchrun(["-m", "bptt", "train", *data, "--model", "two"], tmp_path)
+    done = torchrun(["-m", "bptt", "train", *data, "--model", "two", *backend], tmp_path, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("stopped at step 12") == 1  # rank 0 alone prints
-    assert_same_state(tmp_path / "one", tmp_path / "two", 1e-5)
+    assert_same_state(tmp_path / "one", tmp_path / "two", tol)
 
 
 @pytest.mark.slow

@@ -181,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--backend", choices=distributed.BACKENDS, default=None,
                         help="under torchrun (data-parallel training, N processes one model): the process group's "
-                        "backend (default gloo on the CPU, nccl with --device cuda)")
+                        "backend (default gloo on the CPU, nccl with --device cuda); with one process, naming it "
+                        "starts a group of one whose collectives run (e.g. NCCL on a single GPU)")
     parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT, metavar="S",
                         help="under torchrun: seconds a rank waits for the others inside a step before the run "
                         f"stops with an error (default {distributed.DEFAULT_TIMEOUT:g})")
@@ -303,8 +304,7 @@ def run(args: argparse.Namespace) -> int:
               f"the last checkpoint in {directory}/{STATE_DIR} stands: continue with bptt train --resume {directory} "
               "(under torchrun, any number of processes)", file=sys.stderr)
         return 1
-    distributed.shutdown()
-    if world > 1:  # a torchrun worker: ends here, without the teardown that sometimes aborted it
+    if distributed.shutdown() or world > 1:  # a torchrun worker: ends here, without the teardown that sometimes aborted it
         distributed.exit_worker(code)
     return code
 

@@ -6,7 +6,9 @@
 The trainer reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
 starts the process group itself (`setup`): gloo on the CPU, NCCL on CUDA (`--backend` overrides), each
 rank on cuda:LOCAL_RANK. Without that environment (or with WORLD_SIZE 1) nothing is started and every
-helper here is the identity: one process is the case N = 1 of the same code.
+helper here is the identity: one process is the case N = 1 of the same code. Under torchrun with one
+process and an explicit --backend, the group of one is started and every collective runs through it (the
+same weights, bit for bit): NCCL's path run on a single GPU.
 
 How N ranks compute exactly the one-process run's step:
 
@@ -119,17 +121,19 @@ def _collective(what: str) -> Iterator[None]:
 
 class Group:
     """This process's place in the run (rank, world size, device) and the collectives the trainer uses.
-    world == 1: one process; every method is then the identity and nothing touches torch.distributed."""
+    One process that started no process group: every method is then the identity and nothing touches
+    torch.distributed. started: a process group runs (always with world > 1; with world 1 when asked)."""
 
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1,
                  backend: str | None = None, timeout: float = DEFAULT_TIMEOUT):
         self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
         self.backend, self.timeout = backend, timeout
         self.patient: Any = None  # the gloo group for waits on rank 0 (validation, checkpoints)
+        self.started = False
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.started
 
     @property
     def is_main(self) -> bool:
@@ -342,7 +346,8 @@ _CURRENT: Group | None = None
 def setup(device: str | torch.device = "cpu", backend: str | None = None,
           timeout: float | None = None) -> Group:
     """This process's Group: with torchrun's environment and WORLD_SIZE > 1, the process group is
-    started (once per process; later calls return the same Group) and every rank waits for all.
+    started (once per process; later calls return the same Group) and every rank waits for all; with
+    WORLD_SIZE 1 only when `backend` is given (a group of one: its collectives run, e.g. NCCL on one GPU).
     backend: gloo (default on the CPU) or nccl (default on CUDA); timeout: seconds a collective waits."""
     global _CURRENT
     if _CURRENT is not None:
@@ -353,7 +358,7 @@ def setup(device: str | torch.device = "cpu", backend: str | None = None,
         raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if world == 1:
+    if world == 1 and (backend is None or "MASTER_ADDR" not in os.environ):  # one process, no torchrun
         return Group(backend=backend, timeout=timeout)  # not kept: a later setup may see another device
     device = torch.device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
@@ -368,18 +373,21 @@ def setup(device: str | torch.device = "cpu", backend: str | None = None,
                                     timeout=timedelta(seconds=timeout))
     with _collective("starting the process group"):
         group.patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+    group.started = True
     group.barrier()
     _CURRENT = group
     return group
 
 
-def shutdown() -> None:
-    """End the process group started by setup (after a clean end; not after RankLost)."""
+def shutdown() -> bool:
+    """End the process group started by setup (after a clean end; not after RankLost). -> whether one ran."""
     global _CURRENT
-    if _CURRENT is not None and dist.is_initialized():
+    started = _CURRENT is not None
+    if started and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     _CURRENT = None
+    return started
 
 
 def exit_worker(code: int) -> NoReturn:

@@ -113,7 +113,8 @@ class Trainer:
         self.dist = distributed.setup(config.device, backend, dist_timeout)
         if self.dist.active:
             if config.graph:
-                raise ValueError("--graph runs in one process (the reduction of several is not captured)")
+                raise ValueError("--graph runs without a process group (its reduction is not captured): "
+                                 "one process, without --backend")
             if config.batch < self.dist.world:
                 raise ValueError(f"--batch {config.batch}: fewer streams than the {self.dist.world} processes "
                                  "(each runs a share of the B streams)")
