@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,7 +68,8 @@ def main() -> int:
     p.add_argument("--max-softmax", type=int, default=200_000, help="skip the full softmax above this vocabulary")
     p.add_argument("--sparse-updates", nargs="+", default=["off", "on"], choices=["off", "on", "auto"],
                    help="the modes to run each cell in (default: off and on)")
-    p.add_argument("--work", help="keep the prepared corpora and runs here (default: a temporary directory)")
+    p.add_argument("--work", help="keep the prepared corpora here (default: a temporary directory); each run's "
+                   "directory is removed once it has reported")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="vocab_scale."))
     print(f"machine: {os.cpu_count()} cores, {args.threads} threads; hidden {args.hidden}, B {args.batch}, "
@@ -88,6 +90,7 @@ def main() -> int:
             run = subprocess.run([sys.executable, "-c", CHILD, str(data), str(model), output, str(args.hidden),
                                   str(args.batch), str(args.bptt), str(args.warmup), str(args.steps), str(args.threads),
                                   sparse], capture_output=True, text=True)
+            shutil.rmtree(model, ignore_errors=True)  # its checkpoint: several GB at V 800k, not kept
             if run.returncode != 0:
                 print(f"V {V or 'all'} {output}: failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
