@@ -6,6 +6,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +129,14 @@ def write_corpus(path, lines: int, seed: int) -> str:
         adj = rng.choice(["", "big ", "small ", "old "])
         text.append(f"the {adj}{noun} {nouns[noun]}" + (" loudly" if rng.random() < 0.3 else ""))
     Path(path).write_text("\n".join(text) + "\n")
+    return str(path)
+
+
+def write_ten_word_corpus(path: Path, lines: int = 120, seed: int = 0) -> str:
+    """`lines` random lines of 3-7 words over ten words (12 types with <eos> and <unk>)."""
+    words = "the a cat dog sat ran on mat fast slow".split()
+    rng = np.random.default_rng(seed)
+    path.write_text("\n".join(" ".join(rng.choice(words, size=rng.integers(3, 8))) for _ in range(lines)) + "\n")
     return str(path)
 
 

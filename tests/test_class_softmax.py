@@ -15,6 +15,7 @@ from conftest import (
     layer_model,
     max_rel_error,
     random_data,
+    write_ten_word_corpus,
 )
 
 COUNTS = [50, 30, 20, 9, 8, 5, 4, 3, 2, 1, 1]  # 11 words, Zipf-like
@@ -195,10 +196,7 @@ def test_class_output_requires_cross_entropy():
 def test_train_eval_score_with_class_output(tmp_path, capsys):
     from bptt.cli import main
 
-    words = "the a cat dog sat ran on mat fast slow".split()
-    rng = np.random.default_rng(0)
-    lines = [" ".join(rng.choice(words, size=rng.integers(3, 8))) for _ in range(120)]
-    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    write_ten_word_corpus(tmp_path / "t.txt")
     model_dir = str(tmp_path / "m")
     assert main(["train", "--train", str(tmp_path / "t.txt"), "--valid", str(tmp_path / "t.txt"), "--model",
                  model_dir, "--output", "class", "--classes", "4", "--class-binning", "sqrt", "--hidden", "8",
