@@ -83,9 +83,12 @@ class Stream:
 
     def carry(self, new: State) -> None:
         """The state after a block becomes the carried state: copied into the carried tensors
-        (in_place), else taken as it is."""
+        (in_place), else into fresh ones. Not views into the block's tensors: the next block's first
+        product reads the state, and BLAS may round a product differently when an operand sits at another
+        offset from a 64-byte boundary; a resumed run loads the state into fresh (aligned) tensors, so with
+        views it would not be bit-identical (tests/test_train.py, "bptt-block-unaligned")."""
         if not self.in_place:
-            self.state = new
+            self.state = new.map(torch.clone)
             return
         for old_layer, new_layer in zip(self.state.layers, new.layers):
             for old, value in zip(old_layer, new_layer):
