@@ -181,6 +181,92 @@ def test_the_command_line(texts, tmp_path, capsys):
     assert load_prepared(empty).splits == ("train", "valid")
 
 
+def test_force_replaces_nothing_but_an_earlier_prepare(texts, tmp_path, capsys):
+    """--force refuses a DATA with a file prepare does not write, and a directory whose meta.json is not
+    prepare's (here holding the training text itself): one line naming --out, exit 2, nothing deleted."""
+    argv = ["prepare", "--train", str(texts["train"]), "--valid", str(texts["valid"]), "--quiet", "--force", "--out"]
+    data = tmp_path / "data"
+    assert main([*argv, str(data)]) == 0
+    (data / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    assert main([*argv, str(data)]) == 2
+    one_error_line(capsys.readouterr().err, f"--out {data}", "notes.txt")
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "meta.json").write_text('{"name": "my project"}')
+    shutil.copy(texts["train"], project / "train.ids")  # a name prepare writes, but not prepare's meta.json
+    assert main(["prepare", "--train", str(project / "train.ids"), "--valid", str(texts["valid"]), "--quiet",
+                 "--force", "--out", str(project)]) == 2
+    one_error_line(capsys.readouterr().err, f"--out {project}", "meta.json")
+    assert (project / "train.ids").read_bytes() == Path(texts["train"]).read_bytes()
+
+
+def test_only_a_killed_prepares_own_leftovers_are_removed_and_only_after_success(texts, tmp_path, capsys):
+    """Siblings named like prepare's leftovers but not made by it (a user's backup of an earlier DATA named
+    data.old-v1, data.tmp-experiments, a data.tmp-XXXXXXXX holding other files) stay; a real leftover (the
+    earlier DATA that a killed --force had moved aside: data.old-XXXXXXXX) survives a prepare that fails and
+    is removed by one that succeeds."""
+    data = tmp_path / "data"
+    prepare(tmp_path / "earlier", texts["train"], texts["valid"], progress=False)
+    shutil.copytree(tmp_path / "earlier", tmp_path / "data.old-v1")  # the user's backup
+    (tmp_path / "earlier").rename(tmp_path / "data.old-0123abcd")  # killed between the two renames
+    for name in ("data.tmp-experiments", "data.tmp-89abcdef"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.csv").write_text("precious")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff\n")
+    argv = ["prepare", "--valid", str(texts["valid"]), "--out", str(data), "--quiet"]
+    assert main([*argv, "--train", str(bad)]) == 2
+    one_error_line(capsys.readouterr().err, "bad.txt:2")
+    assert load_prepared(tmp_path / "data.old-0123abcd").split("valid").tokens > 0
+    assert main([*argv, "--train", str(texts["train"])]) == 0
+    assert not (tmp_path / "data.old-0123abcd").exists()
+    assert load_prepared(tmp_path / "data.old-v1").split("valid").tokens > 0
+    for name in ("data.tmp-experiments", "data.tmp-89abcdef"):
+        assert (tmp_path / name / "results.csv").read_text() == "precious"
+
+
+def test_files_that_appear_in_an_empty_out_during_prepare_are_kept(texts, tmp_path, monkeypatch):
+    """DATA is empty when prepare starts and gets a file before it ends: without --force nothing is
+    replaced (a ValueError naming --out, the file kept, no sibling left); with --force the second check
+    refuses it too."""
+    real = prepared_module._write_split
+    out = tmp_path / "data"
+
+    def meanwhile(directory, split, *args, **kwargs):
+        if split == "valid":
+            (out / "NOTES.txt").write_text("mine")
+        return real(directory, split, *args, **kwargs)
+
+    monkeypatch.setattr(prepared_module, "_write_split", meanwhile)
+    for force in (False, True):
+        out.mkdir()
+        with pytest.raises(ValueError, match=f"--out {out}: .*NOTES.txt|--out {out}: files appeared"):
+            prepare(out, texts["train"], texts["valid"], progress=False, force=force)
+        assert [p.name for p in out.iterdir()] == ["NOTES.txt"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+        shutil.rmtree(out)
+
+
+def test_out_is_the_current_directory_or_under_a_file(texts, tmp_path, monkeypatch, capsys):
+    """--out . (the new DATA would replace the directory, and `.` would stay the old one) and --out under a
+    file: one line naming --out, exit 2, nothing written; a relative --out is written where it names."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    argv = ["prepare", "--train", str(texts["train"]), "--valid", str(texts["valid"]), "--quiet", "--out"]
+    for out in (".", str(here)):
+        assert main([*argv, out]) == 2
+        one_error_line(capsys.readouterr().err, f"--out {out}: is the current directory")
+    under = Path(texts["train"]) / "sub"
+    assert main([*argv, str(under)]) == 2
+    one_error_line(capsys.readouterr().err, f"--out {under}")
+    assert list(tmp_path.iterdir()) == [here] and not any(here.iterdir())
+    assert main([*argv, "data"]) == 0
+    assert load_prepared(here / "data").split("valid").tokens > 0 and sorted(p.name for p in here.iterdir()) == ["data"]
+
+
 # -- atomicity -------------------------------------------------------------------------------------------
 
 

@@ -26,10 +26,12 @@ until a batch asks for its tokens. Every problem is a CorpusError naming the fil
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -113,9 +115,9 @@ def prepare(
         raise ValueError(f"--max-vocab must be at least 2 (<eos> and <unk>), got {max_vocab}")
     sources = {"train": train, "valid": valid} | ({"test": test} if test is not None else {})
     sources = {split: check_input_file(path) for split, path in sources.items()}
-    out = Path(out)
-    _check_out(out, force)
-    _remove_leftovers(out)
+    label = str(out)  # as given, for messages
+    out = Path(os.path.abspath(out))  # `--out .` too: its siblings are beside it, not inside it
+    _check_out(out, force, label)
     sizes = {split: os.path.getsize(path) for split, path in sources.items()}
     total = sizes["train"] + sum(sizes.values())  # the training text is read twice
     tmp = _new_sibling(out, _TEMP_INFIX, create=True)
@@ -142,35 +144,67 @@ def prepare(
         os.chmod(tmp / VOCAB_FILE, mode)
         os.chmod(tmp / META_FILE, mode)
         fsync_path(tmp)
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, out, force, label)
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     bar.close()
-    return PrepareResult(out, meta, time.perf_counter() - started, total)
+    _remove_leftovers(out)  # only now: a killed --force may have left the only copy of the earlier DATA
+    return PrepareResult(Path(label), meta, time.perf_counter() - started, total)
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, label: str) -> None:
+    """out: the absolute path; label: --out as given."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"--out {label}: exists and is not a directory")
+    if out.exists() and out.samefile(os.getcwd()):  # DATA replaces the directory: `.` would stay the old one
+        raise ValueError(f"--out {label}: is the current directory; name a directory to create (e.g. --out data)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {label}: cannot create the directory it goes in ({e.strerror})") from None
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not force:
-        raise ValueError(f"--out {out}: exists and is not empty; choose a new directory, or add --force to replace "
+        raise ValueError(f"--out {label}: exists and is not empty; choose a new directory, or add --force to replace "
                          "an earlier bptt prepare's output")
-    if not (out / META_FILE).is_file() or any(p.is_dir() for p in out.iterdir()):
-        raise ValueError(f"--out {out}: --force replaces only a directory written by bptt prepare (with its "
-                         f"{META_FILE}); this one holds other files")
+    foreign = _foreign_files(out, complete=True)
+    if foreign:
+        raise ValueError(f"--out {label}: --force replaces only a directory written by bptt prepare; this one holds "
+                         f"{foreign}")
+
+
+def _prepare_file_names() -> set[str]:
+    """Every name a prepare writes into DATA."""
+    return {META_FILE, VOCAB_FILE} | {f"{split}.{ext}" for split in SPLITS for ext in ("ids", "starts", "oov")}
+
+
+def _foreign_files(directory: Path, complete: bool) -> str | None:
+    """None when `directory` holds only files a prepare writes (complete: with a meta.json of this format);
+    else the first thing that is not (for messages)."""
+    names = _prepare_file_names()
+    for path in sorted(directory.iterdir()):
+        if path.name not in names or path.is_symlink() or not path.is_file():
+            return f"'{path.name}', which bptt prepare does not write"
+    if complete:
+        try:
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return f"no {META_FILE} written by bptt prepare"
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            return f"a {META_FILE} that bptt prepare did not write"
+    return None
 
 
 def _remove_leftovers(out: Path) -> None:
-    """The DATA.tmp-* and DATA.old-* siblings left by a prepare of `out` that was killed (one writer per DATA)."""
-    for infix in (_TEMP_INFIX, _OLD_INFIX):
-        for stale in out.parent.glob(f"{glob.escape(out.name)}{infix}*"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+    """The DATA.tmp-XXXXXXXX and DATA.old-XXXXXXXX siblings left by a prepare of `out` that was killed (one
+    writer per DATA): exactly the names _new_sibling makes, holding nothing but a prepare's files."""
+    pattern = re.compile(re.escape(out.name) + "(" + re.escape(_TEMP_INFIX) + "|" + re.escape(_OLD_INFIX) + ")[0-9a-f]{8}")
+    for stale in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
+        if (pattern.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink()
+                and _foreign_files(stale, complete=False) is None):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _new_sibling(out: Path, infix: str, create: bool) -> Path:
@@ -189,14 +223,24 @@ def _new_sibling(out: Path, infix: str, create: bool) -> Path:
             continue
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished directory to `out`: over an empty `out`, or, with --force, after moving the
-    old one aside (DATA.old-XXXXXXXX, deleted once the new one is in place)."""
+def _move_into_place(tmp: Path, out: Path, force: bool, label: str) -> None:
+    """Rename the finished directory to `out`: over a missing or empty `out` (the rename fails if files
+    appeared in it meanwhile: nothing is replaced), or, with --force, after checking again that `out` is an
+    earlier prepare's output and moving it aside (DATA.old-XXXXXXXX, deleted once the new one is in place)."""
     old = None
-    if out.is_dir() and any(out.iterdir()):
+    if force and out.is_dir() and any(out.iterdir()):
+        _check_out(out, force, label)  # again: files may have appeared since the start
         old = _new_sibling(out, _OLD_INFIX, create=False)
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if old is not None:
+            os.replace(old, out)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ValueError(f"--out {label}: files appeared in it while bptt prepare ran; nothing was replaced "
+                             "(add --force to replace an earlier prepare's output)") from None
+        raise
     fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
