@@ -81,13 +81,16 @@ def test_direct_connections_too_large_are_refused(corpus, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("error: --direct 4096 (million weights): needs about")
 
 
-@pytest.mark.parametrize("optimizer, buffers", [("adam", 2), ("adagrad", 1), ("rmsprop", 1), ("sgd", 0)])
+@pytest.mark.parametrize("optimizer, buffers, decay", [("adam", 2, {}), ("adagrad", 1, {}), ("rmsprop", 1, {}),
+                                                       ("sgd", 0, {}), ("adam", 2, {"l2": 0.01, "weight_decay": 0.1})],
+                         ids=["adam", "adagrad", "rmsprop", "sgd", "adamw-l2"])
 @pytest.mark.parametrize("output", ["softmax", "class"])
-def test_estimate_matches_the_tensors_of_a_real_trainer(corpus, tmp_path, optimizer, buffers, output):
-    """After one step: the parameters, gradient buffers, optimizer state and best copy a Trainer holds
-    are exactly the estimate's — their flat buffers, the alignment padding included (engine/flat.py) —
-    and the views inside them are no larger; the (N,V) output workspace is within a factor 2."""
-    config = _config(corpus, tmp_path / "m", optimizer=optimizer, output=output, classes=20)
+def test_estimate_matches_the_tensors_of_a_real_trainer(corpus, tmp_path, optimizer, buffers, decay, output):
+    """After one step: the parameters, gradient buffers (AdamW with --l2: and the step's second one, where
+    the L2 term is added), optimizer state and best copy a Trainer holds are exactly the estimate's — their
+    flat buffers, the alignment padding included (engine/flat.py) — and the views inside them are no
+    larger; the (N,V) output workspace is within a factor 2."""
+    config = _config(corpus, tmp_path / "m", optimizer=optimizer, output=output, classes=20, **decay)
     trainer = Trainer(config)
     x, y, mask = next(trainer._batches())
     trainer.train_step(x, y, mask)
@@ -99,7 +102,9 @@ def test_estimate_matches_the_tensors_of_a_real_trainer(corpus, tmp_path, optimi
                               word_counts=trainer.vocab.counts)
     params = nbytes([trainer.model.flat.data])
     assert est.parts["parameters"] == params >= nbytes(trainer.model.params.values())
-    assert est.parts["gradients"] == nbytes([trainer.engine.grads.data])
+    scratch = trainer.optimizer._scratch
+    assert (scratch is not None) == bool(decay)
+    assert est.parts["gradients"] == nbytes([trainer.engine.grads.data] + ([scratch] if decay else []))
     assert est.parts["best model"] == nbytes([trainer.best.data])
     state = [t for t in trainer.optimizer.state_tensors() if t.is_floating_point() and t.dim() > 0]
     assert est.parts["optimizer"] == nbytes(state) == buffers * params

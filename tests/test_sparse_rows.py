@@ -316,6 +316,57 @@ def test_the_memory_guard_counts_the_gathered_rows(output):
     assert dense.parts["row-sparse rows"] == 0
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_memory_guard_counts_the_class_layers_gathered_rows(tied):
+    """A class layer's rows are whole classes, updated as views of runs, unless a block's runs average fewer
+    than RUN_ROWS rows: with one stream and Zipf words the targets fall in the frequent words' one-word
+    classes and the rows are gathered. The estimate covers what the buffers grew to then too."""
+    words, classes, T, B = 2000, 100, 5, 1
+    counts = [10_000_000 // (i + 1) + 1 for i in range(words)]
+    config = ModelConfig(vocab_size=words, hidden_size=16, embedding_size=16 if tied else 8, output="class",
+                         classes=classes, tied=tied, dtype="float64")
+    model = build_model(config, word_counts=counts, seed=3)
+    names = model.net.row_sparse()
+    assert "V" in names
+    opt = make_optimizer("adam", model.flat, lr=0.01, sparse_rows=names)
+    step = TrainStep(model, opt, k1=T, k2=T, clip=0.5)
+    unigram, g = torch.tensor(counts, dtype=torch.float64), torch.Generator().manual_seed(0)
+    gathered = 0
+    for _ in range(10):
+        x, y = (torch.multinomial(unigram, T * B, replacement=True, generator=g).view(T, B) for _ in range(2))
+        step.compute(x, y)
+        gathered += step.grads.runs["V"] is None
+        step.apply(0.01)
+    assert gathered  # the case this test is about
+    grown = sum(b.buffer.numel() for b in step.grads.space.values())
+    grown += sum(b.buffer.numel() for space in opt._space.values() for b in space.values())
+    est = estimate_training_memory(config, batch=B, k1=T, optimizer="adam", word_counts=counts, row_sparse=names)
+    assert grown * 8 <= est.parts["row-sparse rows"]
+
+
+def test_the_memory_guard_counts_a_tied_class_layers_lookups_between_classes():
+    """Tied: the input words' rows of V count among the runs, so that whole classes used by targets can be
+    gathered beside scattered looked-up words (here 5 classes of 50 words and 100 lone words between them:
+    350 rows in 105 runs, gathered), more rows than looked-up words plus RUN_ROWS per class."""
+    words, classes, T, B = 500, 10, 5, 20
+    config = ModelConfig(vocab_size=words, hidden_size=8, embedding_size=8, output="class", classes=classes,
+                         tied=True, dtype="float64")
+    model = build_model(config, word_counts=[5] * words, seed=3)
+    spans = [torch.nonzero(model.output.word_class == c).squeeze(1) for c in range(classes)]
+    assert all(len(span) == 50 and int(span[-1] - span[0]) == 49 for span in spans)
+    targets = torch.cat([spans[c][:20] for c in (0, 2, 4, 6, 8)]).view(T, B)
+    inputs = torch.cat([spans[c][1:-1:2] for c in (1, 3, 5, 7, 9)])[: T * B].view(T, B)
+    opt = make_optimizer("adam", model.flat, lr=0.01, sparse_rows=("V",))
+    step = TrainStep(model, opt, k1=T, k2=T, clip=0.5)
+    step.compute(inputs, targets)
+    assert step.grads.runs["V"] is None and step.grads.ids["V"].numel() == 350
+    step.apply(0.01)
+    grown = sum(b.buffer.numel() for b in step.grads.space.values())
+    grown += sum(b.buffer.numel() for space in opt._space.values() for b in space.values())
+    est = estimate_training_memory(config, batch=B, k1=T, optimizer="adam", word_counts=[5] * words, row_sparse=("V",))
+    assert grown * 8 <= est.parts["row-sparse rows"]
+
+
 def test_row_sparse_matrices_must_be_unpadded():
     """A row-sparse matrix's runs of rows are updated by fused rules that read memory, not strides: the
     optimizer refuses one stored with padded rows, and a model stores its row-sparse matrices unpadded."""

@@ -8,7 +8,9 @@ engine/flat.py's `layout`):
     parameters        P·s            counted from the shapes the model would allocate (the network of
                                      its ModelConfig: every layer's cell, the output layer, the direct
                                      connections' D), nothing allocated
-    gradients         P·s            one buffer per parameter (the engine reuses it every block)
+    gradients         P·s            one buffer per parameter (the engine reuses it every block); 2·P·s for
+                                     Adam with both --weight-decay (AdamW) and --l2, whose step adds the L2
+                                     term into a second buffer (optim.Optimizer.step)
     optimizer         k·P·s          adam k = 2 (m, v), adagrad and rmsprop k = 1, sgd k = 0
     best model        P·s            the copy of the best weights on valid
     rollback copy     (2 + k)·P·s    the last training state saved (weights, best, optimizer), kept in
@@ -31,11 +33,11 @@ engine/flat.py's `layout`):
                                      nce/sampled: N·64 + 64·m
     row-sparse rows   1.25·(2 + k)·n·w·s  with row-sparse updates (training/sparse_rows.py), per word-indexed
                                      matrix of width w: its gradient's and its optimizer's gathered rows, at
-                                     most n = the rows a block can use (the embedding: k2·B words; class:
-                                     none when its classes average RUN_ROWS words or more — whole classes
-                                     are runs of rows, updated as views — else N times the mean class
-                                     size of a target; hsm: N·depth; nce/sampled: N + 64), in buffers a
-                                     quarter larger than the most met
+                                     most n = the rows a block can gather (the embedding: k2·B words; class:
+                                     whole classes are runs of rows, updated as views, and a block's rows
+                                     are gathered only when its runs average fewer than RUN_ROWS = 8 rows,
+                                     so n < 8·(min(N, C) + k2·B if V is tied); hsm: N·depth; nce/sampled:
+                                     N + 64), in buffers a quarter larger than the most met
     evaluation        2·b·V·s        the valid set goes through in blocks of b = eval_block(V) positions
     data              16·(T+1)·B     each block's int64 copy (the batchers and the evaluation read the ids
                                      lazily); --independent: + 24 bytes per training sentence (the starts,
@@ -145,6 +147,7 @@ def estimate_training_memory(
     train_sentences: int = 0,
     row_sparse: tuple[str, ...] = (),
     net: Any = None,
+    adamw_l2: bool = False,
 ) -> MemoryEstimate:
     """The memory a training run of the model `config` (with its vocab_size) needs at its peak, by part
     (see the module docstring). Arithmetic on Python integers and the shapes the network declares:
@@ -152,7 +155,8 @@ def estimate_training_memory(
     train_tokens and valid_tokens are not counted (the corpora are read lazily: see "data");
     train_sentences is, with independent. row_sparse: the matrices updated row by row (sparse_rows.choose).
     net: the network of `config` if the caller has built it (its shapes, dropout sites and row-sparse
-    matrices are read; building one costs seconds at large V: the hierarchical softmax's Huffman tree)."""
+    matrices are read; building one costs seconds at large V: the hierarchical softmax's Huffman tree).
+    adamw_l2: Adam with both decoupled decay and an L2 term (a second gradient buffer)."""
     V, m, B = int(config.vocab_size), int(config.hidden_size), int(batch)
     s = torch.empty((), dtype=config.torch_dtype).element_size()
     k2 = int(k2 if k2 is not None else k1)
@@ -180,17 +184,22 @@ def estimate_training_memory(
     rows = 0  # row-sparse updates: the most rows of each matrix a step gathers, times its width
     if row_sparse:
         lookup = net.lookup_name()
-        if output == "class" and V / max(1, min(classes, V)) >= sparse_rows.RUN_ROWS:
-            used = 0  # whole classes, spans of a vocabulary sorted by frequency: runs of views, nothing gathered
-        elif output == "class":
-            used = N * max(1.0, class_factor - min(classes, V))
+        if output == "class":  # whole classes, spans of a vocabulary sorted by frequency, are updated as views of
+            # runs; a step's rows are gathered only when their runs average fewer than RUN_ROWS rows (e.g. the
+            # frequent words' one-word classes): then fewer than RUN_ROWS rows a run, and a run per class a
+            # target used (at most min(N, C)) and, for a tied V, per word looked up
+            used = sparse_rows.RUN_ROWS * min(N, classes, V)
         elif output == "hsm":
             used = N * (math.ceil(math.log2(max(V, 2))) + 8)
         else:
             used = N + NOISE_SAMPLES
         for name in row_sparse:
             height, width = shapes[name] if name not in net.column_major() else reversed(shapes[name])
-            n = (T * B if name == lookup else 0) + (used if name == "V" else 0)
+            looked_up = T * B if name == lookup else 0
+            if output == "class" and name == "V":
+                n = used + sparse_rows.RUN_ROWS * looked_up
+            else:
+                n = looked_up + (used if name == "V" else 0)
             rows += int(min(height, n)) * width
     cache_floats = getattr(CELLS[config.cell], "cache_floats", 4) * config.layers
     activations = cache_floats * T * B * m + 2 * T * B * config.embedding
@@ -200,7 +209,7 @@ def estimate_training_memory(
     est = MemoryEstimate(vocab_size=V, hidden=m, direct=int(config.direct))
     est.parts = {
         "parameters": P * s,
-        "gradients": P * s,
+        "gradients": (2 if adamw_l2 and optimizer == "adam" else 1) * P * s,
         "optimizer": k * P * s,
         "best model": P * s,
         "rollback copy": (2 + k) * P * s,
@@ -304,7 +313,7 @@ def estimate_for_config(config: Any, model_config: ModelConfig, train_tokens: in
         model_config, batch=config.batch, k1=config.k1, k2=config.k2, optimizer=config.optimizer,
         train_tokens=train_tokens, valid_tokens=valid_tokens, independent=config.independent,
         longest_sentence=longest_sentence, word_counts=word_counts, train_sentences=train_sentences,
-        row_sparse=names, net=net,
+        row_sparse=names, net=net, adamw_l2=bool(config.l2) and bool(config.weight_decay),
     )
 
 
