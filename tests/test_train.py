@@ -73,6 +73,31 @@ def test_resume_is_exact(corpus, tmp_path, kw):
     assert straight.lr == resumed.lr and timeless(straight.history) == timeless(resumed.history)
 
 
+@pytest.mark.parametrize("source", ["texts", "data"])
+def test_resume_from_another_directory_reads_the_runs_own_corpora(tmp_path, monkeypatch, capsys, source):
+    """Relative --train/--valid or --data are read from the directory the run started in, wherever --resume
+    is given (a file of the same name in the new directory is not the run's): the run ends as one run."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    write_corpus(start / "train.txt", 150, 0), write_corpus(start / "valid.txt", 30, 1)
+    write_corpus(elsewhere / "train.txt", 150, 7), write_corpus(elsewhere / "valid.txt", 30, 8)
+    monkeypatch.chdir(start)
+    corpora = ["--train", "train.txt", "--valid", "valid.txt"]
+    if source == "data":
+        assert main(["prepare", *corpora, "--out", "data", "--quiet"]) == 0
+        corpora = ["--data", "data"]
+        assert main(["prepare", "--train", "train.txt", "--valid", "valid.txt", "--out", str(elsewhere / "data"),
+                     "--min-count", "2", "--quiet"]) == 0
+    options = [*corpora, "--hidden", "8", "--batch", "4", "--bptt", "5", "--epochs", "2", "--seed", "1", "--quiet"]
+    assert main(["train", *options, "--model", "straight"]) == 0
+    assert main(["train", *options, "--model", "stopped", "--max-steps", "9"]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", str(start / "stopped"), "--quiet"]) == 0
+    a, _ = load_checkpoint(start / "straight" / STATE_DIR)
+    b, _ = load_checkpoint(start / "stopped" / STATE_DIR)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_weight_decay_option_shrinks_the_matrices(corpus, tmp_path, capsys):
     """--weight-decay reaches the optimizer (decoupled: the weight matrices end smaller, biases are
     not decayed more than by the gradient) and is recorded in the saved training config."""

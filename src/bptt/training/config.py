@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,9 @@ class TrainConfig:
     # meta.json), which a resumed run checks
     data: str | None = None
     data_sha256: str | None = None
+    # the working directory the run started in (absolute; set by the trainer): a resumed run reads relative
+    # train/valid/data paths from there, wherever it is resumed from (resolved_paths)
+    workdir: str | None = None
 
     @classmethod
     def from_options(cls, **options: Any) -> TrainConfig:
@@ -144,6 +148,18 @@ class TrainConfig:
     @property
     def initial_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def resolved_paths(self) -> TrainConfig:
+        """A resumed run's corpora: relative train/valid/data paths taken from `workdir` (the directory the
+        run started in) when they are there, else as they are (from the current directory)."""
+        if self.workdir is None:
+            return self
+        def resolve(path: str | None) -> str | None:
+            if path is None or os.path.isabs(path):
+                return path
+            there = os.path.join(self.workdir, path)
+            return there if os.path.exists(there) else path
+        return dataclasses.replace(self, train=resolve(self.train), valid=resolve(self.valid), data=resolve(self.data))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

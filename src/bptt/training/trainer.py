@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -107,6 +108,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, vocab: Vocab | None = None, *, backend: str | None = None,
                  dist_timeout: float | None = None):
         config.validate()
+        if config.workdir is None:  # where relative corpus paths are read from, now and after --resume
+            config.workdir = os.getcwd()
         self.config = config
         # data-parallel training under torchrun (training/distributed.py): the process group, this rank's
         # place; one process without torchrun's environment. backend, dist_timeout: --backend, --dist-timeout
@@ -641,6 +644,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: bad training section: {e}") from None
         config.model, config.progress = str(run_dir.path), progress
+        config = config.resolved_paths()  # resumed from another directory: the run's own corpora
         trainer = cls(config, vocab=Vocab.load(run_dir.vocab_path), backend=backend, dist_timeout=dist_timeout)
         try:
             tensors = trainer._own_columns(tensors)
