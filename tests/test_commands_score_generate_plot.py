@@ -109,6 +109,20 @@ def test_score_cli_log10_ln_and_summary(model_dir, text_file, capsys):
     np.testing.assert_allclose(ln, np.asarray(log10) * math.log(10), atol=1e-5)
 
 
+def test_perplexity_that_overflows_is_inf_in_score_and_eval():
+    """A diverged model's mean over 700 nats a token: inf in `bptt score`'s summary (as in `bptt eval`), not
+    an OverflowError; the three places that turn entropy into perplexity share one guard."""
+    from bptt.evaluation import Evaluation
+    from bptt.scoring import ScoredText
+    from bptt.training.trainer import perplexity
+
+    text = ScoredText(np.array([-800.0 * 3, -800.0 * 2]), np.array([3, 2]), None)
+    assert text.perplexity == math.inf
+    assert ScoredText(np.array([-6.0, -4.0]), np.array([3, 2]), None).perplexity == pytest.approx(math.e ** 2)
+    assert Evaluation(nats=4000.0, tokens=5, oov=0).perplexity == math.inf
+    assert perplexity(2000.0) == math.inf and perplexity(3.0) == pytest.approx(8.0)
+
+
 def test_score_cli_json(model_dir, text_file, capsys):
     assert main(["score", "--model", str(model_dir), "--text", str(text_file), "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -170,6 +170,25 @@ def test_interpolation_with_lm_prob_token_by_token(model, tmp_path, capsys):
     assert [float(c) for line in out.splitlines() for c in line.split()[1:]] == pytest.approx(costs, abs=1e-6)
 
 
+def test_the_mixture_is_taken_in_the_log_domain():
+    """ln(λ e^ln_p + (1−λ) p_other): exactly the model at λ = 1 and the other at λ = 0, and a token far below
+    e^-745 (where e^ln_p is 0 in float64) still counts: the formula's value, not −inf."""
+    import numpy as np
+
+    from bptt.interpolation import OtherModel
+
+    ln_p = np.array([-2.0, -800.0, -0.1])
+    other = np.array([0.5, 1e-300, 0.25])
+    assert OtherModel(other, 1.0).mix(ln_p).tolist() == ln_p.tolist()
+    assert OtherModel(other, 0.0).mix(ln_p).tolist() == np.log(other).tolist()
+    mixed = OtherModel(other, 0.3).mix(ln_p)
+    assert mixed[0] == pytest.approx(math.log(0.3 * math.exp(-2.0) + 0.7 * 0.5), rel=1e-15)
+    assert mixed[1] == pytest.approx(math.log(0.7) - 300 * math.log(10), rel=1e-12)  # 0.3 e^-800 is nothing beside it
+    assert mixed[2] == pytest.approx(math.log(0.3 * math.exp(-0.1) + 0.7 * 0.25), rel=1e-15)
+    assert OtherModel(np.array([1e-320]), 0.5).mix(np.array([-800.0]))[0] == pytest.approx(
+        math.log(0.5) + math.log(1e-320), rel=1e-9)  # both far down: their sum
+
+
 BAD_NBEST = [
     ("rnnlm", ["1 the cat", "x the dog"], 2, "integer"),
     ("rnnlm", ["1 the cat", "2 the dog", "1 the cow"], 3, "consecutive"),

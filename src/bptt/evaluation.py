@@ -31,6 +31,11 @@ def eval_block(vocab_size: int) -> int:
     return max(EVAL_BLOCK_MIN, min(EVAL_BLOCK_MAX, rows_within(EVAL_SCORES, vocab_size)))
 
 
+def perplexity_of(nats_per_token: float) -> float:
+    """exp(nats per token); inf where that overflows (a diverged model, an absurd --dynamic rate)."""
+    return math.exp(nats_per_token) if nats_per_token < 700 else math.inf
+
+
 @dataclass
 class Evaluation:
     tokens: int  # predicted tokens, <eos> included
@@ -44,9 +49,7 @@ class Evaluation:
 
     @property
     def perplexity(self) -> float:
-        """exp(nats per token); inf where that overflows (a diverged model, an absurd --dynamic rate)."""
-        per_token = self.nats / self.tokens
-        return math.exp(per_token) if per_token < 700 else math.inf
+        return perplexity_of(self.nats / self.tokens)
 
     def to_json(self) -> dict:
         return {

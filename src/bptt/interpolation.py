@@ -73,7 +73,12 @@ class OtherModel:
         if len(other) != len(ln_p):
             raise RuntimeError("the interpolated model ran out of probabilities")  # read() counted them
         self.used += len(ln_p)
-        return np.log(self.lam * np.exp(ln_p) + (1.0 - self.lam) * other)
+        if self.lam == 1.0:  # the model alone, exactly (even where e^ln_p underflows)
+            return np.asarray(ln_p, dtype=np.float64)
+        if self.lam == 0.0:
+            return np.log(other)
+        # in the log domain: a probability below e^-745 (a float64's least) still counts
+        return np.logaddexp(math.log(self.lam) + np.asarray(ln_p, dtype=np.float64), math.log1p(-self.lam) + np.log(other))
 
 
 def add_arguments(parser) -> None:

@@ -24,6 +24,7 @@ from bptt import checks
 from bptt.data import EOS_ID, Corpus, Vocab, encode
 from bptt.engine.network import State
 from bptt.engine.stream import Stream
+from bptt.evaluation import perplexity_of
 
 LN10 = math.log(10)
 _MAX_ROWS_X_VOCAB = 1 << 24  # cap on the (rows, V) log-probability block computed at once
@@ -54,7 +55,7 @@ class ScoredText:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(-float(self.ln_probs.sum()) / self.total_tokens)
+        return perplexity_of(-float(self.ln_probs.sum()) / self.total_tokens)
 
 
 @torch.no_grad()

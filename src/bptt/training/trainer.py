@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from bptt.data import SentenceBatches, StreamBatches, Vocab, encode
 from bptt.prepared import load_prepared
-from bptt.evaluation import Evaluation, evaluate_corpus
+from bptt.evaluation import Evaluation, evaluate_corpus, perplexity_of
 from bptt.model import build_model
 from bptt.storage.checkpoint import CheckpointError, pack_state, rng_state, set_rng_state, unpack_state
 from bptt.storage.saved_model import VOCAB_FILE, VOCAB_SHA_KEY
@@ -91,7 +91,7 @@ class TrainResult:
 
 def perplexity(bits: float) -> float:
     """2^bits, inf where that overflows (a diverging run, or an NCE objective far from a probability)."""
-    return 2.0**bits if bits < 1000 else math.inf
+    return perplexity_of(bits * math.log(2))
 
 
 class Trainer:
