@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from bptt.storage.checkpoint import CheckpointError, load_checkpoint
 from bptt.cli import main
 from bptt.data import CorpusError, Vocab
-from bptt.model import ElmanLM
+from bptt.model import ElmanLM, RNNLM
 from bptt.storage.saved_model import FORMAT_VERSION, VOCAB_SHA_KEY, load_model, save_model
 from conftest import train_tiny_model
 
@@ -120,6 +120,31 @@ def test_a_pickle_file_in_the_directory_is_refused(model_dir, capsys, name, make
     _cli_refuses(model_dir, capsys, name, "pickle")
     (model_dir / name).unlink()
     load_model(model_dir)  # once it is gone, the model loads
+
+
+@pytest.mark.parametrize("protocol_byte", [2, 3, 4, 5])
+def test_a_safetensors_file_whose_header_length_begins_like_a_pickle_loads(tmp_path, protocol_byte):
+    """A safetensors file starts with its header's length (8 bytes, little-endian): a header of
+    0x80 + 256·p bytes (p = 2..5; 640 to 1408) begins like a pickle's protocol-p mark. Such model files
+    load; a real pickle of each protocol is still refused."""
+    model, vocab = RNNLM(5, 4, cell="lstm", seed=0), Vocab(["<eos>", "<unk>", "a", "b", "c"], [3, 0, 2, 1, 1])
+    save_model(tmp_path / "plain", model, extra={"note": ""}, vocab=vocab)
+    base = int.from_bytes((tmp_path / "plain" / "model.safetensors").read_bytes()[:8], "little")
+    target = 0x80 + 256 * protocol_byte
+    target += 65536 * (target < base)  # the header holds the config: at least `base` bytes
+    for pad in range(target - base - 8, target - base + 8):  # the header is padded to a multiple of 8
+        directory = tmp_path / f"m{pad}"
+        save_model(directory, model, extra={"note": "x" * pad}, vocab=vocab)
+        head = (directory / "model.safetensors").read_bytes()[:2]
+        if head == bytes([0x80, protocol_byte]):
+            break
+        shutil.rmtree(directory)
+    else:
+        pytest.fail(f"no padding gave a header of {target} bytes")
+    loaded, _, extra = load_model(directory)
+    assert extra["note"] == "x" * pad and torch.equal(loaded.params["V"], model.params["V"])
+    (directory / "other.bin").write_bytes(pickle.dumps({"x": 1}, protocol=protocol_byte))
+    _refused(directory, "other.bin", "never loads pickle")
 
 
 def _torch_zip() -> bytes:

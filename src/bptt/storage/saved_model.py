@@ -80,12 +80,13 @@ def pickle_reason(path: Path) -> str | None:
         return f"a {path.suffix} file (the pickle / torch.save format)"
     try:
         with path.open("rb") as f:
-            head = f.read(4)
+            head = f.read(9)
+        size = path.stat().st_size
     except OSError:
         return None
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and not _safetensors_head(head, size):
         return f"a pickle file (protocol {head[1]} header)"
-    if head == _ZIP_MAGIC:
+    if head[:4] == _ZIP_MAGIC:
         try:
             with zipfile.ZipFile(path) as z:
                 if any(name.endswith(".pkl") for name in z.namelist()):
@@ -93,6 +94,14 @@ def pickle_reason(path: Path) -> str | None:
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError):
             return None
     return None
+
+
+def _safetensors_head(head: bytes, size: int) -> bool:
+    """The first 9 bytes of a file of `size` bytes begin a safetensors file: a little-endian header length
+    that fits the file, then the header's '{'. Its length can begin with a pickle's 0x80 0x02..0x05 (a header
+    of 640, 896, 1152 or 1408 bytes, mod 65536). (The pickle check only names such files for a clear error:
+    nothing is ever unpickled, whatever a file holds.)"""
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
 def refuse_pickle_files(directory: str | Path) -> None:
