@@ -10,7 +10,7 @@ import torch
 from bptt.training.run_dir import epoch_dir, kept_epochs
 from bptt.cli import main
 from bptt.storage.saved_model import load_model
-from conftest import write_corpus
+from conftest import one_error_line, write_corpus
 
 
 @pytest.fixture(scope="module", params=[[], ["--cell", "lstm", "--layers", "2", "--dropout", "0.2"]],
@@ -73,6 +73,50 @@ def test_no_kept_epochs_and_an_occupied_out_are_refused(run_dir, tmp_path, capsy
     assert "--keep-epochs" in capsys.readouterr().err
     assert main(["average", "--model", str(run_dir / "m"), "--out", str(run_dir / "m")]) == 2
     assert "already holds a model" in capsys.readouterr().err
+
+
+def test_out_holding_a_run_is_refused_and_left_as_it_was(run_dir, tmp_path, capsys):
+    """--out must not hold a run's files: a run stopped before its first epoch (vocab.json, metrics.jsonl,
+    checkpoint/) would get another vocabulary and never resume; --out an existing file: one line."""
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoint").mkdir(parents=True)
+    (stopped / "vocab.json").write_text("{}")
+    for out, needle in ((stopped, "vocab.json"), (run_dir / "t.txt", "not a directory")):
+        assert main(["average", "--model", str(run_dir / "m"), "--out", str(out)]) == 2
+        one_error_line(capsys.readouterr().err, f"--out {out}", needle)
+    assert (stopped / "vocab.json").read_text() == "{}" and sorted(p.name for p in stopped.iterdir()) == [
+        "checkpoint", "vocab.json"]
+
+
+def test_epochs_of_another_model_are_refused(tmp_path, capsys):
+    """A directory reused by a run of another model still holds the old run's epochs beside the new one's:
+    `bptt average` names the epoch that differs (exit 2) instead of averaging them or failing inside."""
+    train = write_corpus(tmp_path / "t.txt", 60, 0)
+    base = ["train", "--train", train, "--valid", train, "--hidden", "6", "--batch", "2", "--bptt", "4", "--quiet",
+            "--keep-epochs"]
+    assert main([*base, "--model", str(tmp_path / "old"), "--epochs", "3"]) == 0
+    assert main([*base, "--model", str(tmp_path / "new"), "--epochs", "1", "--cell", "gru"]) == 0
+    for epoch in (2, 3):  # as if the new run had been started in the old run's directory
+        epoch_dir(tmp_path / "old", epoch).rename(epoch_dir(tmp_path / "new", epoch))
+    assert kept_epochs(tmp_path / "new") == [1, 2, 3]
+    assert main(["average", "--model", str(tmp_path / "new"), "--out", str(tmp_path / "avg")]) == 2
+    one_error_line(capsys.readouterr().err, str(epoch_dir(tmp_path / "new", 2)), "another model")
+    assert not (tmp_path / "avg").exists()
+
+
+def test_a_new_run_refuses_a_directory_holding_kept_epochs(tmp_path, capsys):
+    """epochs/ marks a run too: a new run there would mix its epochs with the old ones (--force clears them)."""
+    train = write_corpus(tmp_path / "t.txt", 60, 0)
+    base = ["train", "--train", train, "--valid", train, "--model", str(tmp_path / "m"), "--hidden", "6",
+            "--batch", "2", "--bptt", "4", "--quiet"]
+    assert main([*base, "--epochs", "2", "--keep-epochs"]) == 0
+    for name in ("model.safetensors", "config.json"):
+        (tmp_path / "m" / name).unlink()
+    import shutil
+    shutil.rmtree(tmp_path / "m" / "checkpoint")
+    assert main([*base, "--epochs", "1"]) == 2
+    one_error_line(capsys.readouterr().err, "--model", "epochs")
+    assert kept_epochs(tmp_path / "m") == [1, 2]
 
 
 def test_force_deletes_the_kept_epochs_of_the_run_it_replaces(tmp_path):

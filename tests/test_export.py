@@ -273,6 +273,13 @@ def test_export_command_refuses_bad_input_and_writes_nothing(lstm_dir, tmp_path,
         (["--model", str(lstm_dir), "--out", str(tmp_path)], ["--out", "is a directory"]),
         (["--model", str(lstm_dir), "--out", str(tmp_path / "x.pt")], ["--out", ".pt"]),
         (["--model", str(lstm_dir), "--out", str(lstm_dir / "model.safetensors")], ["--out", "model directory"]),
+        (["--model", str(lstm_dir), "--out", str(lstm_dir / "checkpoint" / "model.safetensors")],
+         ["--out", "model directory"]),  # its training state: --resume would find it torn
+        (["--model", str(lstm_dir), "--out", str(lstm_dir / "metrics.jsonl")], ["--out", "model directory"]),
+        (["--model", str(lstm_dir), "--out", str(lstm_dir / "checkpoint" / "torch.safetensors")],
+         ["--out", "model directory"]),  # nothing goes into the run's own subdirectories
+        (["--model", str(lstm_dir), "--out", str(out), "--json", str(lstm_dir / "checkpoint" / "config.json")],
+         ["--json", "model directory"]),
         (["--model", str(lstm_dir), "--out", str(out), "--json", str(tmp_path / "no" / "x.json")], ["--json"]),
         (["--model", str(lstm_dir), "--out", str(out), "--json", str(out)], ["--json", "same file"]),
     ]
@@ -281,6 +288,11 @@ def test_export_command_refuses_bad_input_and_writes_nothing(lstm_dir, tmp_path,
         one_error_line(capsys.readouterr().err, *needles)
         assert not out.exists() and not (tmp_path / "x.pt").exists()
     assert load_model(lstm_dir)  # the model directory is intact
+    assert main(["train", "--resume", str(lstm_dir), "--epochs", "1", "--quiet"]) == 0  # and its state
+    capsys.readouterr()
+    beside = lstm_dir / "torch.safetensors"  # a new file beside the model is fine
+    assert main(["export", "--model", str(lstm_dir), "--out", str(beside)]) == 0 and load_model(lstm_dir)
+    beside.unlink()
 
 
 def test_export_command_refuses_a_class_model(tmp_path, capsys):
@@ -294,21 +306,30 @@ def test_export_command_refuses_a_class_model(tmp_path, capsys):
     assert out.read_bytes() == b"old" and not (tmp_path / "m.json").exists()
 
 
-def test_export_command_leaves_no_export_without_its_metadata(lstm_dir, tmp_path, capsys, monkeypatch):
-    """A failure writing --json after --out removes the new --out: both files or neither."""
-    import bptt.commands.export as command
+def test_export_command_writes_both_files_or_neither(lstm_dir, tmp_path, capsys, monkeypatch):
+    """--out and --json are written all or nothing: a failure writing either (here the second temp file:
+    a full disk) leaves an existing --out as it was, writes no --json and leaves no temp file; a --json
+    name too long for its temp file is refused up front, naming --json."""
+    import bptt.files as files
 
-    written = []
+    out, meta = tmp_path / "lm.safetensors", tmp_path / "lm.json"
+    out.write_bytes(b"OLD")
+    real, calls = files.tempfile.mkstemp, []
 
-    def failing(path, data):
-        if written:
-            raise OSError(f"{path}: disk full")
-        written.append(path)
-        real(path, data)
+    def failing(*args, **kwargs):
+        calls.append(kwargs.get("prefix"))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device (simulated)")
+        return real(*args, **kwargs)
 
-    real = command.atomic_write_bytes
-    monkeypatch.setattr(command, "atomic_write_bytes", failing)
-    out = tmp_path / "lm.safetensors"
-    assert main(["export", "--model", str(lstm_dir), "--out", str(out), "--json", str(tmp_path / "lm.json")]) == 2
-    one_error_line(capsys.readouterr().err, "disk full")
-    assert written == [out] and not out.exists() and not (tmp_path / "lm.json").exists()
+    monkeypatch.setattr(files.tempfile, "mkstemp", failing)
+    assert main(["export", "--model", str(lstm_dir), "--out", str(out), "--json", str(meta)]) == 2
+    one_error_line(capsys.readouterr().err, "No space left")
+    assert len(calls) == 2 and out.read_bytes() == b"OLD" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    monkeypatch.setattr(files.tempfile, "mkstemp", real)
+    long_name = tmp_path / ("j" * 245 + ".json")
+    assert main(["export", "--model", str(lstm_dir), "--out", str(out), "--json", str(long_name)]) == 2
+    one_error_line(capsys.readouterr().err, "--json", "too long")
+    assert out.read_bytes() == b"OLD"
+    assert main(["export", "--model", str(lstm_dir), "--out", str(out), "--json", str(meta)]) == 0
+    assert out.read_bytes() != b"OLD" and json.loads(meta.read_text())["rnn_type"] == "LSTM"

@@ -6,6 +6,7 @@ This module imports nothing from bptt: the data layer and the storage layer both
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -74,6 +75,41 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) ->
             pass
         raise
     fsync_path(path.parent)
+
+
+def atomic_write_all(files: list[tuple[str | os.PathLike, bytes]]) -> None:
+    """Write several files all or nothing: every temp file written and fsynced first (an error there, e.g. a
+    full disk or a name too long, leaves every path as it was), then each renamed into place."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            path = Path(path)
+            _remove_stale_temp_files(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            written.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
+    for parent in {path.parent for _, path in written}:
+        fsync_path(parent)
+
+
+def temp_name_fits(path: str | os.PathLike) -> bool:
+    """Whether the temp file of an atomic write of `path` (".{name}.XXXXXXXX.tmp") is a legal name there."""
+    path = Path(path)
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    return len(os.fsencode(path.name)) + 14 <= limit
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -19,7 +19,7 @@ from bptt import checks
 from bptt.data import encode
 from bptt.evaluation import evaluate_corpus
 from bptt.storage.saved_model import load_model, save_model, saved_unit
-from bptt.training.run_dir import EPOCHS_DIR, epoch_dir, kept_epochs
+from bptt.training.run_dir import EPOCHS_DIR, RUN_FILES, STATE_DIR, epoch_dir, kept_epochs
 
 EXAMPLES = """examples:
   bptt train --train ptb.train.txt --valid ptb.valid.txt --model m --keep-epochs
@@ -62,9 +62,19 @@ def average_epochs(run_dir: str | Path, epochs: list[int], each=None):
 
     each(epoch, model, vocab, config), if given, sees every epoch's model as it is loaded."""
     total: dict[str, torch.Tensor] = {}
-    model = vocab = config = None
+    model = vocab = config = first = None
     for epoch in epochs:
-        model, vocab, config = load_model(epoch_dir(run_dir, epoch))
+        directory = epoch_dir(run_dir, epoch)
+        model, vocab, config = load_model(directory)
+        shapes = {name: tuple(p.shape) for name, p in model.params.items()}
+        if first is None:
+            first = (directory, model.config.to_json(), vocab.words, shapes)
+        else:  # one run's epochs: the same model and vocabulary (a directory reused by another run is not)
+            what = ("model" if model.config.to_json() != first[1] else "vocabulary" if vocab.words != first[2]
+                    else "parameters" if shapes != first[3] else None)
+            if what is not None:
+                raise ValueError(f"{directory}: another {what} than {first[0]}'s; only one run's epochs can be "
+                                 "averaged")
         if each is not None:
             each(epoch, model, vocab, config)
         for name, p in model.params.items():
@@ -88,8 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if (out / "model.safetensors").exists() or (out / "config.json").exists():
-        raise ValueError(f"--out {out}: already holds a model; choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    found = [name for name in (*RUN_FILES, STATE_DIR, EPOCHS_DIR) if (out / name).exists()]
+    if found:
+        raise ValueError(f"--out {out}: already holds a model or a run ({found[0]}); choose a new directory")
     epochs = choose_epochs(args.model, args.epochs, args.last)
     valid = []  # the encoded --valid corpus, once the first epoch's vocabulary is known
 

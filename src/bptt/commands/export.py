@@ -18,8 +18,9 @@ from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
 
-from bptt.files import atomic_write_bytes
+from bptt.files import atomic_write_all, temp_name_fits
 from bptt.storage.saved_model import PICKLE_SUFFIXES, load_model
+from bptt.training.run_dir import RUN_FILES
 
 METADATA_KEY = "bptt.torch_metadata"  # safetensors header metadata: the JSON of model.torch_metadata()
 
@@ -53,8 +54,13 @@ def _check_destination(option: str, path: Path, model_dir: Path) -> None:
         raise ValueError(f"{option} {path}: no directory {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: directory {parent} is not writable")
-    if parent.resolve() == model_dir.resolve() and path.name in ("model.safetensors", "config.json", "vocab.json"):
-        raise ValueError(f"{option} {path}: a file of the model directory itself; choose another name")
+    if not temp_name_fits(path):
+        raise ValueError(f"{option} {path}: the name is too long to be written atomically here")
+    inside = model_dir.resolve() in path.resolve().parents
+    relative = path.resolve().relative_to(model_dir.resolve()) if inside else None
+    if relative is not None and (len(relative.parts) > 1 or path.name in RUN_FILES):
+        raise ValueError(f"{option} {path}: a file of the model directory {model_dir} itself (its model, "
+                         "training state or kept epochs); choose another path")
 
 
 def run(args) -> int:
@@ -75,15 +81,7 @@ def run(args) -> int:
     sidecar = None
     if meta_path is not None:  # serialised before anything is written
         sidecar = (json.dumps({**metadata, "vocab": vocab.words}, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    existed = out.exists()
-    atomic_write_bytes(out, data)
-    if sidecar is not None:
-        try:
-            atomic_write_bytes(meta_path, sidecar)
-        except BaseException:
-            if not existed:  # no export without its metadata file
-                out.unlink(missing_ok=True)
-            raise
+    atomic_write_all([(out, data)] + ([(meta_path, sidecar)] if sidecar is not None else []))  # both or neither
     layers = f"{metadata['nlayers']} layer{'s' if metadata['nlayers'] > 1 else ''}"
     print(f"wrote {out}: {metadata['rnn_type']}, {layers}, ntoken {metadata['ntoken']}, ninp {metadata['ninp']}, "
           f"nhid {metadata['nhid']}, tie_weights {metadata['tie_weights']}, {len(state)} tensors"

@@ -33,7 +33,7 @@ from bptt.prepared import load_prepared
 from bptt.training.config import DEFAULT_LR, SCHEDULES, TrainConfig
 from bptt.training import distributed
 from bptt.training.divergence import TrainingDiverged
-from bptt.training.run_dir import EPOCHS_DIR, METRICS_FILE, STATE_DIR
+from bptt.training.run_dir import EPOCHS_DIR, RUN_FILES, STATE_DIR
 from bptt.training.trainer import Trainer
 
 EXAMPLES = """examples:
@@ -220,9 +220,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     ).validate()
 
 
-# what `bptt train --model DIR` leaves in DIR: a DIR holding any of RUN_MARKERS holds a model or a state
-RUN_MARKERS = ("model.safetensors", "config.json", STATE_DIR)
-RUN_FILES = ("model.safetensors", "config.json", "vocab.json", METRICS_FILE)
+# what `bptt train --model DIR` leaves in DIR: a DIR holding any of RUN_MARKERS holds a model, a state or
+# kept epochs (which a new run would mix with its own)
+RUN_MARKERS = ("model.safetensors", "config.json", STATE_DIR, EPOCHS_DIR)
 
 
 def check_train_directory(args: argparse.Namespace) -> None:

@@ -26,6 +26,8 @@ from bptt.storage.saved_model import VOCAB_FILE, VOCAB_SHA_KEY, WEIGHTS_FILE, fi
 STATE_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 EPOCHS_DIR = "epochs"
+# what `bptt train --model DIR` writes directly in DIR (besides STATE_DIR/ and EPOCHS_DIR/)
+RUN_FILES = (WEIGHTS_FILE, "config.json", VOCAB_FILE, METRICS_FILE)
 
 
 def epoch_dir(run_dir: str | Path, epoch: int) -> Path:
