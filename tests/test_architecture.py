@@ -23,7 +23,7 @@ ALLOWED = {
     "storage": {"storage", "files", "data", "model", "engine", "checks"},
     "interpolation": {"data"},
     "evaluation": {"engine", "model", "data", "checks"},
-    "scoring": {"engine", "model", "data", "checks"},
+    "scoring": {"engine", "model", "data", "checks", "evaluation"},
     "rescoring": {"engine", "model", "data", "interpolation", "scoring", "checks"},
     "diagnostics": {"engine", "model", "checks"},
     "sampling": {"engine", "model", "data", "checks"},
