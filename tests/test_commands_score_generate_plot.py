@@ -180,6 +180,8 @@ def test_top_k_1_is_the_argmax_chain(model_dir, capsys):
         assert sample(model, vocab, 20, top_k=1, prompt=prompt, seed=seed) == expected
     out = _generate(capsys, model_dir, "--top-k", "1", "--prompt", "the dog", "--seed", "9")
     assert out == format_text(prompt + sample(model, vocab, 30, top_k=1, prompt=prompt)) + "\n"
+    for temperature in (1e-308, 5e-324):  # log_p / T would overflow to -inf everywhere: the chain is greedy
+        assert sample(model, vocab, 20, temperature=temperature, prompt=prompt, seed=3) == expected
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -197,6 +197,12 @@ BAD_NBEST = [
     ("srilm3", ["-10 -5 2 the cat", "-11 -5 3 the cat"], 2, "nwords"),
     ("srilm3", ["-10 nan 2 the cat"], 1, "lscore"),
     ("srilm3", ["-10 -5"], 1, "format 3"),
+    ("srilm3", ["-10 -5 1 the", "-10 -5 \u00b2 the cat"], 2, "nwords"),  # str.isdigit takes '²', int() does not
+    ("srilm3", ["-10 -5 " + "9" * 5000 + " the"], 1, "nwords"),  # int() refuses over 4,300 digits
+    ("srilm3", ["-10 -5 2 the cat", "1_0 -5 1 dog"], 2, "ascore"),  # float() takes '1_0'
+    ("srilm3", ["-10 -5 2 the cat", "\uff11 -5 1 dog"], 2, "ascore"),  # and a fullwidth 1
+    ("rnnlm", ["1 the cat", "\u00b2 the dog"], 2, "integer"),
+    ("kaldi", ["utt-1 the cat", "utt-\u00b3 the dog"], 2, "uttid-k"),
 ]
 
 
@@ -206,6 +212,17 @@ def test_a_malformed_nbest_line_is_one_error_and_nothing_is_written(model, tmp_p
     code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", fmt)
     assert code == 2 and out == ""
     one_error_line(err, f"{path}:{line}", needle)
+
+
+@pytest.mark.parametrize("option", ["--lm-weight", "--word-penalty"])
+def test_absurd_weights_are_refused_before_anything_is_written(model, tmp_path, capsys, option):
+    """A weight of 1e308 would make the new lscore inf or nan: refused, naming the option."""
+    path = write(tmp_path / "n.txt", ["-10 -5 2 the cat"])
+    code, out, err = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", "srilm3", option, "1e308")
+    assert code == 2 and out == ""
+    one_error_line(err, option)
+    code, out, _ = run(capsys, "rescore", "--model", str(model), "--nbest", path, "--format", "srilm3", option, "1e6")
+    assert code == 0 and len(out.splitlines()) == 1 and all(math.isfinite(float(f)) for f in out.split()[:3])
 
 
 @pytest.mark.parametrize("values, needle", [

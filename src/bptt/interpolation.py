@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -28,12 +29,15 @@ import numpy as np
 from bptt.data import CorpusError, numbered_lines, read_lines
 
 
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:inf|infinity|nan)", re.IGNORECASE | re.ASCII)
+
+
 def number_field(path, line: int, text: str, what: str) -> float:
-    """A finite number read from `text` on line `line` of `path`; CorpusError naming them otherwise."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise CorpusError(path, f"{what} {text[:40]!r} is not a number", line) from None
+    """A finite number read from `text` on line `line` of `path` (decimal, ASCII: not Python's '1_0' or other
+    scripts' digits, which float() takes); CorpusError naming them otherwise."""
+    if not _NUMBER.fullmatch(text):
+        raise CorpusError(path, f"{what} {text[:40]!r} is not a number", line)
+    value = float(text)
     if not math.isfinite(value):
         raise CorpusError(path, f"{what} {text[:40]!r} is not finite", line)
     return value

@@ -62,6 +62,11 @@ class Hypothesis:
     ascore: float = 0.0  # srilm3's acoustic score (log10)
 
 
+def _ascii_digits(text: str) -> bool:
+    """0-9 only (str.isdigit also takes '²' and other digits that int() refuses or reads otherwise)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_nbest(path: str | os.PathLike, fmt: str) -> list[Hypothesis]:
     """Every hypothesis of an n-best file, checked; CorpusError (file:line) for a malformed line. Blank
     lines are refused too: each input line gets one output line."""
@@ -74,14 +79,14 @@ def parse_nbest(path: str | os.PathLike, fmt: str) -> list[Hypothesis]:
             raise CorpusError(path, "blank line (an n-best line holds a hypothesis)", number)
         if fmt == "rnnlm":
             key = fields[0]
-            if not key.lstrip("-").isdigit():
+            if not _ascii_digits(key.removeprefix("-")):
                 raise CorpusError(path, f"the first field {key[:40]!r} is not an integer utterance ID "
                                         "(rnnlm n-best: ID w1 … wn)", number)
             hyp = Hypothesis(number, key, key, fields[1:], [])
         elif fmt == "kaldi":
             key = fields[0]
             utterance, dash, k = key.rpartition("-")
-            if not dash or not utterance or not k.isdigit():
+            if not dash or not utterance or not _ascii_digits(k):
                 raise CorpusError(path, f"the key {key[:40]!r} is not uttid-k (Kaldi n-best: uttid-k w1 … wn)",
                                   number)
             hyp = Hypothesis(number, key, utterance, fields[1:], [])
@@ -91,7 +96,7 @@ def parse_nbest(path: str | os.PathLike, fmt: str) -> list[Hypothesis]:
                                   number)
             ascore = number_field(path, number, fields[0], "ascore")
             number_field(path, number, fields[1], "lscore")
-            if not fields[2].isdigit() or int(fields[2]) != len(fields) - 3:
+            if not _ascii_digits(fields[2]) or len(fields[2]) > 18 or int(fields[2]) != len(fields) - 3:
                 raise CorpusError(path, f"nwords {fields[2][:20]!r} is not the {len(fields) - 3} words that "
                                         "follow it", number)
             hyp = Hypothesis(number, "", "", fields[3:], fields[:3], ascore)

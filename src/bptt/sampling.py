@@ -52,7 +52,8 @@ def sample(
     last = x[-1:]
     for _ in range(words):
         log_p = stream.log_probs(last).view(-1)  # ... then the distribution after each word read
-        log_p = log_p.double().cpu() / temperature
+        log_p = log_p.double().cpu()
+        log_p = (log_p - log_p.max()) / temperature  # the most likely word at 0: a tiny temperature cannot overflow
         if top_k is not None and top_k < log_p.numel():
             threshold = torch.topk(log_p, top_k).values[-1]
             log_p = log_p.masked_fill(log_p < threshold, float("-inf"))

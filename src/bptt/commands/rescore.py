@@ -55,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
+MAX_WEIGHT = 1e6  # |--lm-weight|, |--word-penalty|: recognisers use units to tens
+
+
 def run(args) -> int:
     if args.scores is not None and args.carry != "best":
         raise ValueError("--scores: only with --carry best (it picks the hypothesis whose state is carried)")
@@ -62,6 +65,9 @@ def run(args) -> int:
         raise ValueError("--per-word: only with --format kaldi")
     if (args.lm_weight != 1.0 or args.word_penalty != 0.0) and args.format != "srilm3":
         raise ValueError("--lm-weight and --word-penalty: only with --format srilm3")
+    for option, value in (("--lm-weight", args.lm_weight), ("--word-penalty", args.word_penalty)):
+        if not (math.isfinite(value) and abs(value) <= MAX_WEIGHT):  # the new lscore stays a finite number
+            raise ValueError(f"{option} must be a finite number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, got {value}")
     interpolation.check_arguments(args)  # the option errors, before the model is loaded
     if args.oov_logprob is not None and not (math.isfinite(args.oov_logprob) and args.oov_logprob <= 0):
         raise ValueError(f"--oov-logprob must be a finite log10 probability <= 0, got {args.oov_logprob}")

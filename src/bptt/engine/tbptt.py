@@ -3,7 +3,9 @@
 The stream (B parallel streams) is processed in blocks of k1 steps. After each block, one backward
 sweep runs over the last k2 >= k1 steps: the errors of the block's k1 positions are sent back through
 the block and through the k2 − k1 steps before it, kept from earlier blocks (their caches as they were
-computed, with the weights of the time). The state is carried from block to block.
+computed: the states, gates and dropout masks of the time; the backward through them uses the current
+weights, as rnnlm's does, and an embedding's output is recomputed from the current embedding). The state
+is carried from block to block.
 
     k1 = k2 = K            PyTorch's word_language_model (--bptt K): each block back-propagated alone
     k1 = K, k2 = K + N     rnnlm's `-bptt N -bptt-block K`: every error goes back at least N steps
