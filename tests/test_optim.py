@@ -372,6 +372,30 @@ def test_plateau_min_improvement_and_no_limit():
         assert s.update(9.0).stop is False
 
 
+def test_the_plateau_schedules_default_is_any_improvement(tmp_path):
+    """`--schedule plateau` (PyTorch word_language_model's: the rate divided only when valid does not improve)
+    takes --min-improvement 1.0 by default; Mikolov's keeps rnnlm's 0.3 %; a given value stands."""
+    import argparse
+
+    from bptt.commands.train import add_arguments, config_from_args
+    from bptt.training.trainer import TrainConfig, Trainer
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat\nthe dog ran\n" * 20)
+    base = ["--train", str(text), "--valid", str(text), "--hidden", "4", "--batch", "2", "--lr", "20"]
+    plateau = config_from_args(parser.parse_args([*base, "--model", str(tmp_path / "p"), "--schedule", "plateau",
+                                                  "--lr-decay", "0.25", "--patience", "0"]))
+    assert plateau.min_improvement == 1.0 and TrainConfig.from_json(plateau.to_json()).min_improvement == 1.0
+    schedule = Trainer(plateau).schedule
+    assert [schedule.update(v).lr_scale for v in (5.000, 4.990, 4.985, 4.985)] == [1.0, 1.0, 1.0, 0.25]
+    assert config_from_args(parser.parse_args([*base, "--model", "m"])).min_improvement == 1.003
+    assert TrainConfig(train="t", valid="v", model="m", schedule="plateau").min_improvement == 1.0
+    given = parser.parse_args([*base, "--model", "m", "--schedule", "plateau", "--min-improvement", "1.01"])
+    assert config_from_args(given).min_improvement == 1.01
+
+
 def test_plateau_state_round_trip_and_validation():
     s = PlateauSchedule(factor=0.5, patience=2, max_decays=1)
     for h in (3.0, 3.1, 3.2):

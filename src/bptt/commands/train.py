@@ -30,7 +30,7 @@ from bptt.data import check_input_file
 from bptt.engine.cells import CELLS
 from bptt.model.config import ModelConfig
 from bptt.prepared import load_prepared
-from bptt.training.config import DEFAULT_LR, SCHEDULES, TrainConfig
+from bptt.training.config import DEFAULT_LR, MIN_IMPROVEMENT, SCHEDULES, TrainConfig
 from bptt.training import distributed
 from bptt.training.divergence import TrainingDiverged
 from bptt.training.run_dir import EPOCHS_DIR, RUN_FILES, STATE_DIR
@@ -145,8 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "within each block (default 0; with --resume: a new value from here on)")
     parser.add_argument("--min-improvement", type=float, default=None,
                         help="Mikolov's schedule: halve the rate when the ratio old/new valid entropy falls under "
-                        f"this, a ratio >= 1 (default {TrainConfig.min_improvement}: 0.3 %%); with --resume: a new "
-                        "threshold, and a run the schedule had stopped goes on (1.0: until valid gets worse)")
+                        f"this, a ratio >= 1 (default {MIN_IMPROVEMENT['mikolov']}: 0.3 %%); the plateau schedule: an "
+                        f"epoch improving by less counts as flat (default {MIN_IMPROVEMENT['plateau']}: any improvement, "
+                        "as PyTorch's word_language_model); with --resume: a new threshold, and a run the schedule had "
+                        "stopped goes on (1.0: until valid gets worse)")
     parser.add_argument("--halving-factor", type=float, default=0.5, metavar="F",
                         help="Mikolov's schedule: once it anneals, multiply the rate by F every epoch (default "
                         "0.5, rnnlm's halving; on PTB 0.3-0.4 end as well in fewer epochs and 0.7 overfits: "
@@ -212,7 +214,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         clip=TrainConfig.clip if args.clip is None else args.clip, ar=args.ar or 0.0, tar=args.tar or 0.0,
         l2=args.l2, weight_decay=args.weight_decay, keep_epochs=bool(args.keep_epochs),
         max_grad_norm=args.max_grad_norm,
-        min_improvement=TrainConfig.min_improvement if args.min_improvement is None else args.min_improvement,
+        min_improvement=args.min_improvement,  # None: the schedule's own default
         halving_factor=args.halving_factor, schedule=args.schedule, decay_start=args.decay_start, lr_decay=args.lr_decay,
         patience=args.patience, max_decays=args.max_decays, seed=args.seed, device=args.device, graph=args.graph,
         sparse_updates=args.sparse_updates, average_every=args.average_every or 0,

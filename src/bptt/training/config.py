@@ -29,6 +29,9 @@ LEGACY_MODEL_KEYS = {"hidden": "hidden_size", "activation": "hidden_activation",
                      "init_range": "init_range"}
 
 
+MIN_IMPROVEMENT = {"mikolov": 1.003, "plateau": 1.0, "step": 1.003}  # --min-improvement's default per --schedule
+
+
 @dataclass
 class TrainConfig:
     train: str | None  # the training text (None with data)
@@ -53,7 +56,9 @@ class TrainConfig:
     ar: float = 0.0  # activation regularization: α · mean s² on the hidden states (regularizers.py)
     tar: float = 0.0  # temporal activation regularization: β · mean (s^t − s^{t−1})²
     keep_epochs: bool = False  # also keep each accepted epoch's weights in DIR/epochs/epoch-N (bptt average)
-    min_improvement: float = 1.003
+    # the schedule's threshold on old/new valid entropy; None: the schedule's own (MIN_IMPROVEMENT: rnnlm's
+    # 0.3 % for mikolov, 1.0 for plateau — PyTorch word_language_model's "any improvement")
+    min_improvement: float | None = None
     halving_factor: float = 0.5  # Mikolov's schedule: the rate's factor per epoch once it anneals
     schedule: str = "mikolov"  # or "plateau": divide by lr_decay after `patience` flat epochs; "step": Zaremba's
     decay_start: int = 4  # step schedule: the rate is multiplied by halving_factor after every epoch from this one
@@ -78,6 +83,10 @@ class TrainConfig:
     # the working directory the run started in (absolute; set by the trainer): a resumed run reads relative
     # train/valid/data paths from there, wherever it is resumed from (resolved_paths)
     workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_improvement is None:
+            self.min_improvement = MIN_IMPROVEMENT.get(self.schedule, MIN_IMPROVEMENT["mikolov"])
 
     @classmethod
     def from_options(cls, **options: Any) -> TrainConfig:
