@@ -98,6 +98,82 @@ def test_resume_from_another_directory_reads_the_runs_own_corpora(tmp_path, monk
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+ROLLBACK_RUN = ["--hidden", "6", "--batch", "3", "--bptt", "4", "--optimizer", "sgd", "--lr", "1.0", "--epochs", "2",
+                "--max-grad-norm", "0.55", "--quiet"]  # a step of epoch 2 is rolled back (its norm), deterministically
+
+
+def test_checkpoint_every_is_kept_by_resume(tmp_path):
+    """--checkpoint-every is part of the run: resumed without it, the run still saves every N steps, so a
+    later rollback returns to the state the uninterrupted run returns to and the runs end alike."""
+    data = ["--train", write_corpus(tmp_path / "t.txt", 40, 0), "--valid", write_corpus(tmp_path / "v.txt", 10, 1)]
+    assert main(["train", *data, *ROLLBACK_RUN, "--model", str(tmp_path / "full"), "--checkpoint-every", "5"]) == 0
+    assert main(["train", *data, *ROLLBACK_RUN, "--model", str(tmp_path / "cut"), "--checkpoint-every", "5",
+                 "--max-steps", "10"]) == 0  # the stop falls on a periodic checkpoint
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    a, sa = load_checkpoint(tmp_path / "full" / STATE_DIR)
+    b, sb = load_checkpoint(tmp_path / "cut" / STATE_DIR)
+    rollbacks = [(e["global_step"], e["restored_step"]) for e in sa["events"]]
+    assert rollbacks and all(fault > 10 and restored % 5 == 0 and restored > 10 for fault, restored in rollbacks)
+    assert [(e["global_step"], e["restored_step"]) for e in sb["events"]] == rollbacks
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sb["training"]["checkpoint_every"] == 5
+
+
+def test_a_signal_during_the_last_validation_still_finishes_the_run(corpus, tmp_path):
+    """SIGTERM while the last epoch is being validated: the run has nothing left to do, so it is finished
+    (interrupted None: `bptt train` exits 0), not reported as stopped."""
+    import os
+    import signal
+
+    trainer = Trainer(config(corpus, tmp_path / "m", epochs=2))
+    real = trainer._validate
+
+    def validate():
+        if trainer.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real()
+
+    trainer._validate = validate
+    result = trainer.run()
+    assert result.finished and result.interrupted is None and trainer.done and result.epochs == 2
+
+
+_KILLED_AFTER_BEST = """
+import os, signal, sys
+from bptt.training import run_dir
+from bptt.training.trainer import Trainer, TrainConfig
+real = run_dir.RunDirectory.save_best
+def save_best(self, model, extra):
+    real(self, model, extra)
+    os.kill(os.getpid(), signal.SIGKILL)  # after the best model's rename, before the epoch's state
+run_dir.RunDirectory.save_best = save_best
+Trainer(TrainConfig.from_options(train=sys.argv[1], valid=sys.argv[2], model=sys.argv[3], **eval(sys.argv[4]))).run()
+"""
+
+
+def test_a_kill_between_the_best_model_and_the_epochs_state_changes_nothing(tmp_path):
+    """Killed right after epoch 1's best model is written and before its state: the resumed run redoes the
+    end of epoch 1 as the uninterrupted run did (whether a best model was saved is the state's, not DIR's),
+    here where epoch 1 is worse on valid than the initial weights and epoch 2 is rejected."""
+    import subprocess
+    import sys
+
+    train, valid = write_corpus(tmp_path / "t.txt", 40, 0), write_corpus(tmp_path / "v.txt", 10, 1)
+    options = dict(hidden_size=6, batch=3, bptt=4, optimizer="sgd", lr=20.0, clip=0.5, epochs=4, checkpoint_every=5,
+                   progress=False)
+    full = Trainer(TrainConfig.from_options(train=train, valid=valid, model=str(tmp_path / "full"), **options))
+    full.run()
+    assert not all(h["accepted"] for h in full.history)  # the case: a rejected epoch restores the best weights
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_BEST, train, valid, str(tmp_path / "cut"), repr(options)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    Trainer.resume(tmp_path / "cut", progress=False).run()
+    a, sa = load_checkpoint(tmp_path / "full" / STATE_DIR)
+    b, sb = load_checkpoint(tmp_path / "cut" / STATE_DIR)
+    assert all(torch.equal(a[k], b[k]) for k in a) and sa["history"][-1]["valid_entropy_bits"] == sb["history"][-1][
+        "valid_entropy_bits"]
+
+
 def test_weight_decay_option_shrinks_the_matrices(corpus, tmp_path, capsys):
     """--weight-decay reaches the optimizer (decoupled: the weight matrices end smaller, biases are
     not decayed more than by the gradient) and is recorded in the saved training config."""

@@ -176,8 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "CUDA graph: one launch instead of hundreds (--device cuda; continuous streams without "
                         "--bptt-block, --output softmax; dropout's masks drawn before each replay); on the CPU the same static "
                         "step runs eagerly")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                        help="save the training state every N steps (it is always saved at each epoch's end)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="save the training state every N steps (it is always saved at each epoch's end; "
+                        "default 0: only there); with --resume: a new value from here on (else the run's own)")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="stop after N steps in all (resumable with --resume)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -213,6 +214,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=TrainConfig.epochs if args.epochs is None else args.epochs, lr=args.lr, optimizer=args.optimizer,
         clip=TrainConfig.clip if args.clip is None else args.clip, ar=args.ar or 0.0, tar=args.tar or 0.0,
         l2=args.l2, weight_decay=args.weight_decay, keep_epochs=bool(args.keep_epochs),
+        checkpoint_every=args.checkpoint_every or 0,
         max_grad_norm=args.max_grad_norm,
         min_improvement=args.min_improvement,  # None: the schedule's own default
         halving_factor=args.halving_factor, schedule=args.schedule, decay_start=args.decay_start, lr_decay=args.lr_decay,
@@ -295,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world, _, _ = distributed.environment()
     if rank == 0:
         check_train_directory(args)
-    checks.non_negative_int("--checkpoint-every", args.checkpoint_every)
+    if args.checkpoint_every is not None:
+        checks.non_negative_int("--checkpoint-every", args.checkpoint_every)
     if args.max_steps is not None:
         checks.non_negative_int("--max-steps", args.max_steps)
     try:
@@ -330,7 +333,7 @@ def _train(args: argparse.Namespace) -> int:
             trainer.run_dir.start_metrics()
     main = trainer.dist.is_main
     try:
-        result = trainer.run(args.max_steps, args.checkpoint_every)
+        result = trainer.run(args.max_steps)
     except TrainingDiverged as e:
         if main:
             print(f"error: {e}", file=sys.stderr)

@@ -73,6 +73,8 @@ class TrainConfig:
     # under torchrun: 0 = the gradients all-reduced every step; K > 0 = model averaging, each rank steps
     # alone and the models are averaged every K steps (training/distributed.py)
     average_every: int = 0
+    # save the training state every N steps besides each epoch's end (0: only there); kept by --resume
+    checkpoint_every: int = 0
     graph: bool = False  # each block's whole step (update included) replayed as one CUDA graph (static step)
     progress: bool = True
     # a directory written by `bptt prepare`, instead of train and valid: its vocabulary and its memory-mapped
@@ -112,6 +114,7 @@ class TrainConfig:
             checks.positive_int("--bptt-block", self.bptt_block)
         if self.lr is not None:
             checks.number("--lr", self.lr, 0, MAX_LR, low_open=True, what=f"positive and at most {MAX_LR:g}")
+        checks.non_negative_int("--checkpoint-every", self.checkpoint_every)
         checks.number("--clip", self.clip, 0, what="a finite number >= 0 (0: off)")
         for option in ("ar", "tar"):
             checks.number(f"--{option}", getattr(self, option), 0, what="a finite number >= 0 (0: off)")

@@ -64,9 +64,6 @@ class RunDirectory:
     def vocab_sha(self) -> str:
         return file_sha256(self.vocab_path)
 
-    def has_best_model(self) -> bool:
-        return (self.path / WEIGHTS_FILE).exists()
-
     # -- the training state --------------------------------------------------------------------------
 
     def write_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:

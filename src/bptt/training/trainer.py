@@ -255,9 +255,11 @@ class Trainer:
         return self.dist.all_agree(all_finite(tensors))
 
     def _validate(self) -> tuple[Evaluation, bool]:
-        """(the valid evaluation, whether DIR holds a best model): rank 0's, broadcast to every rank."""
+        """(the valid evaluation, whether the run has saved a best model): rank 0's, broadcast to every rank."""
         if self.dist.is_main:
-            result = evaluate_corpus(self.model, self.valid_corpus, self.vocab), self.run_dir.has_best_model()
+            # an epoch has ended (and the first end always saves a best model): from the training state, not
+            # from DIR, which a kill between writing the best model and the state leaves ahead of the state
+            result = evaluate_corpus(self.model, self.valid_corpus, self.vocab), bool(self.history)
         else:
             result = None
         return self.dist.broadcast(result)
@@ -341,8 +343,11 @@ class Trainer:
         self.dist.average([self.model.flat.data, *buffers])  # not the step counts: the same everywhere
         self._since_average = 0
 
-    def run(self, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
+    def run(self, max_steps: int | None = None, checkpoint_every: int | None = None) -> TrainResult:
         """Train until the schedule stops, the epochs run out, or global_step reaches max_steps.
+
+        checkpoint_every: save the state every N steps too (None: config.checkpoint_every, which a resumed
+        run keeps).
 
         SIGINT and SIGTERM (caught while this runs, in the main thread; the previous handlers are
         restored on return) stop the run at the next step boundary with the state saved: the result
@@ -351,6 +356,7 @@ class Trainer:
         MAX_ROLLBACKS rollbacks in a row.
         """
         c = self.config
+        checkpoint_every = c.checkpoint_every if checkpoint_every is None else checkpoint_every
         started = time.perf_counter()
         self._stop_signal = None
         if self._reduction is not None:
@@ -473,7 +479,7 @@ class Trainer:
 
     def _result(self, started: float, finished: bool) -> TrainResult:
         return TrainResult(self.best_eval, len(self.history), time.perf_counter() - started, self.history,
-                           finished, interrupted=self._stop_signal, events=self.events)
+                           finished, interrupted=None if finished else self._stop_signal, events=self.events)
 
     # -- divergence (the policy: training/divergence.py) ----------------------------------------------
 
@@ -666,7 +672,7 @@ class Trainer:
         self.schedule.min_improvement = float(new.min_improvement)
         self.done = False
 
-    ADJUSTABLE = ("clip", "ar", "tar", "average_every", "keep_epochs")
+    ADJUSTABLE = ("clip", "ar", "tar", "average_every", "keep_epochs", "checkpoint_every")
 
     def adjust(self, **options: float) -> None:
         """New values of the options in ADJUSTABLE (clipping threshold, AR and TAR strengths, how several
@@ -701,7 +707,7 @@ def _map_engine_state(tensors: dict[str, torch.Tensor], fn) -> dict[str, torch.T
             **{f"engine.{k}": t for k, t in engine.items()}}
 
 
-def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: int = 0) -> TrainResult:
+def train(config: TrainConfig, max_steps: int | None = None, checkpoint_every: int | None = None) -> TrainResult:
     """Train as configured; the best model on valid ends up in config.model. Returns the metrics.
 
     A SIGINT or SIGTERM stops the run at the next step with the state saved (Trainer.resume continues
