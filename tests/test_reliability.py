@@ -140,21 +140,24 @@ def test_independent_mode_fault_is_rolled_back(corpus, tmp_path):
     assert all_finite(load_checkpoint(tmp_path / "m" / STATE_DIR)[0])
 
 
-def test_rollback_after_resume_returns_to_the_loaded_checkpoint(corpus, tmp_path):
+def test_rollback_after_resume_returns_where_the_uninterrupted_run_returns(corpus, tmp_path):
+    """Stopped at step 5 (between checkpoints) and resumed: a fault at step 6 rolls back to the state the run
+    that did not stop returns to (here the start: no checkpoint before step 5), not to the stop's save, and
+    the two runs go on alike."""
     first = Trainer(config(corpus, tmp_path / "m"))
     first.run(max_steps=5)
     resumed = Trainer.resume(tmp_path / "m", progress=False)
     inject(resumed, {1})
-    resumed.run(max_steps=6)  # step 6 fails once: back to the loaded step 5, then step 6 again
-    assert [(e["global_step"], e["restored_step"]) for e in resumed.events] == [(6, 5)] and resumed.lr == 0.5
-    clean = Trainer.resume(tmp_path / "m", progress=False)  # now the state saved after the rollback
-    assert clean.global_step == 6
+    resumed.run(max_steps=6)  # step 6 fails once: back to step 0 at half the rate, then steps 1-6 again
+    assert [(e["global_step"], e["restored_step"]) for e in resumed.events] == [(6, 0)] and resumed.lr == 0.5
     again = Trainer(config(corpus, tmp_path / "a"))
-    again.run(max_steps=5)
-    again.lr = 0.5
+    inject(again, {6})
     again.run(max_steps=6)
+    assert [(e["global_step"], e["restored_step"]) for e in again.events] == [(6, 0)]
     for k, p in again.model.params.items():
-        assert torch.equal(clean.model.params[k], p), k
+        assert torch.equal(resumed.model.params[k], p), k
+    clean = Trainer.resume(tmp_path / "m", progress=False)  # the state saved at the second stop
+    assert clean.global_step == 6 and all(torch.equal(clean.model.params[k], p) for k, p in again.model.params.items())
 
 
 def test_permanent_fault_stops_after_max_rollbacks(corpus, tmp_path, capsys):

@@ -119,6 +119,32 @@ def test_checkpoint_every_is_kept_by_resume(tmp_path):
     assert sb["training"]["checkpoint_every"] == 5
 
 
+def test_a_stop_does_not_move_the_rollback_target(tmp_path):
+    """Stopped by --max-steps between checkpoints and resumed: a later rollback returns to the last regular
+    checkpoint, as in the run that did not stop (the stop's save keeps it in DIR/checkpoint/rollback, which
+    the next regular checkpoint removes and --force deletes); the two runs end alike."""
+    data = ["--train", write_corpus(tmp_path / "t.txt", 40, 0), "--valid", write_corpus(tmp_path / "v.txt", 10, 1)]
+    assert main(["train", *data, *ROLLBACK_RUN, "--model", str(tmp_path / "full")]) == 0
+    _, sa = load_checkpoint(tmp_path / "full" / STATE_DIR)
+    (fault, restored), = [(e["global_step"], e["restored_step"]) for e in sa["events"]]
+    stop = fault - 2
+    assert restored < stop < fault  # the case: the stop falls between the rollback's target and its fault
+    assert main(["train", *data, *ROLLBACK_RUN, "--model", str(tmp_path / "cut"), "--max-steps", str(stop)]) == 0
+    assert (tmp_path / "cut" / STATE_DIR / "rollback" / "model.safetensors").is_file()
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    a, _ = load_checkpoint(tmp_path / "full" / STATE_DIR)
+    b, sb = load_checkpoint(tmp_path / "cut" / STATE_DIR)
+    assert [(e["global_step"], e["restored_step"]) for e in sb["events"]] == [(fault, restored)]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / STATE_DIR / "rollback").exists()  # removed by the next regular checkpoint
+    assert main(["train", *data, *ROLLBACK_RUN, "--model", str(tmp_path / "cut"), "--max-steps", str(stop),
+                 "--force"]) == 0
+    assert (tmp_path / "cut" / STATE_DIR / "rollback").is_dir()
+    assert main(["train", *data, *ROLLBACK_RUN, "--model", str(tmp_path / "cut"), "--max-steps", "0", "--force"]) == 0
+    assert not (tmp_path / "cut" / STATE_DIR / "rollback").exists()  # --force deleted the earlier run's (a stop
+    # at step 0 has no other rollback target)
+
+
 def test_a_signal_during_the_last_validation_still_finishes_the_run(corpus, tmp_path):
     """SIGTERM while the last epoch is being validated: the run has nothing left to do, so it is finished
     (interrupted None: `bptt train` exits 0), not reported as stopped."""

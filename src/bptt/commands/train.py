@@ -33,7 +33,7 @@ from bptt.prepared import load_prepared
 from bptt.training.config import DEFAULT_LR, MIN_IMPROVEMENT, SCHEDULES, TrainConfig
 from bptt.training import distributed
 from bptt.training.divergence import TrainingDiverged
-from bptt.training.run_dir import EPOCHS_DIR, RUN_FILES, STATE_DIR
+from bptt.training.run_dir import EPOCHS_DIR, ROLLBACK_DIR, RUN_FILES, STATE_DIR
 from bptt.training.trainer import Trainer
 
 EXAMPLES = """examples:
@@ -254,6 +254,7 @@ def check_train_directory(args: argparse.Namespace) -> None:
     config_from_args(args)
     for name in RUN_FILES:
         _unlink(directory / name)
+    _delete_files_and_dir(directory / STATE_DIR / ROLLBACK_DIR)  # a stopped run's rollback target
     _delete_files_and_dir(directory / STATE_DIR)
     epochs = directory / EPOCHS_DIR  # DIR/epochs/epoch-N of train --keep-epochs: each a model directory
     if epochs.is_dir():

@@ -14,6 +14,8 @@ killed at any instant leaves DIR and DIR/checkpoint loadable.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from bptt.storage.saved_model import VOCAB_FILE, VOCAB_SHA_KEY, WEIGHTS_FILE, fi
 STATE_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 EPOCHS_DIR = "epochs"
+ROLLBACK_DIR = "rollback"  # DIR/checkpoint/rollback: a stopped run's rollback target (Trainer._checkpoint)
 # what `bptt train --model DIR` writes directly in DIR (besides STATE_DIR/ and EPOCHS_DIR/)
 RUN_FILES = (WEIGHTS_FILE, "config.json", VOCAB_FILE, METRICS_FILE)
 
@@ -68,6 +71,30 @@ class RunDirectory:
 
     def write_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         save_checkpoint(self.state_dir, tensors, state, transposed=True)  # U as stored: no copy
+
+    @property
+    def rollback_dir(self) -> Path:
+        return self.state_dir / ROLLBACK_DIR
+
+    def write_rollback_target(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """The state a rollback returns to, when a stop's save is not it (Trainer._checkpoint(stop=True))."""
+        save_checkpoint(self.rollback_dir, tensors, state, transposed=True)
+
+    def read_rollback_target(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        if not self.rollback_dir.is_dir():
+            return None
+        refuse_pickle_files(self.rollback_dir)
+        return load_checkpoint(self.rollback_dir)
+
+    def drop_rollback_target(self) -> None:
+        """Remove DIR/checkpoint/rollback (a regular checkpoint is the rollback target again)."""
+        directory = self.rollback_dir
+        if directory.is_dir() and not directory.is_symlink():
+            for path in directory.iterdir():
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
     def write_metrics(self, records: list[dict]) -> None:
         text = "".join(json.dumps(r) + "\n" for r in records)

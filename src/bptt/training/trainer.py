@@ -94,6 +94,9 @@ def perplexity(bits: float) -> float:
     return perplexity_of(bits * math.log(2))
 
 
+ROLLBACK_FOR = "rollback_target_for_step"  # in a stop's rollback target: the step of the state it goes with
+
+
 class Trainer:
     """One training run: model, optimizer, schedule, step and data position; saves and resumes.
 
@@ -386,7 +389,7 @@ class Trainer:
                     if self._stop_requested() is not None or at_max:
                         bar.close()
                         self.epoch_seconds += time.perf_counter() - t0
-                        if not self._checkpoint():
+                        if not self._checkpoint(stop=True):
                             rolled_back = True
                             break
                         return self._result(started, finished=False)
@@ -409,7 +412,7 @@ class Trainer:
                     self._rollback("non-finite weights or optimizer state", self.global_step)
                     continue
                 if self._agree_stop() is not None:  # stop before the (possibly long) validation
-                    self.save_state()
+                    self._checkpoint(stop=True)  # the state is finite: checked just above
                     return self._result(started, finished=False)
                 self._end_epoch()
                 self.save_state()
@@ -483,13 +486,25 @@ class Trainer:
 
     # -- divergence (the policy: training/divergence.py) ----------------------------------------------
 
-    def _checkpoint(self) -> bool:
-        """save_state; but if the state holds NaN or Inf, roll back instead and return False."""
+    def _checkpoint(self, stop: bool = False) -> bool:
+        """save_state; but if the state holds NaN or Inf, roll back instead and return False.
+
+        stop: the save of a run that stops here (--max-steps, a signal) and will be resumed. The state a
+        rollback returns to stays the last regular checkpoint's, as in a run that does not stop: it is
+        written beside the state (DIR/checkpoint/rollback, for this step) and a resumed run takes it back."""
         self._average()
         tensors, state = self._state()
         if not self._all_finite(tensors):
             self._rollback("non-finite weights or optimizer state", self.global_step)
             return False
+        if stop:
+            target = self._snapshot
+            if target is not None and target[1]["global_step"] != self.global_step:
+                joined = self._joined(target[0])  # before _write_state, which reuses the snapshot's tensors
+                if self.dist.is_main:
+                    self.run_dir.write_rollback_target(joined, {**target[1], ROLLBACK_FOR: self.global_step})
+            self._write_state(tensors, state, keep_rollback_target=True)
+            return True
         self._write_state(tensors, state)
         self.rollbacks.good_checkpoint()
         return True
@@ -574,12 +589,16 @@ class Trainer:
                 copy[k] = t.to("cpu", copy=True)
         return copy, json.loads(json.dumps(state))
 
-    def _write_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        """Rank 0 writes the state of all ranks (the carried state joined); every rank keeps its own copy."""
+    def _write_state(self, tensors: dict[str, torch.Tensor], state: dict, keep_rollback_target: bool = False) -> None:
+        """Rank 0 writes the state of all ranks (the carried state joined); every rank keeps its own copy,
+        the state a rollback returns to (a stop's save leaves it as it was: see _checkpoint)."""
         joined = self._joined(tensors)
         if self.dist.is_main:
             self.run_dir.write_state(joined, state)
-        self._snapshot = self._copy_state(tensors, state, into=self._snapshot)
+            if not keep_rollback_target:
+                self.run_dir.drop_rollback_target()  # after the state: a kill between leaves it for another step
+        if not (keep_rollback_target and self._snapshot is not None):
+            self._snapshot = self._copy_state(tensors, state, into=self._snapshot)
         written = (len(self.history), len(self.events))
         if written != self._metrics_written:  # after the checkpoint: never ahead of it
             if self.dist.is_main:
@@ -658,6 +677,14 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CheckpointError(f"{where}: the training state does not fit this run: {str(e)[:200]}") from None
         trainer._snapshot = (tensors, state)
+        target = run_dir.read_rollback_target()  # a stop's: the state a rollback returns to, for this step only
+        if target is not None and target[1].get(ROLLBACK_FOR) == state["global_step"]:
+            try:
+                target_state = {k: v for k, v in target[1].items() if k != ROLLBACK_FOR}
+                trainer._snapshot = (trainer._own_columns(target[0]), target_state)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{run_dir.state_dir}: the rollback target does not fit this run: "
+                                      f"{str(e)[:200]}") from None
         return trainer
 
     def extend(self, epochs: int | None = None, min_improvement: float | None = None) -> None:
