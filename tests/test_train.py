@@ -11,7 +11,7 @@ from bptt.storage.checkpoint import load_checkpoint
 from bptt.cli import main
 from bptt.storage.saved_model import load_model
 from bptt.training.trainer import STATE_DIR, Trainer, TrainConfig, train
-from conftest import write_corpus
+from conftest import one_error_line, write_corpus
 
 
 @pytest.fixture
@@ -198,6 +198,22 @@ def test_a_kill_between_the_best_model_and_the_epochs_state_changes_nothing(tmp_
     b, sb = load_checkpoint(tmp_path / "cut" / STATE_DIR)
     assert all(torch.equal(a[k], b[k]) for k in a) and sa["history"][-1]["valid_entropy_bits"] == sb["history"][-1][
         "valid_entropy_bits"]
+
+
+@pytest.mark.parametrize("extra", [["--lr", "100"], ["--hidden", "99"], ["--cell", "lstm"], ["--optimizer", "sgd"],
+                                   ["--seed", "3"], ["--batch", "2"], ["--force"]])
+def test_resume_refuses_the_options_it_would_ignore(corpus, tmp_path, capsys, extra):
+    """--resume DIR keeps the run's model, data and optimizer: another value is refused in one line naming
+    the option (exit 2), not silently ignored; the options a resumed run takes still work."""
+    base = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / "m"), "--hidden", "8",
+            "--batch", "4", "--bptt", "5", "--quiet"]
+    assert main([*base, "--max-steps", "3"]) == 0
+    before = (tmp_path / "m" / STATE_DIR / "model.safetensors").read_bytes()
+    assert main(["train", "--resume", str(tmp_path / "m"), *extra, "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, extra[0])
+    assert (tmp_path / "m" / STATE_DIR / "model.safetensors").read_bytes() == before
+    assert main(["train", "--resume", str(tmp_path / "m"), "--max-steps", "4", "--clip", "0.5", "--epochs", "3",
+                 "--checkpoint-every", "2", "--quiet"]) == 0
 
 
 def test_weight_decay_option_shrinks_the_matrices(corpus, tmp_path, capsys):

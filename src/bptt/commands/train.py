@@ -315,9 +315,34 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+# what --resume DIR takes besides DIR: the options that change a run from where it stands (Trainer.ADJUSTABLE,
+# --epochs, --min-improvement), and those of this process (a stop, the output, torchrun's group)
+RESUME_OPTIONS = {"resume", "epochs", "min_improvement", "max_steps", "quiet", "backend", "dist_timeout",
+                  *Trainer.ADJUSTABLE}
+
+
+def _refuse_fixed_options(args: argparse.Namespace) -> None:
+    """With --resume, an option the run keeps as it was started (the model, the data, the optimizer, ...)
+    is refused in one line instead of being silently ignored."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    for action in parser._actions:
+        name = action.dest
+        if name in RESUME_OPTIONS or name == "help" or not hasattr(args, name):
+            continue
+        if getattr(args, name) != action.default:
+            option = max(action.option_strings, key=len)
+            if name == "force":
+                raise ValueError("--force: not with --resume (it deletes a run to start a new one)")
+            raise ValueError(f"{option}: a resumed run keeps the value it was started with; with --resume only "
+                             + ", ".join(sorted(f"--{o.replace('_', '-')}" for o in RESUME_OPTIONS - {"resume"}))
+                             + " can be given")
+
+
 def _train(args: argparse.Namespace) -> int:
     dist_options = {"backend": args.backend, "dist_timeout": args.dist_timeout}
     if args.resume:
+        _refuse_fixed_options(args)
         trainer = Trainer.resume(args.resume, progress=not args.quiet, **dist_options)
         changes = {name: getattr(args, name) for name in Trainer.ADJUSTABLE if getattr(args, name) is not None}
         if changes:
