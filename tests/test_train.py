@@ -216,6 +216,19 @@ def test_resume_refuses_the_options_it_would_ignore(corpus, tmp_path, capsys, ex
                  "--checkpoint-every", "2", "--quiet"]) == 0
 
 
+def test_the_closing_line_names_a_model_only_once_there_is_one(corpus, tmp_path, capsys):
+    """Stopped before the first epoch's end, DIR holds no model yet: the last line says so instead of
+    pointing at one; after an epoch it names DIR."""
+    base = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / "m"), "--hidden", "8",
+            "--batch", "4", "--bptt", "5", "--quiet"]
+    assert main([*base, "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "no model yet" in out and not (tmp_path / "m" / "model.safetensors").exists()
+    assert main(["train", "--resume", str(tmp_path / "m"), "--epochs", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"model in {tmp_path / 'm'}" in out and (tmp_path / "m" / "model.safetensors").exists()
+
+
 def test_weight_decay_option_shrinks_the_matrices(corpus, tmp_path, capsys):
     """--weight-decay reaches the optimizer (decoupled: the weight matrices end smaller, biases are
     not decayed more than by the gradient) and is recorded in the saved training config."""

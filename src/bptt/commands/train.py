@@ -377,8 +377,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     best = result.best_valid
     status = "finished" if result.finished else f"stopped at step {trainer.global_step} (--resume {trainer.out})"
+    where = (f"model in {trainer.out}" if trainer.history else
+             "no model yet: the first epoch has not ended (the training state is in the checkpoint)")
     print(
         f"{status}: best valid perplexity {best.perplexity:.2f} ({best.entropy_bits:.4f} bits/token), "
-        f"{result.seconds:.1f} s; model in {trainer.out}"
+        f"{result.seconds:.1f} s; {where}"
     )
     return 0

@@ -535,7 +535,8 @@ class Trainer:
             raise TrainingDiverged(
                 f"training diverged: {MAX_ROLLBACKS} rollbacks in a row without a good checkpoint in between "
                 f"(the last: {reason} at step {fault_step}); the last good state (step {self.global_step}) "
-                f"is in {state_dir} and the best model in {self.out}; bptt train --resume {self.out} "
+                f"is in {state_dir}" + (f" and the best model in {self.out}" if self.history else "")
+                + f"; bptt train --resume {self.out} "
                 f"retries at lr {lr:.3g}"
             )
 
