@@ -3,7 +3,9 @@
 Generates train/valid/test corpora from bptt.grammar (sentences `a_k w..w z_k`: the closing word must
 match the opening word up to 9 steps back), trains an Elman model with full BPTT (every error goes
 back at least as far as the longest sentence), and prints its test perplexity next to the true
-perplexity (the bound no model can beat) and the memoryless bound (a model that forgets the opening
+perplexity (the bound no model can beat in expectation: a finite test set can fall a little below it by
+chance, so the optimal predictor's perplexity on the same test set is printed too) and the memoryless bound
+(a model that forgets the opening
 word), the learning curve, sampled sentences, and the same model trained with truncation 0
 (--bptt 1: each error reaches only its own step, no gradient through the recurrent weights in time).
 The two are compared on the closing words, the long-range part. 10–20 s on 2 CPU cores.
@@ -205,7 +207,7 @@ def _demo(directory: Path, settings: Settings, seed: int, quick: bool, keep: boo
     print()
     print("sampled sentences (full BPTT model)")
     for sentence in full.samples[:5]:
-        print(f"  {'ok ' if grammar.is_valid(sentence) else 'BAD'}  {' '.join(sentence)} <eos>")
+        print(f"  {'ok ' if grammar.is_valid(sentence) else 'BAD'}  {' '.join([*sentence, '<eos>'])}")
     for run_ in (full, trunc):
         label = "full BPTT" if run_ is full else "truncation 0"
         print(f"  {label}: {run_.valid_samples} of {len(run_.samples)} sampled sentences are grammatical")
