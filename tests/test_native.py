@@ -246,3 +246,57 @@ def test_the_triton_sweeps_equal_the_eager_ones(triton_ready, name, dtype, T, B,
     for key, value in got.items():
         torch.testing.assert_close(value, steps[key], **tol)
     torch.testing.assert_close(delta, delta_want, **tol)
+
+
+def _cache_copy(tmp_path, name: str):
+    """A copy of the built cache of `name`'s kernels in tmp_path (BPTT_NATIVE_DIR) -> (root, its module dir)."""
+    import shutil
+
+    compiled_or_skip(name, f"the {name} cell's")
+    built = [d for d in native._build_dir().glob(f"bptt_{name}_cpu_*") if any(d.glob("*.so"))]
+    module_dir = max(built, key=lambda d: max(p.stat().st_mtime for p in d.glob("*.so")))
+    copy = tmp_path / "cache" / f"torch-{torch.__version__}" / module_dir.name
+    shutil.copytree(module_dir, copy)
+    return tmp_path / "cache", copy
+
+
+_LOAD = "from bptt.engine import native; import sys; sys.exit(0 if native.kernels(sys.argv[1]) is not None else 3)"
+
+
+def _load_in_a_process(root, name: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BPTT_NATIVE_DIR": str(root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _LOAD, name], env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_run(tmp_path):
+    """torch's build lock (DIR/lock) left behind by a builder killed mid-build: the next process finds no
+    bptt builder holding the build lock, removes it and loads the kernels (before: waited on it forever)."""
+    root, module_dir = _cache_copy(tmp_path, "lstm")
+    (module_dir / "lock").touch()
+    done = _load_in_a_process(root, "lstm")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (module_dir / "lock").exists()
+
+
+def test_a_truncated_library_is_built_again_not_loaded(tmp_path):
+    """A cached .so cut short (a copy or a link interrupted): loaded, it would crash the process with SIGBUS
+    (ninja sees it up to date); it is relinked, and the kernels load."""
+    root, module_dir = _cache_copy(tmp_path, "lstm")
+    (library,) = module_dir.glob("*.so")
+    size = library.stat().st_size
+    with library.open("r+b") as f:
+        f.truncate(size // 2)
+    assert not native._complete_library(library)
+    done = _load_in_a_process(root, "lstm")
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "incomplete" in done.stderr and native._complete_library(library) and library.stat().st_size == size
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("false", False), (" OFF ", False), ("no", False), ("1", True),
+                                       ("yes", True)])
+def test_the_usual_spellings_of_off_turn_the_kernels_off(monkeypatch, value, on):
+    monkeypatch.setenv("BPTT_NATIVE", value)
+    assert native.enabled("cpu") is on and native.enabled("cuda") is on
+    monkeypatch.delenv("BPTT_NATIVE")
+    monkeypatch.setenv("BPTT_NATIVE_CPU", value)
+    assert native.enabled("cpu") is on and native.enabled("cuda")

@@ -28,6 +28,7 @@ import importlib
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -69,9 +70,64 @@ def describe(name: str, device: str = "cpu") -> str:
     return "compiled (C++, " + isa + (", OpenMP)" if "-fopenmp" in flags else ")")
 
 
+BUILD_WAIT = 300.0  # seconds a process waits for another one building the same kernels before using the eager code
+_OFF = ("0", "false", "off", "no")  # BPTT_NATIVE / BPTT_NATIVE_CPU values that turn the kernels off
+
+
+def _off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in _OFF
+
+
 def _build_dir() -> Path:
     root = os.environ.get("BPTT_NATIVE_DIR") or os.path.join(Path.home(), ".cache", "bptt", "native")
-    return Path(root) / f"torch-{torch.__version__}"
+    return Path(os.path.expanduser(root)) / f"torch-{torch.__version__}"
+
+
+@contextlib.contextmanager
+def _building(directory: Path):
+    """Hold DIR/.bptt-build.lock (flock: the kernel releases it when its holder dies) while building in DIR,
+    so that at most one bptt process builds there and torch's own lock file (DIR/lock, which a builder killed
+    mid-build leaves behind, and on which every later build would wait forever) can be removed as stale.
+    Yields False when another process held it for BUILD_WAIT seconds (the caller then uses the eager code)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: torch's lock alone
+        yield True
+        return
+    with open(directory / ".bptt-build.lock", "a") as handle:
+        deadline = time.monotonic() + BUILD_WAIT
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.2)
+        try:
+            (directory / "lock").unlink(missing_ok=True)  # torch's: no bptt builder holds it now, so it is stale
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _complete_library(path: Path) -> bool:
+    """Whether a built .so is whole: for a 64-bit little-endian ELF file, its section headers (at the end) lie
+    within the file. A truncated one would be loaded (ninja sees it up to date) and crash the process with
+    SIGBUS when its missing pages are touched. Other formats are taken as they are."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+        return head[:4] != b"\x7fELF"  # an ELF file too short for its header is broken; not ELF: unchecked
+    shoff = int.from_bytes(head[0x28:0x30], "little")
+    shentsize = int.from_bytes(head[0x3A:0x3C], "little")
+    shnum = int.from_bytes(head[0x3C:0x3E], "little")
+    return shoff + shentsize * shnum <= size
 
 
 def _build(name: str) -> ModuleType | None:
@@ -89,8 +145,18 @@ def _build(name: str) -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         directory.mkdir(parents=True, exist_ok=True)
-        return load(name=module_name, sources=[str(source)], extra_cflags=flags, extra_include_paths=[str(_HERE)],
-                    build_directory=str(directory), verbose=False)
+        with _building(directory) as building:
+            if not building:
+                print(f"bptt: another process has been building {owner} CPU kernels in {directory} for "
+                      f"{BUILD_WAIT:.0f} s; using the eager code", file=sys.stderr, flush=True)
+                return None
+            for library in directory.glob(f"{module_name}*.so"):
+                if not _complete_library(library):  # ninja relinks it (or rebuilds)
+                    print(f"bptt: {library} is incomplete (a build cut short); building it again", file=sys.stderr,
+                          flush=True)
+                    library.unlink()
+            return load(name=module_name, sources=[str(source)], extra_cflags=flags,
+                        extra_include_paths=[str(_HERE)], build_directory=str(directory), verbose=False)
     except Exception as e:  # noqa: BLE001 — no compiler, no ninja, a failed build: the eager code runs
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         print(f"bptt: {owner} CPU kernels could not be built ({reason[:200]}); using the eager code",
@@ -102,9 +168,9 @@ def enabled(device: str = "cpu") -> bool:
     """Whether compiled sweeps may run on this kind of device: not within `eager()`, not with BPTT_NATIVE=0
     (all of them off) and, for the CPU, not with BPTT_NATIVE_CPU=0 (the C++ build skipped, the GPU's
     Triton kernels kept: benchmarks/gpu_check.sh, where the build would cost device time)."""
-    if not _enabled or os.environ.get("BPTT_NATIVE", "1") == "0":
+    if not _enabled or _off("BPTT_NATIVE"):
         return False
-    return device != "cpu" or os.environ.get("BPTT_NATIVE_CPU", "1") != "0"
+    return device != "cpu" or not _off("BPTT_NATIVE_CPU")
 
 
 def kernels(name: str) -> ModuleType | None:
