@@ -192,6 +192,25 @@ def test_one_process_with_a_backend_runs_its_collectives_and_the_same_run(corpus
     assert_same_state(tmp_path / "one", tmp_path / "group", 0.0)
 
 
+def test_a_slow_checkpoint_write_is_not_a_lost_rank(corpus, tmp_path):
+    """Rank 0 writing a checkpoint for longer than --dist-timeout (a large model, a slow disk): the others wait
+    for it on the patient group, not in the next step's all-reduce, and the run goes on."""
+    import time as clock
+
+    def job(rank):
+        trainer = Trainer(config(corpus, tmp_path / "two", hidden_size=8, batch=5, bptt=4, checkpoint_every=3),
+                          dist_timeout=1.0)
+        if rank == 0:
+            write = trainer.run_dir.write_state
+
+            def slow(*args, **kwargs):
+                clock.sleep(2.5)
+                return write(*args, **kwargs)
+            trainer.run_dir.write_state = slow
+        return trainer, trainer.run(max_steps=4)
+    assert [r["step"] for r in run_ranks(2, job, tmp_path / "out")] == [4, 4]
+
+
 def test_a_checkpoint_does_not_depend_on_the_number_of_ranks(corpus, tmp_path):
     """Stopped with 2 ranks and resumed with 1, or stopped with 1 and resumed with 2: the weights of the
     uninterrupted run (the carried state and BPTT history are gathered on save and split on resume)."""

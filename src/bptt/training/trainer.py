@@ -605,6 +605,9 @@ class Trainer:
             if self.dist.is_main:
                 self.run_dir.write_metrics(self._metrics())
             self._metrics_written = written
+        # the other ranks wait for rank 0's writes here, on the patient group, not in the next step's
+        # all-reduce, where --dist-timeout would count a large checkpoint on a slow disk as a lost rank
+        self.dist.barrier()
 
     def _metrics(self) -> list[dict]:
         """The epoch records with the rollback events of each epoch before it, in order."""
