@@ -158,3 +158,32 @@ def test_bad_model_options_give_one_line_and_exit_2(argv, option, capsys):
     assert main(["gradcheck", *argv]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and option in err and "Traceback" not in err
+
+
+def test_a_nan_in_any_check_fails_it():
+    """A NaN gradient or reference is an error of NaN, never 0: relative_error returns NaN and the worst of
+    several blocks keeps it (Python's max(0.0, nan) is 0.0)."""
+    from bptt.verify import relative_error, worse
+
+    nan = torch.tensor([float("nan"), 0.0, 0.0])
+    assert relative_error(torch.zeros(3), nan) != relative_error(torch.zeros(3), nan)  # NaN
+    assert relative_error(nan, torch.zeros(3)) != relative_error(nan, torch.zeros(3))
+    assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert worse(0.0, float("nan")) != worse(0.0, float("nan")) and worse(float("nan"), 1.0) != worse(float("nan"), 1.0)
+    assert worse(1e-9, 1e-12) == 1e-9 and worse(1e-12, 1e-9) == 1e-9
+
+
+def test_a_nan_in_the_bptt_k1_k2_gradient_fails_the_command(monkeypatch, capsys):
+    """The BPTT(k1, k2) check over several windows: one window's NaN gradient makes gradcheck exit 1."""
+    from bptt.engine.tbptt import TruncatedBPTT
+
+    real = TruncatedBPTT.step
+
+    def step(self, *args, **kwargs):
+        loss, grads = real(self, *args, **kwargs)
+        grads["W"][(0,) * grads["W"].dim()] = float("nan")
+        return loss, grads
+
+    monkeypatch.setattr(TruncatedBPTT, "step", step)
+    assert main(["gradcheck", "--cell", "gru", *SMALL, "--bias", "on"]) == 1
+    assert re.search(r"FAILED: \d+ of \d+ checks over threshold", capsys.readouterr().out)

@@ -185,3 +185,71 @@ def test_matrix_rows_are_aligned_in_the_flat_buffer(dtype, width, stride):
     assert not flat.storage("A")[:, width:].any() and not flat.storage("B")[:, width:].any()
     grads = flat.like()
     assert grads["A"].stride() == A.stride() and grads["B"].stride() == B.stride()
+
+
+def test_a_one_layer_elman_config_with_dropout_keeps_it(tmp_path):
+    """build_model gives an ElmanLM only for what ElmanLM represents: a one-layer Elman config with dropout is
+    an RNNLM with its dropout (before: an ElmanLM without it, silently, `bptt train --dropout` too)."""
+    import bptt
+    from bptt.cli import main
+    from bptt.model import ModelConfig, build_model
+    from bptt.storage.saved_model import load_model
+    from conftest import write_corpus
+
+    plain = build_model(ModelConfig(vocab_size=10, hidden_size=4), seed=0)
+    assert isinstance(plain, ElmanLM) and not plain.net.dropout_sites()
+    for options in (dict(dropout=0.5), dict(dropout=0.3, variational=True), dict(dropout_embedding=0.2)):
+        config = ModelConfig(vocab_size=10, hidden_size=4, **options)
+        model = build_model(config, seed=0)
+        assert isinstance(model, bptt.RNNLM) and model.config == config and model.net.dropout_sites(), options
+        with pytest.raises(ValueError, match="RNNLM"):
+            ElmanLM.from_config(config)
+    corpus = write_corpus(tmp_path / "t.txt", 40, 0)
+    assert main(["train", "--train", corpus, "--valid", corpus, "--model", str(tmp_path / "m"), "--hidden", "6",
+                 "--batch", "2", "--bptt", "4", "--epochs", "1", "--dropout", "0.5", "--quiet"]) == 0
+    model, _, extra = load_model(tmp_path / "m")
+    assert model.config.dropout == 0.5 and extra["training"]["model_config"]["dropout"] == 0.5
+
+
+@pytest.mark.parametrize("kwargs, needle", [(dict(output="class", classes=0), "classes"), (dict(seed=1.7), "seed"),
+                                            (dict(seed=-1), "seed")])
+def test_elman_lm_refuses_what_it_would_rewrite(kwargs, needle):
+    """classes=0 is refused (not read as 100); the seed is checked as RNNLM checks it."""
+    with pytest.raises(ValueError, match=needle):
+        ElmanLM(10, 4, **kwargs)
+
+
+def test_register_cell_refuses_what_is_not_a_cell_class():
+    from bptt import register_cell
+
+    class Named:
+        name = "named-only"
+
+    with pytest.raises(ValueError, match="cell class"):
+        register_cell(Named())
+    with pytest.raises(ValueError, match="lacks .*param_shapes"):
+        register_cell(Named)
+
+
+def test_a_stream_checks_its_blocks_before_its_state_moves():
+    """bptt.engine.Stream: a block of the wrong width, ids outside the vocabulary, 1-D or float ids, targets of
+    another shape, a batch of 0 streams: a ValueError naming the argument, the carried state unchanged."""
+    import bptt
+    from bptt.engine import Stream
+
+    stream = Stream(bptt.RNNLM(10, 4, cell="gru", seed=0), batch_size=2)
+    stream.log_probs(torch.ones(3, 2, dtype=torch.long))
+    before = [t.clone() for t in stream.state.tensors().values()]
+    ids = torch.zeros(5, 2, dtype=torch.long)
+    for call, needle in [(lambda: stream.log_probs(torch.zeros(5, 3, dtype=torch.long)), "inputs has 3 streams"),
+                         (lambda: stream.log_probs(torch.full((5, 2), 10)), "word id 10"),
+                         (lambda: stream.log_probs(torch.full((5, 2), -1)), "word id -1"),
+                         (lambda: stream.log_probs(torch.zeros(5, dtype=torch.long)), "inputs must be"),
+                         (lambda: stream.log_probs(torch.zeros(5, 2)), "inputs must be"),
+                         (lambda: stream.nll(ids, ids[:4]), "same shape"),
+                         (lambda: stream.loss_and_grads(ids, torch.full((5, 2), 12)), "targets holds word id 12")]:
+        with pytest.raises(ValueError, match=needle):
+            call()
+        assert all(torch.equal(a, b) for a, b in zip(before, stream.state.tensors().values()))
+    with pytest.raises(ValueError, match="batch_size"):
+        Stream(bptt.RNNLM(10, 4, seed=0), batch_size=0)

@@ -394,6 +394,7 @@ def bench_config(
     return {
         "config": str(config),
         **{key: getattr(config, key) for key in CONFIG_KEYS},
+        "out": config.out, "C": min(config.C, config.V) if config.out == "class" else None, "direct": config.direct,
         "tokens_per_step": config.tokens_per_step,
         "bptt_tokens_per_s": bptt.tokens_per_s,
         "peer_tokens_per_s": peer.tokens_per_s,

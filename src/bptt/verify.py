@@ -23,6 +23,8 @@ Relative error of a gradient G against a reference R: max|G − R| / max(max|G|,
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -50,10 +52,18 @@ def combinations() -> list[tuple[str, str, str]]:
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|got − ref| / max(max|got|, max|ref|); 0 when both are all zeros."""
+    """max|got − ref| / max(max|got|, max|ref|); 0 when both are all zeros; NaN when either holds a NaN (a
+    check must fail then: Python's max() would drop a NaN beside a number)."""
     got, ref = got.double(), ref.double()
+    if bool(torch.isnan(got).any()) or bool(torch.isnan(ref).any()):
+        return math.nan
     scale = max(float(got.abs().max()), float(ref.abs().max()))
     return 0.0 if scale == 0.0 else float((got - ref).abs().max()) / scale
+
+
+def worse(a: float, b: float) -> float:
+    """The worse of two errors, a NaN being the worst."""
+    return b if math.isnan(b) or b > a else a
 
 
 def finite_differences(params: dict[str, torch.Tensor], loss, eps: float = 1e-6) -> dict[str, torch.Tensor]:
@@ -335,5 +345,5 @@ def _check_blocks(model: LanguageModel, model64: LanguageModel, inputs: torch.Te
         ref = stack_autograd_loss_and_grads(model64.params, net.cells[0].name, inputs[first:end], targets[first:end],
                                             state, masks=window, loss_from=start - first, **oracle)[1]
         for name in worst:
-            worst[name] = max(worst[name], relative_error(grads[name], ref[name]))
+            worst[name] = worse(worst[name], relative_error(grads[name], ref[name]))
     return worst

@@ -25,6 +25,7 @@ import torch
 
 from bptt.engine.dropout import Masks
 from bptt.engine.network import NetCache, State
+from bptt.checks import positive_int
 from bptt.engine.sweep import loss_and_grads
 
 Tensor = torch.Tensor
@@ -53,7 +54,28 @@ class Stream:
         self.model = model
         self.net, self.params = model.net, model.params
         self.in_place = in_place
+        if state is None:
+            positive_int("batch_size", batch_size)
         self.state: State = state if state is not None else self._zero_state(batch_size)
+
+    def _check(self, inputs: Tensor, targets: Tensor | None = None) -> None:
+        """A ValueError naming the argument, before the state moves: not (T,B) integer ids of this stream's
+        B streams (and, on the CPU, where reading them costs no device sync, ids outside [0, V))."""
+        V, B = self.net.vocab_size, self.state.batch_size
+        for name, t in (("inputs", inputs), ("targets", targets)):
+            if t is None:
+                continue
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor of shape (T, B), got "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            if t.shape[1] != B:
+                raise ValueError(f"{name} has {t.shape[1]} streams, this stream {B}")
+            if t.device.type == "cpu" and t.numel():
+                low, high = int(t.min()), int(t.max())
+                if low < 0 or high >= V:
+                    raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {V})")
+        if targets is not None and targets.shape != inputs.shape:
+            raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
 
     def _zero_state(self, batch_size: int) -> State:
         state = self.net.initial_state(self.params, batch_size)
@@ -110,6 +132,7 @@ class Stream:
     @torch.no_grad()
     def log_probs(self, inputs: Tensor) -> Tensor:
         """inputs (T,B) -> log P(w | history) (T,B,V) in nats, exactly normalized over the vocabulary."""
+        self._check(inputs)
         H, features = self.forward(inputs)
         T, B, m = H.shape
         return self.net.log_probs(self.params, H.view(T * B, m), features).view(T, B, -1)
@@ -119,6 +142,7 @@ class Stream:
         """inputs, targets (T,B) -> −Σ ln P(target) over the block (0-d, nats): the output layer's own
         loss where it is exactly that (forward_is_nll: full softmax with cross-entropy, class, hsm),
         else from its exactly normalized log_probs."""
+        self._check(inputs, targets)
         H, features = self.forward(inputs)
         T, B, m = H.shape
         output, flat, y = self.net.output, H.view(T * B, m), targets.reshape(-1)
@@ -132,6 +156,7 @@ class Stream:
                        **options) -> tuple[Tensor, dict[str, Tensor]]:
         """One BPTT sweep over the block from the carried state (a constant: no gradient flows into
         it) -> (loss, grads); the state moves past the block. options: those of sweep.loss_and_grads."""
+        self._check(inputs, targets)
         loss, grads, state = loss_and_grads(self.net, self.params, inputs, targets, self.state, grads=grads,
                                             **options)
         self.carry(state)

@@ -18,7 +18,7 @@ def build_model(config: ModelConfig, *, word_counts: Any = None, seed: int = 0,
                 device: str | torch.device = "cpu") -> LanguageModel:
     """The model of a configuration: an ElmanLM (the seed's API) for one Elman layer reading words directly,
     else an RNNLM (bptt.RNNLM: loss_and_grads, log_probs with an explicit State)."""
-    if config.cell == "elman" and config.layers == 1 and config.embedding == 0:
+    if ElmanLM.represents(config):
         return ElmanLM.from_config(config, word_counts=word_counts, seed=seed, device=device)
     return RNNLM.from_config(config, word_counts=word_counts, seed=seed, device=device)
 

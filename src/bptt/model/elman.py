@@ -12,6 +12,8 @@ written-out backward functions of the engine.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import torch
@@ -80,22 +82,37 @@ class ElmanLM(LanguageModel):
     ):
         checks.positive_int("vocab_size", vocab_size)
         checks.positive_int("hidden_size", hidden_size)
+        checks.integer("seed", seed, 0, (1 << 64) - 1)
         config = ModelConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, cell="elman", layers=1, hidden_activation=hidden_activation,
-            output=output, output_activation=output_activation, loss=loss, classes=classes or 100,
+            output=output, output_activation=output_activation, loss=loss, classes=100 if classes is None else classes,
             class_binning=class_binning, bias=bias,
             direct=int(direct), direct_order=int(direct_order), tied=tied, dtype=dtype_name(dtype),
             init_range=init_range,
         )
         super().__init__(config, word_counts=word_counts, seed=seed, device=device)
-        self.classes = (classes or 100) if output == "class" else classes  # as asked; layers may use fewer
+        self.classes = (100 if classes is None else classes) if output == "class" else classes  # as asked
+
+    # what a ModelConfig may hold that ElmanLM has no argument for: these must keep their defaults
+    NOT_REPRESENTED = ("forget_bias", "dropout", "dropout_embedding", "variational")
+
+    @staticmethod
+    def represents(config: ModelConfig) -> bool:
+        """Whether `config` is a model ElmanLM builds as it is: one Elman layer reading U x^t (no embedding),
+        no dropout (bptt.RNNLM builds the others, Elman ones included)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        return (config.cell == "elman" and config.layers == 1 and config.embedding == 0
+                and all(getattr(config, name) == defaults[name] for name in ElmanLM.NOT_REPRESENTED))
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, word_counts: Any = None, seed: int = 0,
                     device: str | torch.device = "cpu") -> ElmanLM:
-        """The ElmanLM of a one-layer Elman ModelConfig (e.g. a saved model's)."""
-        if config.cell != "elman" or config.layers != 1:
-            raise ValueError(f"ElmanLM is one Elman layer, not cell={config.cell!r} layers={config.layers}")
+        """The ElmanLM of a one-layer Elman ModelConfig (e.g. a saved model's); ValueError for a config it
+        cannot represent (an embedding, dropout: bptt.build_model gives an RNNLM for those)."""
+        if not cls.represents(config):
+            raise ValueError(f"ElmanLM is one Elman layer reading words directly, without dropout; this config "
+                             f"(cell={config.cell!r} layers={config.layers} embedding={config.embedding} "
+                             f"dropout={config.dropout}) is an RNNLM's: use bptt.build_model or bptt.RNNLM")
         c = config
         model = cls(c.vocab_size, c.hidden_size, c.hidden_activation, c.output_activation, c.loss, c.bias, c.dtype,
                     seed, device, c.init_range, c.output, c.classes, word_counts, c.direct, c.direct_order, c.tied,

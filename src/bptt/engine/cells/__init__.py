@@ -137,9 +137,15 @@ CELLS: dict[str, type] = {"elman": ElmanCell, "lstm": LSTMCell, "gru": GRUCell}
 
 def register_cell(cls: type) -> type:
     """Add a cell class to CELLS under cls.name (a decorator); refuses a name already taken by another class."""
+    if not isinstance(cls, type):
+        raise ValueError(f"register_cell takes a cell class (the Cell protocol), not {cls!r}")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"a cell class needs a non-empty string attribute 'name', {cls!r} has {name!r}")
+    missing = [m for m in ("gates", "options", "cache_floats", "param_shapes", "initial_state", "forward",
+                           "backward", "state_at") if not hasattr(cls, m)]
+    if missing:
+        raise ValueError(f"the cell class {name!r} lacks {', '.join(missing)} of the Cell protocol (cells/__init__.py)")
     if CELLS.get(name, cls) is not cls:
         raise ValueError(f"a cell named {name!r} is registered already ({CELLS[name]!r})")
     CELLS[name] = cls
