@@ -253,3 +253,24 @@ def test_a_stream_checks_its_blocks_before_its_state_moves():
         assert all(torch.equal(a, b) for a, b in zip(before, stream.state.tensors().values()))
     with pytest.raises(ValueError, match="batch_size"):
         Stream(bptt.RNNLM(10, 4, seed=0), batch_size=0)
+
+
+@pytest.mark.parametrize("make", ["elman", "rnnlm"])
+def test_direct_context_ids_are_checked_like_inputs(make):
+    """The direct connections' history (direct_order−1, B): ids outside [0, V) or floats are refused with a
+    ValueError naming the context (before: 99 or -1 read hashed weights, 3.7 was read as 3)."""
+    import bptt
+    from bptt.engine.network import State
+
+    x = torch.zeros(4, 3, dtype=torch.long)
+    if make == "elman":
+        model = ElmanLM(10, 4, direct=100, seed=0)
+        call = lambda context: model.log_probs(x, context=context)  # noqa: E731
+    else:
+        model = bptt.RNNLM(10, 4, cell="gru", direct=100, seed=0)
+        call = lambda context: model.log_probs(x, State(model.zero_state(3).layers, context))  # noqa: E731
+    call(torch.zeros(2, 3, dtype=torch.long))
+    for context, needle in [(torch.full((2, 3), 99), "word id 99"), (torch.full((2, 3), -1), "word id -1"),
+                            (torch.full((2, 3), 3.7), "integer"), (torch.zeros(1, 3, dtype=torch.long), "shape")]:
+        with pytest.raises(ValueError, match=needle):
+            call(context)

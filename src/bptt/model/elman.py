@@ -136,13 +136,7 @@ class ElmanLM(LanguageModel):
     def _context(self, context: Any, batch_size: int) -> Tensor | None:
         if context is None or not self.direct:
             return None
-        context = torch.as_tensor(context, device=self.device).long()
-        if tuple(context.shape) != (self.direct_order - 1, batch_size):
-            raise ValueError(
-                f"context must have shape (direct_order-1, B) = ({self.direct_order - 1}, {batch_size}), "
-                f"got {tuple(context.shape)}"
-            )
-        return context
+        return self._context_ids(context, batch_size)
 
     def _state(self, h0: Tensor | None, batch_size: int, context: Any = None) -> State:
         return State(((self._h0(h0, batch_size),),), self._context(context, batch_size))

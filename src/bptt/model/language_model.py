@@ -119,6 +119,21 @@ class LanguageModel:
             raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
         return tokens.to(device=self.device, dtype=torch.long)
 
+    def _context_ids(self, value: Any, batch_size: int) -> Tensor:
+        """The direct connections' history (direct_order−1, B) of word ids, checked like inputs."""
+        order = self.net.direct_order
+        context = torch.as_tensor(value)
+        if context.is_floating_point() or context.dtype == torch.bool or context.is_complex():
+            raise ValueError(f"context must hold integer word ids, got {context.dtype}")
+        if tuple(context.shape) != (order - 1, batch_size):
+            raise ValueError(f"context must have shape (direct_order-1, B) = ({order - 1}, {batch_size}), "
+                             f"got {tuple(context.shape)}")
+        if context.numel():
+            low, high = int(context.min()), int(context.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"context holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
+        return context.to(device=self.device, dtype=torch.long)
+
     def _weights(self, mask: Tensor | None, shape: torch.Size) -> Tensor | None:
         if mask is None:
             return None

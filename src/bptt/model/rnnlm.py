@@ -116,10 +116,7 @@ class RNNLM(LanguageModel):
             layers.append(tuple(torch.as_tensor(t).to(device=self.device, dtype=self.dtype) for t in given))
         context = state.context
         if self.net.direct and context is not None:
-            context = torch.as_tensor(context).to(device=self.device, dtype=torch.long)
-            if tuple(context.shape) != (self.net.direct_order - 1, batch_size):
-                raise ValueError(f"state context must have shape (direct_order-1, B) = "
-                                 f"({self.net.direct_order - 1}, {batch_size}), got {tuple(context.shape)}")
+            context = self._context_ids(context, batch_size)
         return State(tuple(layers), context if self.net.direct else None)
 
     def _masks(self, masks: Any, T: int, B: int) -> Masks | None:
