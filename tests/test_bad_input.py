@@ -414,6 +414,16 @@ BAD_OPTIONS = [
     (["demo", "--epochs", "-1"], "--epochs"),
     (["frobnicate"], "frobnicate"),
     (["train", "--no-such-option"], "--no-such-option"),
+    # found by the CLI review of 2026-11-29: each was an internal error (exit 1) or named no option
+    (TRAIN + ["--cell", "lstm", "--forget-bias", "1e39"], "--forget-bias"),
+    (TRAIN + ["--init-range", "1e39"], "--init-range"),
+    (["bench", "--config", "V=" + "9" * 30 + ",m=2,B=1,T=1"], "--config"),
+    (["bench", "--config", "V=10,m=2,B=1,T=1,direct=" + "9" * 23], "--config"),
+    (["bench", "--config", "V=\u00b2,m=2,B=1,T=1"], "--config"),
+    (["bench", "--threads", str(2**62)], "--threads"),
+    (["gradcheck", "--batch", str(10**18)], "--batch"),
+    (["gradcheck", "--steps", str(10**18)], "--steps"),
+    (["diagnose", "--model", "{m}", "--text", "{t}", "--positions", str(2**62)], "--positions"),
 ]
 
 

@@ -241,6 +241,11 @@ def test_plot_malformed_line_names_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'metrics.jsonl'}:1:" in err and "'lr'" in err
     assert not (tmp_path / "curves.png").exists()
+    for junk in ("[" * 100_000 + "]" * 100_000, '{"epoch": ' + "1" * 5001 + "}"):  # too deep; too many digits
+        (tmp_path / "metrics.jsonl").write_text(json.dumps(METRICS[0]) + "\n" + junk + "\n")
+        assert main(["plot", "--model", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"{tmp_path / 'metrics.jsonl'}:2:" in err
 
 
 @pytest.mark.parametrize("key, value", [("train_entropy_bits", 1024.0), ("valid_entropy_bits", -1.0),

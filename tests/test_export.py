@@ -290,6 +290,15 @@ def test_export_command_refuses_bad_input_and_writes_nothing(lstm_dir, tmp_path,
     assert load_model(lstm_dir)  # the model directory is intact
     assert main(["train", "--resume", str(lstm_dir), "--epochs", "1", "--quiet"]) == 0  # and its state
     capsys.readouterr()
+    run = tmp_path / "run"  # a kept epoch exported over its own run's model
+    assert main(["train", "--train", write_corpus(tmp_path / "t.txt", 30, 0), "--valid", str(tmp_path / "t.txt"),
+                 "--model", str(run), "--cell", "gru", "--hidden", "4", "--batch", "2", "--bptt", "4", "--epochs", "1",
+                 "--keep-epochs", "--quiet"]) == 0
+    capsys.readouterr()
+    before = (run / "model.safetensors").read_bytes()
+    assert main(["export", "--model", str(run / "epochs" / "epoch-1"), "--out", str(run / "model.safetensors")]) == 2
+    one_error_line(capsys.readouterr().err, "--out", "run or model")
+    assert (run / "model.safetensors").read_bytes() == before
     beside = lstm_dir / "torch.safetensors"  # a new file beside the model is fine
     assert main(["export", "--model", str(lstm_dir), "--out", str(beside)]) == 0 and load_model(lstm_dir)
     beside.unlink()

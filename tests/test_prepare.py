@@ -691,3 +691,13 @@ def test_an_epoch_over_a_memory_map_does_not_keep_the_file_mapped(tmp_path, monk
         sentences.batch(i)
         if (i + 1) % every == 0:
             assert _mapped_kib(path) <= 64  # KiB
+
+
+def test_a_meta_without_max_vocab_means_no_limit(texts, tmp_path):
+    """meta.json's max_vocab is optional (an earlier or hand-made DATA): no limit, not a KeyError."""
+    out = tmp_path / "data"
+    prepare(out, texts["train"], texts["valid"], progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["max_vocab"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert load_prepared(out).max_vocab is None

@@ -229,6 +229,25 @@ def test_the_closing_line_names_a_model_only_once_there_is_one(corpus, tmp_path,
     assert f"model in {tmp_path / 'm'}" in out and (tmp_path / "m" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("key, value", [("epoch", "x"), ("global_step", None), ("lr", "fast"), ("done", 3),
+                                        ("epoch_nats", float("inf")), ("best_eval", [1]), ("history", {}),
+                                        ("training.train", 7), ("training.seed", None), ("training.clip", -1.0)])
+def test_an_edited_training_state_is_one_line_naming_the_file(corpus, tmp_path, capsys, key, value):
+    """A checkpoint's config.json edited by hand (a field of the wrong type or out of range): --resume says so
+    in one line naming the file (exit 2), not an internal error further on."""
+    base = ["train", "--train", corpus[0], "--valid", corpus[1], "--model", str(tmp_path / "m"), "--hidden", "8",
+            "--batch", "4", "--bptt", "5", "--quiet", "--max-steps", "3"]
+    assert main(base) == 0
+    capsys.readouterr()
+    path = tmp_path / "m" / STATE_DIR / "config.json"
+    state = json.loads(path.read_text())
+    where, _, name = key.rpartition(".")
+    (state[where] if where else state)[name] = value
+    path.write_text(json.dumps(state))
+    assert main(["train", "--resume", str(tmp_path / "m"), "--epochs", "2", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, str(path))
+
+
 def test_weight_decay_option_shrinks_the_matrices(corpus, tmp_path, capsys):
     """--weight-decay reaches the optimizer (decoupled: the weight matrices end smaller, biases are
     not decayed more than by the gradient) and is recorded in the saved training config."""

@@ -119,8 +119,8 @@ def parse_config(text: str) -> BenchConfig:
     parsed: dict[str, int | str] = {}
     for key in (*CONFIG_KEYS, "C", "direct"):
         value = values[key]
-        if not value.isdigit() or (int(value) < 1 and key != "direct"):
-            raise ValueError(f"--config {text!r}: {key} must be a positive integer, got {value!r}")
+        if not (value.isascii() and value.isdigit()) or len(value) > 10 or (int(value) < 1 and key != "direct"):
+            raise ValueError(f"--config {text!r}: {key} must be a positive integer (at most 10 digits), got {value!r}")
         parsed[key] = int(value)
     if values["out"] not in OUTPUT_LAYERS:
         raise ValueError(f"--config {text!r}: out must be one of {', '.join(OUTPUT_LAYERS)}, got {values['out']!r}")

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
         return 2
     except MemoryError:
-        print("error: out of memory: try a smaller --hidden, --batch or --bptt", file=sys.stderr)
+        print("error: out of memory" + (": try a smaller --hidden, --batch or --bptt" if command == "train" else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

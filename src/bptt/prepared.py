@@ -324,7 +324,7 @@ class PreparedData:
 
     @property
     def max_vocab(self) -> int | None:
-        return self.meta["max_vocab"]
+        return self.meta.get("max_vocab")  # absent: no limit
 
     @property
     def splits(self) -> tuple[str, ...]:

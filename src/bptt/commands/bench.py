@@ -87,7 +87,7 @@ def _check_options(args: argparse.Namespace) -> torch.device:
     checks.integer("--layers", args.layers, 1, 64)
     checks.non_negative_int("--warmup", args.warmup)
     if args.threads is not None:
-        checks.positive_int("--threads", args.threads)
+        checks.integer("--threads", args.threads, 1, 4096)
     device = checks.device(args.device)
     if args.graph and device.type != "cuda":
         raise ValueError("--graph needs --device cuda (CUDA graphs)")

@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     checks.positive_int("--lags", args.lags)
-    checks.positive_int("--positions", args.positions)
+    checks.integer("--positions", args.positions, 1, 100_000)  # each is a backward of --lags steps
+    checks.integer("--lags", args.lags, 1, 100_000)
     checks.non_negative_int("--warmup", args.warmup)
     if args.out is not None and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--out: plotting needs matplotlib (pip install 'bptt[plot]')")

@@ -19,8 +19,8 @@ from pathlib import Path
 from safetensors.torch import save as safetensors_bytes
 
 from bptt.files import atomic_write_all, temp_name_fits
-from bptt.storage.saved_model import PICKLE_SUFFIXES, load_model
-from bptt.training.run_dir import RUN_FILES
+from bptt.storage.saved_model import PICKLE_SUFFIXES, WEIGHTS_FILE, load_model
+from bptt.training.run_dir import EPOCHS_DIR, RUN_FILES, STATE_DIR
 
 METADATA_KEY = "bptt.torch_metadata"  # safetensors header metadata: the JSON of model.torch_metadata()
 
@@ -61,6 +61,26 @@ def _check_destination(option: str, path: Path, model_dir: Path) -> None:
     if relative is not None and (len(relative.parts) > 1 or path.name in RUN_FILES):
         raise ValueError(f"{option} {path}: a file of the model directory {model_dir} itself (its model, "
                          "training state or kept epochs); choose another path")
+    run = _run_holding(path)
+    if run is not None:
+        raise ValueError(f"{option} {path}: a file of the run or model in {run} (its model, training state or kept "
+                         "epochs); choose another path")
+
+
+def _holds_a_model(directory: Path) -> bool:
+    return any((directory / name).exists() for name in (WEIGHTS_FILE, "config.json", STATE_DIR))
+
+
+def _run_holding(path: Path) -> Path | None:
+    """The model or run directory whose own file `path` would be: one of RUN_FILES beside a model, or anything
+    in a run's checkpoint/ or epochs/ (e.g. --model RUN/epochs/epoch-1 --out RUN/model.safetensors)."""
+    resolved = path.resolve()
+    if resolved.name in RUN_FILES and _holds_a_model(resolved.parent):
+        return resolved.parent
+    for ancestor in resolved.parents:
+        if ancestor.name in (STATE_DIR, EPOCHS_DIR) and _holds_a_model(ancestor.parent):
+            return ancestor.parent
+    return None
 
 
 def run(args) -> int:

@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _validate(args: argparse.Namespace) -> None:
     for option in ("vocab", "hidden", "steps", "batch"):
         checks.positive_int(f"--{option}", getattr(args, option))
+    for option in ("steps", "batch"):  # finite differences over a small model: more is only slower
+        checks.integer(f"--{option}", getattr(args, option), 1, 1000)
     checks.integer("--truncation", args.truncation, minimum=-1, what="an integer >= 0 (or -1 to skip)")
     if args.hidden > 12 or args.vocab > 64:
         raise ValueError("--hidden <= 12 and --vocab <= 64: RTRL and finite differences are for small models")

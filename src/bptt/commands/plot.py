@@ -46,6 +46,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(name, f"not a JSON object: {e.msg}", lineno) from None
+            except (RecursionError, ValueError) as e:  # nested too deep; an integer of thousands of digits
+                raise CorpusError(name, f"not a metrics record ({type(e).__name__})", lineno) from None
             if not isinstance(record, dict):
                 raise CorpusError(name, "not a JSON object", lineno)
             if "event" in record:  # a training event (e.g. a rollback), not an epoch

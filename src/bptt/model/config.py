@@ -109,7 +109,7 @@ class ModelConfig:
         checks.integer(name("layers"), self.layers, 1, MAX_LAYERS)
         if self.embedding_size is not None:
             checks.non_negative_int(name("embedding_size"), self.embedding_size)
-        checks.number(name("forget_bias"), self.forget_bias, what="a finite number")
+        checks.number(name("forget_bias"), self.forget_bias, -1e6, 1e6, what="a number between -1e6 and 1e6")
         checks.number(name("dropout"), self.dropout, 0, 1, high_open=True)
         if self.dropout_embedding is not None:
             checks.number(name("dropout_embedding"), self.dropout_embedding, 0, 1, high_open=True)
@@ -138,7 +138,8 @@ class ModelConfig:
             raise ValueError(f"{name('tied')} needs {name('embedding_size')} equal to {name('hidden_size')} "
                              f"{self.hidden_size} (the output layer's V is the embedding), got {self.embedding}")
         checks.choice(name("dtype"), self.dtype, DTYPES)
-        checks.number(name("init_range"), self.init_range, low=0, low_open=True, what="a positive finite number")
+        checks.number(name("init_range"), self.init_range, low=0, high=1e3, low_open=True,
+                      what="a positive number, at most 1e3")
         return self
 
     # -- derived --------------------------------------------------------------------------------------

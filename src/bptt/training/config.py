@@ -115,6 +115,7 @@ class TrainConfig:
         if self.lr is not None:
             checks.number("--lr", self.lr, 0, MAX_LR, low_open=True, what=f"positive and at most {MAX_LR:g}")
         checks.non_negative_int("--checkpoint-every", self.checkpoint_every)
+        checks.integer("--seed", self.seed, 0, (1 << 64) - 1)
         checks.number("--clip", self.clip, 0, what="a finite number >= 0 (0: off)")
         for option in ("ar", "tar"):
             checks.number(f"--{option}", getattr(self, option), 0, what="a finite number >= 0 (0: off)")
@@ -187,4 +188,8 @@ class TrainConfig:
         else:
             legacy = {LEGACY_MODEL_KEYS[k]: d.pop(k) for k in list(d) if k in LEGACY_MODEL_KEYS}
             model = ModelConfig(**legacy)
+        floats = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, float)}
+        for name in floats & d.keys():  # a number written as an integer (e.g. by hand): as the CLI would give it
+            if isinstance(d[name], int) and not isinstance(d[name], bool):
+                d[name] = float(d[name])
         return cls(**d, model_config=model)

@@ -97,6 +97,28 @@ def perplexity(bits: float) -> float:
 ROLLBACK_FOR = "rollback_target_for_step"  # in a stop's rollback target: the step of the state it goes with
 
 
+def _check_state_fields(state: dict) -> None:
+    """TypeError/ValueError naming a checkpoint's scalar field of the wrong type (an edited config.json)."""
+    kinds = {"epoch": int, "step_in_epoch": int, "global_step": int, "epoch_tokens": int, "epoch_nats": float,
+             "epoch_seconds": float, "lr": float, "done": bool}
+    for key, kind in kinds.items():
+        value = state[key]
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0 if kind is int
+            else isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok:
+            raise ValueError(f"{key} {str(value)[:40]!r} is not {'a non-negative integer' if kind is int else 'a finite number' if kind is float else 'true or false'}")
+    if not isinstance(state["history"], list) or not isinstance(state.get("events", []), list):
+        raise ValueError("history and events must be lists")
+    best = state["best_eval"]
+    if best is not None:
+        if not isinstance(best, dict):
+            raise ValueError("best_eval is not an object")
+        Evaluation(**best)  # TypeError for unknown or missing fields
+        if not all(isinstance(best[k], (int, float)) and not isinstance(best[k], bool) for k in ("nats", "tokens")):
+            raise ValueError("best_eval holds a non-number")
+
+
 class Trainer:
     """One training run: model, optimizer, schedule, step and data position; saves and resumes.
 
@@ -669,9 +691,14 @@ class Trainer:
         where = run_dir.state_dir / "config.json"
         tensors, state = run_dir.read_state()
         try:
+            _check_state_fields(state)
             config = TrainConfig.from_json(state["training"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: bad training section: {e}") from None
+            for name in ("train", "valid", "data", "workdir"):
+                if not isinstance(getattr(config, name), (str, type(None))):
+                    raise TypeError(f"{name} is not a path")
+            config.validate()
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"{where}: bad training state: {str(e)[:200]}") from None
         config.model, config.progress = str(run_dir.path), progress
         config = config.resolved_paths()  # resumed from another directory: the run's own corpora
         trainer = cls(config, vocab=Vocab.load(run_dir.vocab_path), backend=backend, dist_timeout=dist_timeout)
