@@ -424,6 +424,8 @@ BAD_OPTIONS = [
     (["gradcheck", "--batch", str(10**18)], "--batch"),
     (["gradcheck", "--steps", str(10**18)], "--steps"),
     (["diagnose", "--model", "{m}", "--text", "{t}", "--positions", str(2**62)], "--positions"),
+    (["demo", "--quick", "--sentences", "5"], "--sentences"),
+    (["demo", "--quick", "--sentences", str(10**18)], "--sentences"),
 ]
 
 

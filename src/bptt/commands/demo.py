@@ -86,6 +86,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, option)
         if value is not None:
             setattr(s, attr, checks.positive_int(f"--{option}", value))
+    # enough sentences for the demo's batch of streams, few enough for memory: said in terms of --sentences
+    checks.integer("--sentences", s.train_sentences, 4 * s.batch, 10_000_000,
+                   what=f"an integer from {4 * s.batch} (the demo's {s.batch} streams) to 10,000,000")
     return s
 
 
