@@ -187,6 +187,11 @@ def test_the_mixture_is_taken_in_the_log_domain():
     assert mixed[2] == pytest.approx(math.log(0.3 * math.exp(-0.1) + 0.7 * 0.25), rel=1e-15)
     assert OtherModel(np.array([1e-320]), 0.5).mix(np.array([-800.0]))[0] == pytest.approx(
         math.log(0.5) + math.log(1e-320), rel=1e-9)  # both far down: their sum
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an n-gram probability that underflowed to 0: no numpy warning on stderr
+        assert OtherModel(np.array([0.0]), 0.5).mix(np.array([-2.0]))[0] == pytest.approx(math.log(0.5) - 2.0)
 
 
 BAD_NBEST = [

@@ -79,10 +79,12 @@ class OtherModel:
         self.used += len(ln_p)
         if self.lam == 1.0:  # the model alone, exactly (even where e^ln_p underflows)
             return np.asarray(ln_p, dtype=np.float64)
+        with np.errstate(divide="ignore"):  # an n-gram probability under 1e-308 is 0 here: ln 0 = -inf, no warning
+            ln_other = np.log(other)
         if self.lam == 0.0:
-            return np.log(other)
+            return ln_other
         # in the log domain: a probability below e^-745 (a float64's least) still counts
-        return np.logaddexp(math.log(self.lam) + np.asarray(ln_p, dtype=np.float64), math.log1p(-self.lam) + np.log(other))
+        return np.logaddexp(math.log(self.lam) + np.asarray(ln_p, dtype=np.float64), math.log1p(-self.lam) + ln_other)
 
 
 def add_arguments(parser) -> None:
