@@ -424,6 +424,7 @@ BAD_OPTIONS = [
     (["gradcheck", "--batch", str(10**18)], "--batch"),
     (["gradcheck", "--steps", str(10**18)], "--steps"),
     (["diagnose", "--model", "{m}", "--text", "{t}", "--positions", str(2**62)], "--positions"),
+    (TRAIN + ["--direct", "1", "--direct-order", "10000"], "--direct-order"),
     (["demo", "--quick", "--sentences", "5"], "--sentences"),
     (["demo", "--quick", "--sentences", str(10**18)], "--sentences"),
 ]

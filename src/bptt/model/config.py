@@ -26,6 +26,8 @@ from bptt.engine.cells import CELLS
 from bptt.engine.losses import LOSSES
 from bptt.engine.outputs import CLASS_BINNINGS, OUTPUT_LAYERS
 
+MAX_DIRECT_ORDER = 16  # n-gram orders of the direct connections: each is a hash per position and order
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TIED_OUTPUTS = ("softmax", "class")  # output layers with a matrix V of one row per word
 DIRECT_OUTPUTS = ("softmax", "class")  # output layers that take maxent direct connections
@@ -123,7 +125,8 @@ class ModelConfig:
         checks.choice(name("class_binning"), self.class_binning, CLASS_BINNINGS)
         checks.flag(name("bias"), self.bias)
         checks.non_negative_int(name("direct"), self.direct)
-        checks.positive_int(name("direct_order"), self.direct_order)
+        checks.integer(name("direct_order"), self.direct_order, 1, MAX_DIRECT_ORDER,
+                       what=f"an integer from 1 to {MAX_DIRECT_ORDER} (rnnlm's orders are 2 to 4)")
         if self.direct and self.output not in DIRECT_OUTPUTS:
             raise ValueError(f"direct connections need {name('output')} 'softmax' or 'class', not {self.output!r}")
         checks.flag(name("tied"), self.tied)
