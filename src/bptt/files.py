@@ -56,49 +56,41 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) ->
     """atomic_write_bytes for a writer that writes a file by name (e.g. safetensors' save_file, which writes
     each tensor from its own memory: no serialised copy of the whole file is ever held): write(tmp) fills
     a temp file in the same directory, then fsync, os.replace, fsync dir, with the same guarantees."""
-    path = Path(path)
-    _remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_path(path.parent)
+    atomic_write_all([(path, write)])
 
 
-def atomic_write_all(files: list[tuple[str | os.PathLike, bytes]]) -> None:
-    """Write several files all or nothing: every temp file written and fsynced first (an error there, e.g. a
-    full disk or a name too long, leaves every path as it was), then each renamed into place."""
-    written: list[tuple[str, Path]] = []
+def atomic_write_all(files: list[tuple[str | os.PathLike, bytes | Callable[[Path], None]]]) -> None:
+    """Write several files all or nothing, each given as its bytes or as a writer of a file by name (see
+    atomic_write_file): every temp file written and fsynced first (an error there, e.g. a full disk or a name
+    too long, leaves every path as it was and removes the temp files), then each renamed into place."""
+    written: list[tuple[Path, Path]] = []
+    replaced = 0
     try:
-        for path, data in files:
+        for path, content in files:
             path = Path(path)
             _remove_stale_temp_files(path)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
             written.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            if isinstance(content, bytes):
+                tmp.write_bytes(content)
+            else:
+                content(tmp)
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, path in written:
+            os.replace(tmp, path)
+            replaced += 1
     except BaseException:
-        for tmp, _ in written:
+        for tmp, _ in written[replaced:]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
-    for tmp, path in written:
-        os.replace(tmp, path)
-    for parent in {path.parent for _, path in written}:
+    for parent in dict.fromkeys(path.parent for _, path in written):
         fsync_path(parent)
 
 
@@ -110,6 +102,24 @@ def temp_name_fits(path: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         limit = 255
     return len(os.fsencode(path.name)) + 14 <= limit
+
+
+def remove_file(path: Path) -> None:
+    """Unlink `path` if it is a file or a symlink (never a directory)."""
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+
+
+def remove_files_and_dir(directory: Path) -> None:
+    """The files directly in `directory`, then the directory itself if that left it empty (subdirectories
+    are kept, and with them the directory); a file or symlink given is unlinked."""
+    if not directory.is_dir() or directory.is_symlink():
+        remove_file(directory)
+        return
+    for path in sorted(directory.iterdir()):
+        remove_file(path)
+    if not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

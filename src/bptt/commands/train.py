@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bptt import checks
 from bptt.data import check_input_file
+from bptt.files import remove_file, remove_files_and_dir
 from bptt.engine.cells import CELLS
 from bptt.model.config import ModelConfig
 from bptt.prepared import load_prepared
@@ -253,15 +254,15 @@ def check_train_directory(args: argparse.Namespace) -> None:
             check_input_file(getattr(args, option))
     config_from_args(args)
     for name in RUN_FILES:
-        _unlink(directory / name)
-    _delete_files_and_dir(directory / STATE_DIR / ROLLBACK_DIR)  # a stopped run's rollback target
-    _delete_files_and_dir(directory / STATE_DIR)
+        remove_file(directory / name)
+    remove_files_and_dir(directory / STATE_DIR / ROLLBACK_DIR)  # a stopped run's rollback target
+    remove_files_and_dir(directory / STATE_DIR)
     epochs = directory / EPOCHS_DIR  # DIR/epochs/epoch-N of train --keep-epochs: each a model directory
     if epochs.is_dir():
         for sub in sorted(epochs.iterdir()):
             if sub.name.startswith("epoch-"):
-                _delete_files_and_dir(sub)
-        _delete_files_and_dir(epochs)
+                remove_files_and_dir(sub)
+        remove_files_and_dir(epochs)
 
 
 def _check_corpus_options(args: argparse.Namespace) -> None:
@@ -276,20 +277,6 @@ def _check_corpus_options(args: argparse.Namespace) -> None:
         raise ValueError(f"bptt train needs {', '.join(missing)} (or --data DATA, or --resume DIR)")
 
 
-def _unlink(path: Path) -> None:
-    if path.is_file() or path.is_symlink():
-        path.unlink()
-
-
-def _delete_files_and_dir(directory: Path) -> None:
-    """The files directly in `directory`, then the directory itself if that left it empty."""
-    if not directory.is_dir() or directory.is_symlink():
-        _unlink(directory)
-        return
-    for path in sorted(directory.iterdir()):
-        _unlink(path)
-    if not any(directory.iterdir()):
-        directory.rmdir()
 
 
 def run(args: argparse.Namespace) -> int:

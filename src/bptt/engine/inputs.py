@@ -21,6 +21,19 @@ import torch
 Tensor = torch.Tensor
 
 
+def integer_ids(ids: Tensor) -> bool:
+    """Whether a tensor's dtype can hold word ids (an integer type: not floating, complex or bool)."""
+    return not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+
+
+def check_word_ids(name: str, ids: Tensor, vocab_size: int) -> None:
+    """ValueError naming `name` for an id outside [0, vocab_size). Reads the ids (on a GPU, a device sync)."""
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {vocab_size})")
+
+
 def embed_forward(U: Tensor, inputs: Tensor) -> Tensor:
     """U (G·m, V), inputs (T,B) int64 -> A (T,B,G·m), A[t,b] = U[:, inputs[t,b]]: a row gather of Uᵀ.
 

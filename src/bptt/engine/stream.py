@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from bptt.engine.dropout import Masks
-from bptt.engine.network import NetCache, State
 from bptt.checks import positive_int
+from bptt.engine.inputs import check_word_ids, integer_ids
+from bptt.engine.network import NetCache, State
 from bptt.engine.sweep import loss_and_grads
 
 Tensor = torch.Tensor
@@ -65,15 +66,13 @@ class Stream:
         for name, t in (("inputs", inputs), ("targets", targets)):
             if t is None:
                 continue
-            if not isinstance(t, Tensor) or t.dim() != 2 or t.is_floating_point() or t.dtype == torch.bool:
+            if not isinstance(t, Tensor) or t.dim() != 2 or not integer_ids(t):
                 raise ValueError(f"{name} must be an integer tensor of shape (T, B), got "
                                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
             if t.shape[1] != B:
                 raise ValueError(f"{name} has {t.shape[1]} streams, this stream {B}")
-            if t.device.type == "cpu" and t.numel():
-                low, high = int(t.min()), int(t.max())
-                if low < 0 or high >= V:
-                    raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {V})")
+            if t.device.type == "cpu":
+                check_word_ids(name, t, V)
         if targets is not None and targets.shape != inputs.shape:
             raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
 

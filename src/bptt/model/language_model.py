@@ -25,6 +25,7 @@ from bptt import checks
 from bptt.engine.cells import CELLS
 from bptt.engine.dropout import Dropout
 from bptt.engine.flat import Flat
+from bptt.engine.inputs import check_word_ids, integer_ids
 from bptt.engine.network import Network, State
 from bptt.engine.outputs import make_output
 from bptt.model.config import ModelConfig
@@ -110,28 +111,23 @@ class LanguageModel:
         tokens = torch.as_tensor(value)
         if not check:
             return tokens.to(device=self.device, dtype=torch.long)
-        if tokens.dim() != 2 or tokens.dtype in (torch.bool,) or tokens.is_floating_point():
+        if tokens.dim() != 2 or not integer_ids(tokens):
             raise ValueError(f"{name} must be an integer tensor of shape (T, B), got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.numel() == 0:
             raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"{name} holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
+        check_word_ids(name, tokens, self.vocab_size)
         return tokens.to(device=self.device, dtype=torch.long)
 
     def _context_ids(self, value: Any, batch_size: int) -> Tensor:
         """The direct connections' history (direct_order−1, B) of word ids, checked like inputs."""
         order = self.net.direct_order
         context = torch.as_tensor(value)
-        if context.is_floating_point() or context.dtype == torch.bool or context.is_complex():
+        if not integer_ids(context):
             raise ValueError(f"context must hold integer word ids, got {context.dtype}")
         if tuple(context.shape) != (order - 1, batch_size):
             raise ValueError(f"context must have shape (direct_order-1, B) = ({order - 1}, {batch_size}), "
                              f"got {tuple(context.shape)}")
-        if context.numel():
-            low, high = int(context.min()), int(context.max())
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"context holds word id {low if low < 0 else high}, outside [0, {self.vocab_size})")
+        check_word_ids("context", context, self.vocab_size)
         return context.to(device=self.device, dtype=torch.long)
 
     def _weights(self, mask: Tensor | None, shape: torch.Size) -> Tensor | None:

@@ -14,14 +14,12 @@ killed at any instant leaves DIR and DIR/checkpoint loadable.
 
 from __future__ import annotations
 
-import contextlib
-
 import json
 from pathlib import Path
 
 import torch
 
-from bptt.files import atomic_write_bytes
+from bptt.files import atomic_write_bytes, remove_files_and_dir
 from bptt.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bptt.storage.saved_model import VOCAB_FILE, VOCAB_SHA_KEY, WEIGHTS_FILE, file_sha256, refuse_pickle_files, save_model
 
@@ -88,13 +86,8 @@ class RunDirectory:
 
     def drop_rollback_target(self) -> None:
         """Remove DIR/checkpoint/rollback (a regular checkpoint is the rollback target again)."""
-        directory = self.rollback_dir
-        if directory.is_dir() and not directory.is_symlink():
-            for path in directory.iterdir():
-                if path.is_file() or path.is_symlink():
-                    path.unlink()
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+        if self.rollback_dir.is_dir() and not self.rollback_dir.is_symlink():
+            remove_files_and_dir(self.rollback_dir)
 
     def write_metrics(self, records: list[dict]) -> None:
         text = "".join(json.dumps(r) + "\n" for r in records)

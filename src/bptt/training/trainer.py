@@ -99,15 +99,21 @@ ROLLBACK_FOR = "rollback_target_for_step"  # in a stop's rollback target: the st
 
 def _check_state_fields(state: dict) -> None:
     """TypeError/ValueError naming a checkpoint's scalar field of the wrong type (an edited config.json)."""
-    kinds = {"epoch": int, "step_in_epoch": int, "global_step": int, "epoch_tokens": int, "epoch_nats": float,
-             "epoch_seconds": float, "lr": float, "done": bool}
-    for key, kind in kinds.items():
-        value = state[key]
-        ok = isinstance(value, bool) if kind is bool else (
-            isinstance(value, int) and not isinstance(value, bool) and value >= 0 if kind is int
-            else isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-        if not ok:
-            raise ValueError(f"{key} {str(value)[:40]!r} is not {'a non-negative integer' if kind is int else 'a finite number' if kind is float else 'true or false'}")
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def flag(v):
+        return isinstance(v, bool)
+
+    kinds = {count: "a non-negative integer", number: "a finite number", flag: "true or false"}
+    fields = {"epoch": count, "step_in_epoch": count, "global_step": count, "epoch_tokens": count,
+              "epoch_nats": number, "epoch_seconds": number, "lr": number, "done": flag}
+    for key, ok in fields.items():
+        if not ok(state[key]):
+            raise ValueError(f"{key} {str(state[key])[:40]!r} is not {kinds[ok]}")
     if not isinstance(state["history"], list) or not isinstance(state.get("events", []), list):
         raise ValueError("history and events must be lists")
     best = state["best_eval"]
